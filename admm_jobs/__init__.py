@@ -1,0 +1,1 @@
+"""Gradient-free (ADMM) training of ReLU networks on Spark, as Airflow pipeline stages."""

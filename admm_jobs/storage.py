@@ -1,0 +1,247 @@
+"""All file I/O of the pipeline, keyed by URI.
+
+Supported: plain local paths, ``file://``, ``s3://`` (and ``gs://`` where pyarrow
+was built with GCS) through :mod:`pyarrow.fs`; ``https://`` and ``http://`` for
+read-only inputs. Credentials and endpoints come from the standard provider
+chains (for S3: environment, profile, instance role, ``AWS_ENDPOINT_URL``);
+nothing here takes a secret as an argument.
+
+Visibility rule used by every stage: a directory of outputs is *committed* by
+writing one small marker object last (a manifest, a pointer). Local
+directories are additionally staged and renamed into place, so a reader never
+sees a half-written directory on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs")
+HTTP_SCHEMES = ("http", "https")
+
+
+class StorageError(RuntimeError):
+    """An I/O failure, with the URI it concerns in the message."""
+
+
+def scheme(uri: str) -> str:
+    """Return the URI scheme, ``""`` for plain local paths."""
+    parsed = urllib.parse.urlparse(str(uri))
+    # A Windows drive letter or a bare path has no scheme worth the name.
+    return parsed.scheme if len(parsed.scheme) > 1 else ""
+
+
+def is_local(uri: str) -> bool:
+    return scheme(uri) in ("", "file")
+
+
+def local_path(uri: str) -> Path:
+    """The filesystem path of a local URI (plain path or ``file://``)."""
+    if not is_local(uri):
+        raise StorageError(f"{uri}: not a local path")
+    if scheme(uri) == "file":
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+    return Path(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments onto a URI or a local path."""
+    if is_local(base) and scheme(base) == "":
+        return str(Path(base).joinpath(*parts))
+    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem serving ``uri`` and the path inside it."""
+    if is_local(uri):
+        return pafs.LocalFileSystem(), str(local_path(uri).absolute())
+    if scheme(uri) in REMOTE_SCHEMES:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError variants
+            raise StorageError(f"{uri}: cannot open filesystem: {exc}") from exc
+    raise StorageError(f"{uri}: unsupported URI scheme {scheme(uri)!r}")
+
+
+def exists(uri: str) -> bool:
+    if scheme(uri) in HTTP_SCHEMES:
+        raise StorageError(f"{uri}: existence checks are not supported over HTTP")
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole object or file."""
+    if scheme(uri) in HTTP_SCHEMES:
+        try:
+            with urllib.request.urlopen(uri, timeout=120) as response:
+                return response.read()
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot download: {exc}") from exc
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read: {exc}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers see either the old or the new content.
+
+    Local files are written to a sibling temporary file and renamed over the
+    target (``rename(2)`` is atomic); object stores make a single PUT visible
+    atomically.
+    """
+    if is_local(uri):
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write: {exc}") from exc
+
+
+def read_json(uri: str) -> Any:
+    raw = read_bytes(uri)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{uri}: not valid JSON: {exc}") from exc
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def append_line(uri: str, line: str) -> None:
+    """Append one line to a log-like file (local: in place; object stores: rewrite)."""
+    if is_local(uri):
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line.rstrip("\n") + "\n")
+        return
+    previous = read_bytes(uri) if exists(uri) else b""
+    write_bytes(uri, previous + line.rstrip("\n").encode() + b"\n")
+
+
+def list_files(uri: str) -> list[str]:
+    """All files below ``uri`` (recursively), as URIs of the same form, sorted."""
+    fs, root = filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [uri]
+    selector = pafs.FileSelector(root, recursive=True)
+    relative = sorted(
+        posixpath.relpath(entry.path, root)
+        for entry in fs.get_file_info(selector)
+        if entry.type == pafs.FileType.File
+    )
+    return [join(uri, rel) for rel in relative]
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a directory/prefix and everything below it; no error if absent."""
+    if is_local(uri):
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+        return
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    with contextlib.suppress(OSError):
+        fs.delete_dir(path)
+
+
+def copy_tree(src: str, dst: str) -> list[str]:
+    """Copy every file below ``src`` to the same relative place below ``dst``."""
+    copied = []
+    src_files = list_files(src)
+    src_fs, src_root = filesystem(src)
+    for file_uri in src_files:
+        _, file_path = filesystem(file_uri)
+        rel = posixpath.relpath(file_path, src_root)
+        target = join(dst, rel)
+        dst_fs, dst_path = filesystem(target)
+        if is_local(target):
+            Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(file_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        copied.append(target)
+    return copied
+
+
+@contextlib.contextmanager
+def staged_directory(final_uri: str) -> Iterator[str]:
+    """Yield a place to write a directory that appears at ``final_uri`` only on success.
+
+    Local: a hidden sibling directory renamed into place at the end (an
+    existing ``final_uri`` is swapped out, then removed), and removed on error.
+    Object stores have no rename, so objects are written directly under
+    ``final_uri`` and callers commit by writing their marker object last;
+    on error the partial prefix is deleted.
+    """
+    if not is_local(final_uri):
+        try:
+            yield final_uri
+        except BaseException:
+            delete_tree(final_uri)
+            raise
+        return
+    final = local_path(final_uri)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".staging-{final.name}-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()
+    try:
+        yield str(staging)
+        if final.exists():
+            retired = final.with_name(f".retired-{final.name}-{uuid.uuid4().hex[:12]}")
+            os.rename(final, retired)
+            os.rename(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def open_binary(uri: str) -> io.BufferedIOBase:
+    """A readable binary file object for ``uri`` (fully buffered for HTTP)."""
+    if scheme(uri) in HTTP_SCHEMES:
+        return io.BytesIO(read_bytes(uri))
+    fs, path = filesystem(uri)
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot open: {exc}") from exc
