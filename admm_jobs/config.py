@@ -1,8 +1,10 @@
 """Command-line parsing shared by every stage.
 
-Each stage declares one frozen dataclass; its fields (type, default and a
-``help`` metadata entry) define the CLI, and its ``__post_init__`` validates
-the values, so a config object that exists is a valid one.
+Each stage declares one frozen dataclass. Its fields, declared with
+:func:`setting` (type, default, help text and JSON-schema bounds), define the
+CLI, the Airflow params of the DAG (so the UI trigger form checks the same
+bounds) and the validation done when the object is built: a config object
+that exists is a valid one.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -20,6 +23,72 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A setting is missing or out of range; the message names it."""
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", **schema: Any) -> Any:
+    """A config field with its help text and JSON-schema bounds (minimum, maximum, enum, items, ...)."""
+    return dataclasses.field(default=default, metadata={"help": help, "schema": schema})
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _json_type(annotation: Any) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = _json_type(next(arg for arg in args if arg is not type(None)))
+        return {**inner, "type": [inner["type"], "null"]}
+    if origin is tuple:
+        return {"type": "array", "items": {"type": "integer"}}
+    names = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if annotation in names:
+        return {"type": names[annotation]}
+    raise TypeError(f"unsupported config field type {annotation!r}")
+
+
+def field_schemas(cls: type) -> dict[str, dict[str, Any]]:
+    """The JSON schema of every field: its type plus the bounds given to :func:`setting`."""
+    hints = typing.get_type_hints(cls)
+    schemas = {}
+    for field in dataclasses.fields(cls):
+        schema = _json_type(hints[field.name])
+        bounds = dict(field.metadata.get("schema", {}))
+        if "items" in bounds:
+            schema["items"] = {**schema["items"], **bounds.pop("items")}
+        schemas[field.name] = {**schema, **bounds}
+    return schemas
+
+
+def validate_fields(config: Any) -> None:
+    """Check every field of a config dataclass against its schema; raise ConfigError naming the option."""
+    import jsonschema
+
+    for name, schema in field_schemas(type(config)).items():
+        value = getattr(config, name)
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as exc:
+            raise ConfigError(f"{option_name(name)}: {exc.message}") from None
+
+
+def airflow_params(cls: type, defaults: dict[str, Any] | None = None, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """Airflow ``Param`` objects for the fields of a config dataclass (typed, bounded, documented)."""
+    from airflow.sdk import Param
+
+    defaults = defaults or {}
+    params = {}
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        default = defaults.get(field.name, field.default)
+        if default is dataclasses.MISSING:
+            raise ConfigError(f"{cls.__name__}.{field.name} has no default; pass one for the DAG params")
+        default = list(default) if isinstance(default, tuple) else default
+        params[field.name] = Param(default, description=field.metadata.get("help", ""), **field_schemas(cls)[field.name])
+    return params
 
 
 def require(condition: bool, message: str) -> None:
@@ -62,7 +131,7 @@ def _optional(kind):
 def _converter(annotation: Any):
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         inner = next(arg for arg in args if arg is not type(None))
         return _optional(_converter(inner))
     if annotation is bool:
@@ -80,7 +149,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        option = "--" + field.name.replace("_", "-")
+        option = option_name(field.name)
         kwargs: dict[str, Any] = {
             "dest": field.name,
             "type": _converter(hints[field.name]),
@@ -110,14 +179,21 @@ def parse_config(cls: type[T], argv: Sequence[str] | None) -> T:
         raise  # unreachable: parser.error exits
 
 
-def to_argv(config: Any) -> list[str]:
-    """The command line that :func:`parse_config` turns back into ``config``."""
+def templated_argv(cls: type, fields: Sequence[str] | None = None) -> list[str]:
+    """Command-line arguments that Airflow renders from ``params`` of the same names.
+
+    Lists render comma-separated and ``None`` renders as ``none`` (which the
+    parser reads back as ``None``), so the DAG passes params through unchanged.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)] if fields is None else list(fields)
     argv: list[str] = []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(str(v) for v in value)
-        argv += ["--" + field.name.replace("_", "-"), str(value)]
+    for name in names:
+        value = f"params.{name}"
+        hint = hints[name]
+        if typing.get_origin(hint) is tuple:
+            value = f"{value} | join(',')"
+        elif type(None) in typing.get_args(hint):
+            value = f"'none' if {value} is none else {value}"
+        argv += [option_name(name), "{{ " + value + " }}"]
     return argv

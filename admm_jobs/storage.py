@@ -93,7 +93,7 @@ def read_bytes(uri: str) -> bytes:
             raise StorageError(f"{uri}: cannot download: {exc}") from exc
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as stream:
+        with fs.open_input_stream(path, compression=None) as stream:
             return stream.read()
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: no such file") from exc

@@ -1,0 +1,214 @@
+"""Closed-form ADMM updates for fully-connected ReLU networks (Taylor et al., 2016).
+
+Notation (samples are rows): ``a_0 = x`` is the input, for l = 1..L
+
+    z_l = W_l a_{l-1} + b_l   (pre-activation, a free variable tied by a penalty),
+    a_l = relu(z_l)          (activation, a free variable tied by a penalty), l < L.
+
+The training problem relaxes the network constraints into penalties and keeps
+a Lagrange multiplier ``lambda`` on the output constraint only:
+
+    min  loss(z_L, y) + <z_L - W_L a_{L-1}, lambda> + beta_L ||z_L - W_L a_{L-1}||^2
+         + sum_{l<L} gamma_l ||a_l - relu(z_l)||^2 + beta_l ||z_l - W_l a_{l-1}||^2.
+
+Every function below is the exact minimiser of that objective in one block
+of variables with the others fixed, so no gradient step is taken anywhere.
+Biases are folded into the weights by appending a column of ones to the
+layer input (``with_bias_column``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+LOSSES = ("least_squares", "hinge", "cross_entropy")
+
+
+def relu(z: np.ndarray) -> np.ndarray:
+    """h(z) = max(z, 0)."""
+    return np.maximum(z, 0.0)
+
+
+def with_bias_column(a: np.ndarray) -> np.ndarray:
+    """[a, 1]: the layer input augmented so that W [a; 1] = W' a + b."""
+    return np.hstack([a, np.ones((a.shape[0], 1), dtype=a.dtype)])
+
+
+def one_hot(labels: np.ndarray, classes: int, dtype=np.float32) -> np.ndarray:
+    """Rows e_y of the identity: the least-squares target for class y."""
+    targets = np.zeros((labels.shape[0], classes), dtype=dtype)
+    targets[np.arange(labels.shape[0]), labels.astype(np.int64)] = 1.0
+    return targets
+
+
+def layer_cross(z: np.ndarray, a_prev: np.ndarray) -> np.ndarray:
+    """C = z^T [a;1] for one block, in float64: summed over blocks it is the full-data C."""
+    return (z.T @ with_bias_column(a_prev)).astype(np.float64)
+
+
+def layer_gram(a_prev: np.ndarray) -> np.ndarray:
+    """G = [a;1]^T [a;1] for one block, in float64: summed over blocks it is the full-data G."""
+    augmented = with_bias_column(a_prev)
+    return (augmented.T @ augmented).astype(np.float64)
+
+
+def solve_weights(
+    cross: np.ndarray,
+    gram: np.ndarray,
+    ridge: float,
+    previous: np.ndarray | None = None,
+    proximal: float = 0.0,
+) -> np.ndarray:
+    """Weight update W = argmin ||Z - A W^T||^2 + ridge ||W||^2 + proximal ||W - W_prev||^2.
+
+    With C = Z^T A and G = A^T A (``layer_cross``/``layer_gram`` summed over all samples), the
+    normal equations give  W (G + (ridge + proximal) I) = C + proximal W_prev,
+    solved by a Cholesky factorisation of the symmetric positive definite
+    left-hand side. Returns float32 (n_out, n_in + 1), bias in the last column.
+    """
+    system = gram + (ridge + proximal) * np.eye(gram.shape[0])
+    rhs = cross if previous is None or proximal == 0.0 else cross + proximal * previous
+    factor = scipy.linalg.cho_factor(system, lower=True, check_finite=True)
+    return scipy.linalg.cho_solve(factor, rhs.T).T.astype(np.float32)
+
+
+def activation_operator(next_weights: np.ndarray, beta_next: float, gamma: float) -> np.ndarray:
+    """The inverse (beta W^T W + gamma I)^{-1} of the activation update, W without its bias column."""
+    weight = next_weights[:, :-1].astype(np.float64)
+    system = beta_next * weight.T @ weight + gamma * np.eye(weight.shape[1])
+    return np.linalg.inv(system).astype(np.float32)
+
+
+def update_activation(
+    z: np.ndarray,
+    z_next: np.ndarray,
+    next_weights: np.ndarray,
+    inverse: np.ndarray,
+    beta_next: float,
+    gamma: float,
+) -> np.ndarray:
+    """a_l = argmin_a beta ||z_{l+1} - W a - b||^2 + gamma ||a - relu(z_l)||^2.
+
+    The minimiser is (beta W^T W + gamma I)^{-1} (beta W^T (z_{l+1} - b) + gamma relu(z_l)),
+    with the inverse from ``activation_operator`` (it is symmetric).
+    """
+    weight, bias = next_weights[:, :-1], next_weights[:, -1]
+    rhs = beta_next * ((z_next - bias) @ weight) + gamma * relu(z)
+    return rhs @ inverse
+
+
+def update_preactivation(a: np.ndarray, m: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """z = argmin_z gamma (a - relu(z))^2 + beta (z - m)^2, elementwise, with m = W a_prev + b.
+
+    On z >= 0 the minimiser is max((gamma a + beta m)/(gamma + beta), 0); on
+    z <= 0 it is min(m, 0) with cost gamma a^2 + beta (z - m)^2. The update
+    takes whichever branch has the lower objective.
+    """
+    z_pos = np.maximum((gamma * a + beta * m) / (gamma + beta), 0.0)
+    z_neg = np.minimum(m, 0.0)
+    cost_pos = gamma * (a - z_pos) ** 2 + beta * (z_pos - m) ** 2
+    cost_neg = gamma * a**2 + beta * (z_neg - m) ** 2
+    return np.where(cost_pos <= cost_neg, z_pos, z_neg).astype(np.float32)
+
+
+def update_output_least_squares(
+    targets: np.ndarray, m: np.ndarray, multiplier: np.ndarray, beta: float
+) -> np.ndarray:
+    """z_L = argmin_z ||z - y||^2 + <z, lambda> + beta ||z - m||^2 = (2y - lambda + 2 beta m) / (2 + 2 beta)."""
+    return ((2.0 * targets - multiplier + 2.0 * beta * m) / (2.0 + 2.0 * beta)).astype(np.float32)
+
+
+def update_output_hinge(targets: np.ndarray, m: np.ndarray, multiplier: np.ndarray, beta: float) -> np.ndarray:
+    """z_L = argmin_z sum_j hinge(z_j, y_j) + <z, lambda> + beta ||z - m||^2, elementwise.
+
+    hinge(z, 1) = max(0, 1 - z) and hinge(z, 0) = max(0, z) (Taylor et al.'s
+    one-vs-all hinge). Each is convex piecewise linear with a kink at the
+    margin t (1 for the true class, 0 otherwise): the minimiser is the
+    unconstrained minimiser of the linear piece on the correct side of t,
+    else t itself.
+    """
+    kink = targets  # margin location: 1 for the true class, 0 for the others
+    # slope of the loss below / above the kink
+    slope_below = np.where(targets > 0, -1.0, 0.0)
+    slope_above = np.where(targets > 0, 0.0, 1.0)
+    below = m - (slope_below + multiplier) / (2.0 * beta)
+    above = m - (slope_above + multiplier) / (2.0 * beta)
+    z = np.where(below < kink, below, np.where(above > kink, above, kink))
+    return z.astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def update_output_cross_entropy(
+    targets: np.ndarray, m: np.ndarray, multiplier: np.ndarray, beta: float, newton_steps: int = 8
+) -> np.ndarray:
+    """z_L = argmin_z CE(softmax(z), y) + <z, lambda> + beta ||z - m||^2, per sample.
+
+    The objective is strongly convex in each sample's z (Hessian
+    diag(p) - p p^T + 2 beta I); its stationarity condition
+    p(z) - y + lambda + 2 beta (z - m) = 0 is solved exactly (to float
+    precision) by Newton's method on that 10-dimensional problem, starting
+    from m. This is the exact proximal map of the loss, not a step on the
+    network's parameters.
+    """
+    z = m.astype(np.float64)
+    target = targets.astype(np.float64)
+    lam = multiplier.astype(np.float64)
+    eye = np.eye(z.shape[1])
+    for _ in range(newton_steps):
+        p = softmax(z)
+        residual = p - target + lam + 2.0 * beta * (z - m)
+        hessian = p[:, :, None] * eye - p[:, :, None] * p[:, None, :] + 2.0 * beta * eye
+        z = z - np.linalg.solve(hessian, residual[:, :, None])[:, :, 0]
+    return z.astype(np.float32)
+
+
+OUTPUT_UPDATES = {
+    "least_squares": update_output_least_squares,
+    "hinge": update_output_hinge,
+    "cross_entropy": update_output_cross_entropy,
+}
+
+
+def update_multiplier(multiplier: np.ndarray, z_out: np.ndarray, m: np.ndarray, beta: float) -> np.ndarray:
+    """Bregman/Lagrange step on the output constraint: lambda <- lambda + beta (z_L - W_L a_{L-1})."""
+    return (multiplier + beta * (z_out - m)).astype(np.float32)
+
+
+def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample value of the output loss at the network's logits."""
+    classes = logits.shape[1]
+    targets = one_hot(labels, classes)
+    if loss == "least_squares":
+        return ((logits - targets) ** 2).sum(axis=1)
+    if loss == "hinge":
+        return np.where(targets > 0, np.maximum(0.0, 1.0 - logits), np.maximum(0.0, logits)).sum(axis=1)
+    if loss == "cross_entropy":
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(shifted).sum(axis=1))
+        return log_norm - shifted[np.arange(len(labels)), labels.astype(np.int64)]
+    raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+
+
+def forward(weights: list[np.ndarray], a0: np.ndarray) -> np.ndarray:
+    """Network logits: a_l = relu(W_l [a_{l-1}; 1]) for hidden layers, W_L [a_{L-1}; 1] last."""
+    activation = a0
+    for index, weight in enumerate(weights):
+        activation = activation @ weight[:, :-1].T + weight[:, -1]
+        if index < len(weights) - 1:
+            activation = relu(activation)
+    return activation
+
+
+def he_initial_weights(layer_sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    """W_l ~ N(0, 2 / n_{l-1}) with zero bias: keeps forward-pass activations O(1) through ReLUs."""
+    weights = []
+    for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:]):
+        weight = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_out, fan_in))
+        weights.append(np.hstack([weight, np.zeros((fan_out, 1))]).astype(np.float32))
+    return weights

@@ -1,0 +1,133 @@
+"""Reading the image datasets that ``ingest`` writes into the lake.
+
+A dataset lives at ``LAKE/<dataset>/<version>/``: one directory per split
+(``split=train`` etc.) holding Parquet part files, and ``manifest.json``,
+written last, which lists every part file with its row count and sha256.
+A directory without ``manifest.json`` is not a dataset.
+
+Every Parquet file has the columns of :data:`PARQUET_SCHEMA`; ``pixels`` holds
+the 28 x 28 grey levels of one image in row-major order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from admm_jobs import storage
+
+DATASET_FORMAT = "idx-parquet/1"
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "validation", "test")
+IMAGE_SHAPE = (28, 28)
+PIXELS_PER_IMAGE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+NUM_CLASSES = 10
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("pixels", pa.list_(pa.uint8()), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_index", pa.int32(), nullable=False),
+    ]
+)
+
+
+class DatasetError(ValueError):
+    """A dataset or one of its files is missing or malformed; the message names the URI."""
+
+
+def dataset_uri(lake_uri: str, dataset: str, version: str) -> str:
+    """Where version ``version`` of ``dataset`` lives in the lake."""
+    return storage.join(lake_uri, dataset, version)
+
+
+def split_directory(split: str) -> str:
+    """The directory of a split's part files, relative to the dataset directory."""
+    return f"split={split}"
+
+
+def load_manifest(dataset_uri: str) -> dict[str, Any]:
+    """The committed manifest of a dataset; raises :class:`DatasetError` if there is none."""
+    manifest_uri = storage.join(dataset_uri, MANIFEST_FILE)
+    try:
+        manifest = storage.read_json(manifest_uri)
+    except storage.StorageError as exc:
+        raise DatasetError(f"{dataset_uri}: no committed dataset ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+        raise DatasetError(f"{manifest_uri}: not an {DATASET_FORMAT} dataset manifest")
+    missing = [split for split in SPLITS if split not in manifest.get("splits", {})]
+    if missing:
+        raise DatasetError(f"{manifest_uri}: manifest lacks split(s) {missing}")
+    return manifest
+
+
+def split_file_uris(dataset_uri: str, split: str) -> list[str]:
+    """The URIs of the Parquet part files of ``split``, in row order."""
+    if split not in SPLITS:
+        raise DatasetError(f"{dataset_uri}: unknown split {split!r}, expected one of {SPLITS}")
+    manifest = load_manifest(dataset_uri)
+    return [storage.join(dataset_uri, entry["path"]) for entry in manifest["splits"][split]["files"]]
+
+
+def check_schema(schema: pa.Schema, uri: str) -> None:
+    """Raise :class:`DatasetError` unless ``schema`` has the dataset's columns and types."""
+    expected = {field.name: field.type for field in PARQUET_SCHEMA}
+    actual = {field.name: field.type for field in schema}
+    problems = [
+        f"column {name!r} missing" if name not in actual else f"column {name!r} is {actual[name]}, expected {kind}"
+        for name, kind in expected.items()
+        if actual.get(name) != kind
+    ]
+    if problems:
+        raise DatasetError(f"{uri}: wrong Parquet schema: {'; '.join(problems)}")
+
+
+def read_parquet_file(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one part file: pixels as uint8 ``(n, 784)`` and labels as int8 ``(n,)``."""
+    try:
+        payload = storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        raise DatasetError(str(exc)) from exc
+    try:
+        parquet_file = pq.ParquetFile(pa.BufferReader(payload))
+        check_schema(parquet_file.schema_arrow, uri)
+        table = parquet_file.read(columns=["label", "pixels"])
+    except pa.ArrowException as exc:
+        raise DatasetError(f"{uri}: unreadable Parquet file: {exc}") from exc
+    return _columns_to_numpy(table, uri)
+
+
+def _columns_to_numpy(table: pa.Table, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    labels_column = table.column("label")
+    pixels_column = table.column("pixels")
+    if labels_column.null_count or pixels_column.null_count:
+        raise DatasetError(f"{uri}: null labels or pixels")
+    lengths = pc.list_value_length(pixels_column).to_numpy()
+    if np.any(lengths != PIXELS_PER_IMAGE):
+        row = int(np.flatnonzero(lengths != PIXELS_PER_IMAGE)[0])
+        raise DatasetError(f"{uri}: row {row} has {lengths[row]} pixels, expected {PIXELS_PER_IMAGE}")
+    pixels = pc.list_flatten(pixels_column).to_numpy().reshape(len(table), PIXELS_PER_IMAGE)
+    labels = labels_column.to_numpy()
+    return pixels.astype(np.uint8, copy=False), labels.astype(np.int8, copy=False)
+
+
+def read_split(dataset_uri: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All rows of ``split`` in file order (the first ``limit`` rows if given)."""
+    pixel_parts, label_parts, rows = [], [], 0
+    for uri in split_file_uris(dataset_uri, split):
+        if limit is not None and rows >= limit:
+            break
+        pixels, labels = read_parquet_file(uri)
+        pixel_parts.append(pixels)
+        label_parts.append(labels)
+        rows += len(labels)
+    if not pixel_parts:
+        return np.zeros((0, PIXELS_PER_IMAGE), np.uint8), np.zeros(0, np.int8)
+    pixels, labels = np.concatenate(pixel_parts), np.concatenate(label_parts)
+    return (pixels, labels) if limit is None else (pixels[:limit], labels[:limit])

@@ -1,0 +1,241 @@
+"""Spark job: train the network by ADMM on a dataset from the lake.
+
+    spark-submit admm_jobs/train.py --dataset-uri LAKE/mnist/<version> --output-uri RUN [options]
+
+Each Spark partition holds one block of training samples with their ADMM
+state (see :mod:`admm_jobs.trainer`) plus its share of the validation and
+test splits. Executors read their own rows from storage, so no data passes
+through the driver; per pass only the per-layer Gram matrices are reduced to
+the driver (``treeAggregate``) and the solved weights are broadcast back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import operator
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from admm_jobs import admm, dataset, storage
+from admm_jobs.config import int_tuple, parse_config, require, setting, validate_fields
+from admm_jobs.model import Model, save_model
+from admm_jobs.trainer import (
+    INPUT_SCALE, AdmmTrainer, Block, EpochReport, Hyperparameters, PassFunction, Stats, add_stats, make_block,
+)
+
+log = logging.getLogger("admm_jobs.train")
+
+MAX_LAYER_WIDTH = 8192
+METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Train a ReLU network with ADMM on Spark."""
+
+    dataset_uri: str = setting(help="committed dataset directory (LAKE/<dataset>/<version>)", minLength=1)
+    output_uri: str = setting(help="run directory; model/ and metrics.jsonl go here", minLength=1)
+    hidden_layers: tuple[int, ...] = setting((256, 256), "hidden layer widths, e.g. 256,256",
+                                             minItems=1, maxItems=16, items={"minimum": 1, "maximum": MAX_LAYER_WIDTH})
+    loss: str = setting("least_squares", "output loss", enum=list(admm.LOSSES))
+    beta: float = setting(5.0, "penalty weight of z_l = W_l a_{l-1}", exclusiveMinimum=0, maximum=1e6)
+    gamma: float = setting(5.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
+    ridge: float = setting(1e-2, "ridge term of every weight solve", minimum=0, maximum=1e6)
+    proximal: float = setting(0.0, "proximal weight keeping W_l near its previous value", minimum=0, maximum=1e6)
+    penalty_growth: float = setting(1.0, "beta and gamma are multiplied by this every epoch", minimum=1, maximum=10)
+    epochs: int = setting(10, "ADMM epochs, warm-up included", minimum=1, maximum=10_000)
+    warmup_epochs: int = setting(2, "first epochs without the multiplier update", minimum=0, maximum=10_000)
+    patience: int = setting(5, "stop after this many epochs without a better validation loss (0: never)",
+                            minimum=0, maximum=10_000)
+    partitions: int = setting(4, "Spark partitions, i.e. sample blocks", minimum=1, maximum=10_000)
+    seed: int = setting(0, "seed of the weight initialisation", minimum=0)
+    train_limit: int | None = setting(None, "use only the first N training samples (none: all)", minimum=1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden_layers", int_tuple(self.hidden_layers))
+        validate_fields(self)
+        require(self.warmup_epochs <= self.epochs,
+                f"--warmup-epochs: {self.warmup_epochs} exceeds --epochs {self.epochs}")
+
+    def hyperparameters(self, input_size: int, classes: int) -> Hyperparameters:
+        return Hyperparameters(
+            layer_sizes=(input_size, *self.hidden_layers, classes), loss=self.loss, beta=self.beta,
+            gamma=self.gamma, ridge=self.ridge, proximal=self.proximal, penalty_growth=self.penalty_growth,
+            epochs=self.epochs, warmup_epochs=self.warmup_epochs, patience=self.patience, seed=self.seed,
+        )
+
+
+RowSlice = tuple[str, int, int]  # (part file URI, first row, end row)
+
+
+def partition_slices(files: list[tuple[str, int]], limit: int | None, partitions: int) -> list[list[RowSlice]]:
+    """Cut the first ``limit`` rows of a split (part files with row counts) into near-equal contiguous ranges."""
+    total = sum(rows for _, rows in files)
+    total = total if limit is None else min(total, limit)
+    bounds = [round(i * total / partitions) for i in range(partitions + 1)]
+    slices: list[list[RowSlice]] = [[] for _ in range(partitions)]
+    offset = 0
+    for uri, rows in files:
+        for part in range(partitions):
+            start, end = max(bounds[part], offset), min(bounds[part + 1], offset + rows)
+            if start < end:
+                slices[part].append((uri, start - offset, end - offset))
+        offset += rows
+    return slices
+
+
+def read_slices(row_slices: list[RowSlice]) -> tuple[np.ndarray, np.ndarray]:
+    """Read and concatenate row ranges of part files (runs on the executors)."""
+    pixels, labels = [], []
+    for uri, start, end in row_slices:
+        file_pixels, file_labels = dataset.read_parquet_file(uri)
+        pixels.append(file_pixels[start:end])
+        labels.append(file_labels[start:end])
+    if not pixels:
+        return np.zeros((0, dataset.PIXELS_PER_IMAGE), np.uint8), np.zeros(0, np.int8)
+    return np.concatenate(pixels), np.concatenate(labels)
+
+
+def load_block(spec: dict[str, list[RowSlice]]) -> Block:
+    """Build one partition's block from its row ranges of every split."""
+    pixels, labels = read_slices(spec["train"])
+    evaluation = {split: read_slices(spec[split]) for split in ("validation", "test")}
+    return make_block(pixels, labels, evaluation)
+
+
+def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> list[dict[str, list[RowSlice]]]:
+    """Per partition, which rows of which part files it reads (computed from the manifest only)."""
+    manifest = dataset.load_manifest(dataset_uri)
+    per_split = {}
+    for split in dataset.SPLITS:
+        files = [(storage.join(dataset_uri, entry["path"]), int(entry["rows"]))
+                 for entry in manifest["splits"][split]["files"]]
+        per_split[split] = partition_slices(files, train_limit if split == "train" else None, partitions)
+    return [{split: per_split[split][part] for split in dataset.SPLITS} for part in range(partitions)]
+
+
+def _apply(function: PassFunction, broadcast, block: Block) -> tuple[Block, Stats]:
+    return function(block, broadcast.value)
+
+
+class SparkBackend:
+    """Blocks in a cached RDD; each pass is one Spark job ending in a tree reduction of the stats."""
+
+    def __init__(self, spark_context, specs: list[dict[str, list[RowSlice]]]):
+        from pyspark import StorageLevel
+
+        self.sc = spark_context
+        self.storage_level = StorageLevel.MEMORY_AND_DISK
+        self.blocks = spark_context.parallelize(specs, len(specs)).map(load_block)
+        self._cached = None
+        self._broadcast = None
+
+    def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
+        broadcast = self.sc.broadcast(params)
+        updated = self.blocks.map(functools.partial(_apply, function, broadcast))
+        # Local checkpointing keeps lineage one pass deep: retries re-read the
+        # previous pass's cached blocks, never the whole history.
+        updated.persist(self.storage_level).localCheckpoint()
+        stats = updated.map(operator.itemgetter(1)).treeAggregate({}, add_stats, add_stats, depth=2)
+        if self._cached is not None:
+            self._cached.unpersist(blocking=False)
+        if self._broadcast is not None:
+            self._broadcast.unpersist(blocking=False)
+        self._cached, self._broadcast = updated, broadcast
+        self.blocks = updated.map(operator.itemgetter(0))
+        return stats
+
+    def close(self) -> None:
+        if self._cached is not None:
+            self._cached.unpersist()
+
+
+def code_version() -> str:
+    """The package version plus the git commit when run from a checkout."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("admm-mnist")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return f"{version}+{commit}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def format_epoch(report: EpochReport, epochs: int) -> str:
+    metrics = " ".join(f"{key}={value:.4f}" for key, value in report.metrics.items())
+    return f"epoch {report.epoch}/{epochs} [{report.phase}] {metrics} seconds={report.seconds:.2f}"
+
+
+def train(config: TrainConfig, spark_context) -> dict[str, Any]:
+    """Run ADMM training on Spark and write the model and per-epoch metrics to ``config.output_uri``."""
+    manifest = dataset.load_manifest(config.dataset_uri)
+    hp = config.hyperparameters(dataset.PIXELS_PER_IMAGE, dataset.NUM_CLASSES)
+    metrics_uri = storage.join(config.output_uri, METRICS_FILE)
+    if storage.exists(metrics_uri):  # a re-run of this run replaces its outputs
+        storage.delete_tree(metrics_uri)
+
+    def on_epoch(report: EpochReport) -> None:
+        log.info(format_epoch(report, config.epochs))
+        storage.append_line(metrics_uri, json.dumps(report.as_record(), sort_keys=True))
+
+    backend = SparkBackend(spark_context, block_specs(config.dataset_uri, config.partitions, config.train_limit))
+    started = time.perf_counter()
+    try:
+        result = AdmmTrainer(hp, backend, on_epoch).fit()
+    finally:
+        backend.close()
+    best = next(report for report in result.history if report.epoch == result.best_epoch)
+    model = Model(
+        weights=[w[:, :-1].copy() for w in result.weights],
+        biases=[w[:, -1].copy() for w in result.weights],
+        input_scale=INPUT_SCALE,
+        metadata={
+            "hyperparameters": {**dataclasses.asdict(hp), "partitions": config.partitions,
+                                "train_limit": config.train_limit},
+            "dataset": {"uri": config.dataset_uri, "version": manifest["version"]},
+            "final_metrics": best.metrics,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+            "train_seconds": round(time.perf_counter() - started, 3),
+            "code_version": code_version(),
+        },
+    )
+    model_uri = storage.join(config.output_uri, MODEL_DIR)
+    with storage.staged_directory(model_uri) as staging:
+        save_model(model, staging)
+    return {"model_uri": model_uri, "metrics_uri": metrics_uri, "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history), **{k: round(v, 6) for k, v in best.metrics.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    config = parse_config(TrainConfig, argv)
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.appName("admm-mnist-train").getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    try:
+        result = train(config, spark.sparkContext)
+    finally:
+        spark.stop()
+    print(json.dumps(result, sort_keys=True))
+    return result
+
+
+if __name__ == "__main__":
+    main()

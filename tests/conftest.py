@@ -1,0 +1,94 @@
+"""Shared fixtures: a small real-MNIST IDX source, its ingested dataset, and an S3 (moto) server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import boto3
+import pytest
+
+from admm_jobs import ingest
+from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
+
+SMALL_TRAIN_ROWS = 1_200
+SMALL_TEST_ROWS = 400
+SMALL_VALIDATION_ROWS = 200
+
+
+@pytest.fixture(scope="session")
+def small_idx_source(tmp_path_factory):
+    """A directory with the four MNIST file names (gzip) holding the first 1,200 train / 400 test records."""
+    source = tmp_path_factory.mktemp("mnist-small")
+    for name, rows in (
+        (TRAIN_IMAGES, SMALL_TRAIN_ROWS),
+        (TRAIN_LABELS, SMALL_TRAIN_ROWS),
+        (TEST_IMAGES, SMALL_TEST_ROWS),
+        (TEST_LABELS, SMALL_TEST_ROWS),
+    ):
+        write_idx(source / f"{name}.gz", read_vendored(name)[:rows])
+    return source
+
+
+@pytest.fixture(scope="session")
+def small_dataset(small_idx_source, tmp_path_factory):
+    """``small_idx_source`` ingested into a fresh lake (validation_size=200): the ingest result dict."""
+    lake = tmp_path_factory.mktemp("lake")
+    return ingest.ingest_dataset(str(small_idx_source), str(lake), validation_size=SMALL_VALIDATION_ROWS)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server in a subprocess; yields its endpoint URL."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # any HTTP answer means the server is up
+            except (urllib.error.URLError, ConnectionError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server on {endpoint} did not start")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point every S3 client at the moto server (fake credentials) and yield a fresh bucket's name."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    bucket = f"lake-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    yield bucket
