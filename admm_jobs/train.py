@@ -6,7 +6,7 @@ Each Spark partition holds one block of training samples with their ADMM
 state (see :mod:`admm_jobs.trainer`) plus its share of the validation and
 test splits. Executors read their own rows from storage, so no data passes
 through the driver; per pass only the per-layer Gram matrices are reduced to
-the driver (``treeAggregate``) and the solved weights are broadcast back.
+the driver (``aggregate``) and the solved weights are broadcast back.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _apply(function: PassFunction, broadcast, block: Block) -> tuple[Block, Stat
 
 
 class SparkBackend:
-    """Blocks in a cached RDD; each pass is one Spark job ending in a tree reduction of the stats."""
+    """Blocks in a cached RDD; each pass is one Spark job ending in a reduction of the stats."""
 
     def __init__(self, spark_context, specs: list[dict[str, list[RowSlice]]]):
         from pyspark import StorageLevel
@@ -145,7 +145,9 @@ class SparkBackend:
         # Local checkpointing keeps lineage one pass deep: retries re-read the
         # previous pass's cached blocks, never the whole history.
         updated.persist(self.storage_level).localCheckpoint()
-        stats = updated.map(operator.itemgetter(1)).treeAggregate({}, add_stats, add_stats, depth=2)
+        # aggregate() merges partition results on the driver in partition order, so
+        # the float sums (and hence the weights) do not depend on task timing.
+        stats = updated.map(operator.itemgetter(1)).aggregate({}, add_stats, add_stats)
         if self._cached is not None:
             self._cached.unpersist(blocking=False)
         if self._broadcast is not None:

@@ -235,9 +235,12 @@ class AdmmTrainer:
         self.on_epoch = on_epoch or (lambda report: None)
         self.layers = len(hp.layer_sizes) - 1
 
-    def _solve(self, sums: Stats, layer: int, previous: np.ndarray) -> np.ndarray:
-        return admm.solve_weights(sums[f"cross{layer}"], sums[f"gram{layer}"], self.hp.ridge,
-                                  previous=previous, proximal=self.hp.proximal)
+    def _solve(self, sums: Stats, layer: int, previous: np.ndarray, epoch: int) -> np.ndarray:
+        cross, gram = sums[f"cross{layer}"], sums[f"gram{layer}"]
+        if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
+            raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer + 1} are not finite "
+                                   "(NaN/Inf in the data or a diverged state)")
+        return admm.solve_weights(cross, gram, self.hp.ridge, previous=previous, proximal=self.hp.proximal)
 
     def fit(self) -> TrainingResult:
         hp = self.hp
@@ -255,7 +258,7 @@ class AdmmTrainer:
             sums["gram0"] = constant_input_gram
             for layer in range(self.layers - 1):
                 tick = time.perf_counter()
-                weights[layer] = self._solve(sums, layer, weights[layer])
+                weights[layer] = self._solve(sums, layer, weights[layer], epoch)
                 inverse = admm.activation_operator(weights[layer + 1], beta, gamma)
                 timers["solve"] += time.perf_counter() - tick
                 tick = time.perf_counter()
@@ -269,7 +272,7 @@ class AdmmTrainer:
                 sums.update(layer_sums)
             tick = time.perf_counter()
             last = self.layers - 1
-            weights[last] = self._solve(sums, last, weights[last])
+            weights[last] = self._solve(sums, last, weights[last], epoch)
             timers["solve"] += time.perf_counter() - tick
             tick = time.perf_counter()
             warmup = epoch <= hp.warmup_epochs

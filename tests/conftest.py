@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,9 @@ import pytest
 
 from admm_jobs import ingest
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
+
+# Spark's Python workers must run this interpreter (the project venv), whatever PATH says.
+os.environ["PYSPARK_PYTHON"] = sys.executable
 
 SMALL_TRAIN_ROWS = 1_200
 SMALL_TEST_ROWS = 400

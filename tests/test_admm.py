@@ -1,0 +1,132 @@
+"""The closed-form ADMM updates against brute-force minimisation, and the blocked solves against one process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from admm_jobs import admm
+from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend, NumericalFailure, make_block
+
+RNG = np.random.default_rng(1234)
+
+
+def test_preactivation_update_is_the_elementwise_minimiser():
+    a = RNG.normal(size=400).astype(np.float32)
+    m = RNG.normal(size=400).astype(np.float32) * 2
+    beta, gamma = 1.7, 3.1
+    z = admm.update_preactivation(a, m, beta, gamma)
+    objective = lambda zi, ai, mi: gamma * (ai - max(zi, 0.0)) ** 2 + beta * (zi - mi) ** 2
+    for zi, ai, mi in zip(z, a, m):
+        grid = np.linspace(-8, 8, 32001)
+        brute = grid[np.argmin(gamma * (ai - np.maximum(grid, 0)) ** 2 + beta * (grid - mi) ** 2)]
+        assert objective(zi, ai, mi) <= objective(brute, ai, mi) + 1e-5
+
+
+def test_activation_update_solves_its_least_squares_problem():
+    n, width, out = 50, 7, 5
+    z, z_next = RNG.normal(size=(n, width)), RNG.normal(size=(n, out))
+    weights = RNG.normal(size=(out, width + 1))
+    beta, gamma = 2.0, 0.5
+    inverse = admm.activation_operator(weights, beta, gamma)
+    a = admm.update_activation(z, z_next, weights, inverse, beta, gamma)
+    # stacked least squares: sqrt(beta) (W a + b - z_next) and sqrt(gamma) (a - relu(z)), per sample
+    W, b = weights[:, :-1], weights[:, -1]
+    stacked = np.vstack([np.sqrt(beta) * W, np.sqrt(gamma) * np.eye(width)])
+    for i in range(n):
+        rhs = np.concatenate([np.sqrt(beta) * (z_next[i] - b), np.sqrt(gamma) * np.maximum(z[i], 0)])
+        expected = np.linalg.lstsq(stacked, rhs, rcond=None)[0]
+        np.testing.assert_allclose(a[i], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("proximal", [0.0, 0.7])
+def test_weight_solve_matches_direct_ridge_least_squares(proximal):
+    n, width, out, ridge = 80, 6, 4, 0.3
+    a_prev, z = RNG.normal(size=(n, width)), RNG.normal(size=(n, out))
+    previous = RNG.normal(size=(out, width + 1))
+    W = admm.solve_weights(admm.layer_cross(z, a_prev), admm.layer_gram(a_prev), ridge,
+                           previous=previous, proximal=proximal)
+    A = admm.with_bias_column(a_prev)
+    reg = np.sqrt(ridge + proximal) * np.eye(width + 1)
+    for row in range(out):
+        # ridge ||w||^2 + proximal ||w - w_prev||^2 == (ridge+proximal) ||w - proximal w_prev/(ridge+proximal)||^2 + const
+        center = proximal * previous[row] / (ridge + proximal)
+        target = np.concatenate([z[:, row], np.sqrt(ridge + proximal) * center])
+        expected = np.linalg.lstsq(np.vstack([A, reg]), target, rcond=None)[0]
+        np.testing.assert_allclose(W[row], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_block_statistics_sum_to_the_full_data_statistics():
+    a_prev, z = RNG.normal(size=(90, 5)).astype(np.float32), RNG.normal(size=(90, 3)).astype(np.float32)
+    parts = np.array_split(np.arange(90), 4)
+    np.testing.assert_allclose(sum(admm.layer_cross(z[p], a_prev[p]) for p in parts), admm.layer_cross(z, a_prev), rtol=1e-5)
+    np.testing.assert_allclose(sum(admm.layer_gram(a_prev[p]) for p in parts), admm.layer_gram(a_prev), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", admm.LOSSES)
+def test_output_update_is_the_exact_prox_of_the_loss(loss):
+    n, classes, beta = 12, 4, 1.5
+    labels = RNG.integers(0, classes, size=n)
+    targets = admm.one_hot(labels, classes)
+    m = RNG.normal(size=(n, classes)).astype(np.float32)
+    multiplier = 0.3 * RNG.normal(size=(n, classes)).astype(np.float32)
+    z = admm.OUTPUT_UPDATES[loss](targets, m, multiplier, beta)
+
+    def objective(zi, i):
+        return admm.sample_losses(loss, zi[None, :], labels[i:i + 1])[0] + zi @ multiplier[i] + beta * np.sum((zi - m[i]) ** 2)
+
+    for i in range(n):
+        brute = optimize.minimize(lambda v: objective(v, i), m[i].astype(np.float64), method="Nelder-Mead",
+                                  options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 50000, "maxfev": 50000}).x
+        value = objective(z[i].astype(np.float64), i)
+        assert value <= objective(brute, i) + 1e-5
+        # no nearby point is better either (the objective is strongly convex, so this pins z down)
+        for step in 1e-3 * RNG.normal(size=(50, classes)):
+            assert value <= objective(z[i] + step, i) + 1e-6
+
+
+def test_multiplier_update_is_the_scaled_constraint_residual():
+    multiplier, z, m = RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4))
+    np.testing.assert_allclose(admm.update_multiplier(multiplier, z, m, 2.5), multiplier + 2.5 * (z - m), rtol=1e-6)
+
+
+def _blocks(pixels, labels, count):
+    parts = np.array_split(np.arange(len(labels)), count)
+    return [make_block(pixels[p], labels[p], {"test": (pixels[p][:5], labels[p][:5])}) for p in parts]
+
+
+def _toy_problem(n=240, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    centers = rng.integers(0, 256, size=(classes, 20))
+    pixels = np.clip(centers[labels] + rng.normal(0, 40, size=(n, 20)), 0, 255).astype(np.uint8)
+    return pixels, labels
+
+
+@pytest.mark.parametrize("epochs, tolerance", [(1, 1e-3), (4, 2e-3)])
+def test_blocked_training_equals_single_process_training(epochs, tolerance):
+    """The distributed weight update (sums of block Grams) equals the one-block solve.
+
+    Blocks change only the float32 summation order of the Gram matrices; the
+    weight solves amplify that rounding by the systems' conditioning, hence
+    a relative tolerance of 1e-3 of the largest weight.
+    """
+    pixels, labels = _toy_problem()
+    hp = Hyperparameters(layer_sizes=(20, 16, 12, 3), epochs=epochs, warmup_epochs=1, patience=0)
+    one = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
+    many = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 5))).fit()
+    for w_one, w_many in zip(one.weights, many.weights):
+        np.testing.assert_allclose(w_many, w_one, rtol=0, atol=tolerance * np.abs(w_one).max())
+    assert [r.metrics["train_loss"] for r in one.history] == pytest.approx(
+        [r.metrics["train_loss"] for r in many.history], rel=1e-3)
+
+
+def test_numerical_failure_names_layer_and_epoch():
+    pixels, labels = _toy_problem(n=60)
+    blocks = _blocks(pixels, labels, 2)
+    blocks[1]["pixels"] = blocks[1]["pixels"].astype(np.float32)
+    blocks[1]["pixels"][0, 0] = np.nan  # a corrupt sample poisons layer 1's statistics
+    hp = Hyperparameters(layer_sizes=(20, 8, 3), epochs=2, warmup_epochs=0)
+    with pytest.raises(NumericalFailure, match=r"epoch 1: .*layer 1 "):
+        AdmmTrainer(hp, LocalBackend(blocks)).fit()
