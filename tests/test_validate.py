@@ -1,0 +1,271 @@
+"""Tests of the validate stage: the suite passes a good dataset and names every kind of defect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from admm_jobs import storage, validate
+from admm_jobs.dataset import PARQUET_SCHEMA, DatasetError, split_file_uris
+from conftest import SMALL_TEST_ROWS, SMALL_TRAIN_ROWS, SMALL_VALIDATION_ROWS
+
+TRAIN_ROWS = SMALL_TRAIN_ROWS - SMALL_VALIDATION_ROWS
+
+
+@pytest.fixture
+def dataset_copy(small_dataset, tmp_path):
+    """A private copy of the small dataset (validate writes next to it; corruption tests rewrite it)."""
+    target = str(tmp_path / "lake" / "mnist" / small_dataset["dataset_version"])
+    storage.copy_tree(small_dataset["dataset_uri"], target)
+    return target
+
+
+def rewrite_split(dataset_uri: str, split: str, change) -> None:
+    """Replace the (single) part file of ``split`` by ``change(rows)``, rows as a list of dicts."""
+    (part_uri,) = split_file_uris(dataset_uri, split)
+    rows = pq.read_table(part_uri).to_pylist()
+    pq.write_table(pa.Table.from_pylist(change(rows), schema=PARQUET_SCHEMA), part_uri)
+
+
+def failure_message(dataset_uri: str) -> str:
+    with pytest.raises(validate.ValidationFailed) as failure:
+        validate.validate_dataset(dataset_uri)
+    assert failure.value.result["success"] is False
+    return str(failure.value)
+
+
+def set_field(index: int, field: str, value):
+    def change(rows):
+        rows[index][field] = value
+        return rows
+
+    return change
+
+
+# ---------------------------------------------------------------- derived columns
+
+
+def test_pixel_statistics_count_non_null_values_and_leave_empty_rows_without_min_max():
+    pixels = pa.array([[0, 5, 255], [], None, [7, None]], pa.list_(pa.uint8()))
+    stats = validate.pixel_statistics(pa.chunked_array([pixels[:2], pixels[2:]]))
+    assert stats["pixel_count"].tolist() == [3, 0, 0, 1]
+    assert stats["pixel_min"].tolist()[::3] == [0, 7] and stats["pixel_max"].tolist()[::3] == [255, 7]
+    assert stats[["pixel_min", "pixel_max"]].iloc[1:3].isna().all().all()
+
+
+def test_split_frame_derives_label_share_and_the_other_split_holding_an_id():
+    table = pa.table(
+        {
+            "image_id": ["a", "b", "c", "d"],
+            "label": pa.array([1, 1, 1, 2], pa.int8()),
+            "pixels": pa.array([[1, 2]] * 4, pa.list_(pa.uint8())),
+        }
+    )
+    frame = validate.split_frame(table, {"test": ["x", "c"], "validation": ["c", "d"]})
+    assert frame["label_share"].tolist() == [0.75, 0.75, 0.75, 0.25]
+    assert frame["image_id_also_in_split"].isna().tolist() == [True, True, False, False]
+    assert frame["image_id_also_in_split"].tolist()[2:] == ["test", "validation"]
+    assert frame["pixel_count"].tolist() == [2, 2, 2, 2]
+
+
+def test_expectation_parameters_come_from_the_manifest():
+    manifest = {"image_shape": [3, 5], "splits": {"train": {"rows": 17}}}
+    assert validate.expectation_parameters(manifest, "train") == {"expected_rows": 17, "pixels_per_image": 15}
+
+
+def test_repository_suite_loads_with_every_expectation():
+    document = json.loads(Path(validate.DEFAULT_SUITE).read_text())
+    suite = validate.load_suite(str(validate.DEFAULT_SUITE))
+    assert suite.name == document["name"]
+    assert [e.expectation_type for e in suite.expectations] == [e["type"] for e in document["expectations"]]
+
+
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ({"type": "expect_column_values_to_be_purple", "kwargs": {"column": "label"}}, "not found"),
+        ({"type": "expect_column_values_to_be_between", "kwargs": {"colum": "label", "min_value": 0}}, "column"),
+    ],
+)
+def test_invalid_expectation_in_suite_is_an_error_not_silently_dropped(tmp_path, bad, problem):
+    document = json.loads(Path(validate.DEFAULT_SUITE).read_text())
+    document["expectations"].append(bad)
+    suite_path = tmp_path / "suite.json"
+    suite_path.write_text(json.dumps(document))
+    with pytest.raises(validate.SuiteError) as error:
+        validate.load_suite(str(suite_path))
+    position = len(document["expectations"]) - 1
+    assert f"suite.json: expectation #{position} ({bad['type']}) is invalid" in str(error.value)
+    assert problem in str(error.value)
+
+
+# ---------------------------------------------------------------- a good dataset
+
+
+def test_small_dataset_passes_and_outputs_are_written_next_to_it(dataset_copy):
+    result = validate.validate_dataset(dataset_copy)
+
+    assert result["success"] is True
+    assert result["result_uri"] == storage.join(dataset_copy, "validation", "result.json")
+    assert result["data_docs_uri"] == storage.join(dataset_copy, "validation", "data_docs", "index.html")
+    expectations = len(json.loads(Path(validate.DEFAULT_SUITE).read_text())["expectations"])
+    assert result["statistics"]["evaluated_expectations"] == 3 * expectations
+    assert result["statistics"]["unsuccessful_expectations"] == 0
+
+    written = json.loads(Path(result["result_uri"]).read_text())
+    assert written["success"] is True and written["dataset_uri"] == dataset_copy
+    assert set(written["results"]) == {"train", "validation", "test"}
+    row_counts = {
+        split: next(
+            r["result"]["observed_value"]
+            for r in split_result["results"]
+            if r["expectation_config"]["type"] == "expect_table_row_count_to_equal"
+        )
+        for split, split_result in written["results"].items()
+    }
+    assert row_counts == {"train": TRAIN_ROWS, "validation": SMALL_VALIDATION_ROWS, "test": SMALL_TEST_ROWS}
+
+    docs = Path(result["data_docs_uri"]).parent
+    assert "mnist_dataset" in Path(result["data_docs_uri"]).read_text()
+    pages = sorted(page.name for page in (docs / "validations").rglob("*.html"))
+    assert pages == ["lake-test.html", "lake-train.html", "lake-validation.html"]
+
+
+def test_main_prints_the_result_as_last_line_and_finds_the_suite_from_any_directory(
+    dataset_copy, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    result = validate.main(["--dataset-uri", dataset_copy])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == result
+    assert result["success"] is True
+
+
+def test_validates_a_dataset_on_s3(dataset_copy, s3_env):
+    dataset_uri = f"s3://{s3_env}/lake/mnist/v1"
+    storage.copy_tree(dataset_copy, dataset_uri)
+
+    result = validate.validate_dataset(dataset_uri)
+
+    assert result["success"] is True
+    assert result["result_uri"] == f"{dataset_uri}/validation/result.json"
+    assert storage.read_json(result["result_uri"])["success"] is True
+    assert storage.exists(result["data_docs_uri"])
+
+
+# ---------------------------------------------------------------- each family of defects
+
+
+def test_label_outside_0_to_9_is_reported_with_its_row_count(dataset_copy):
+    rewrite_split(dataset_copy, "train", set_field(3, "label", 12))
+    message = failure_message(dataset_copy)
+    assert f"split=train: expect_column_values_to_be_between(label) failed on 1 of {TRAIN_ROWS} rows" in message
+    assert "split=validation" not in message and "split=test" not in message
+
+
+def test_row_with_783_pixels_is_reported(dataset_copy):
+    def drop_one_pixel(rows):
+        rows[5]["pixels"] = rows[5]["pixels"][:-1]
+        return rows
+
+    rewrite_split(dataset_copy, "validation", drop_one_pixel)
+    message = failure_message(dataset_copy)
+    assert (
+        f"split=validation: expect_column_values_to_be_between(pixel_count) failed on 1 of {SMALL_VALIDATION_ROWS} rows"
+        in message
+    )
+
+
+def test_duplicate_image_id_within_a_split_is_reported(dataset_copy):
+    def duplicate(rows):
+        rows[7]["image_id"] = rows[6]["image_id"]
+        return rows
+
+    rewrite_split(dataset_copy, "test", duplicate)
+    message = failure_message(dataset_copy)
+    # Both rows sharing the id are unexpected.
+    assert f"split=test: expect_column_values_to_be_unique(image_id) failed on 2 of {SMALL_TEST_ROWS} rows" in message
+
+
+def test_test_image_copied_into_train_is_reported_in_both_splits(dataset_copy):
+    test_id = pq.read_table(split_file_uris(dataset_copy, "test")[0]).column("image_id")[0].as_py()
+    rewrite_split(dataset_copy, "train", set_field(0, "image_id", test_id))
+    message = failure_message(dataset_copy)
+    assert (
+        f"split=train: expect_column_values_to_be_null(image_id_also_in_split) failed on 1 of {TRAIN_ROWS} rows "
+        "(e.g. ['test'])" in message
+    )
+    assert (
+        f"split=test: expect_column_values_to_be_null(image_id_also_in_split) failed on 1 of {SMALL_TEST_ROWS} rows "
+        "(e.g. ['train'])" in message
+    )
+
+
+def test_class_holding_30_percent_of_a_split_is_reported(dataset_copy):
+    # Labels 0..9 in turn (10% each), then rows labelled 1 and 2 relabelled 0: class 0 holds 30%.
+    def skew(rows):
+        for index, row in enumerate(rows):
+            row["label"] = 0 if index % 10 in (0, 1, 2) else index % 10
+        return rows
+
+    rewrite_split(dataset_copy, "train", skew)
+    message = failure_message(dataset_copy)
+    share_lines = [line for line in message.splitlines() if "(label_share)" in line]
+    assert share_lines == [
+        f"split=train: expect_column_values_to_be_between(label_share) failed on {3 * TRAIN_ROWS // 10} "
+        f"of {TRAIN_ROWS} rows (e.g. [0.3, 0.3, 0.3])"
+    ]
+
+
+def test_row_count_differing_from_the_manifest_is_reported(dataset_copy):
+    rewrite_split(dataset_copy, "test", lambda rows: rows[:-1])
+    message = failure_message(dataset_copy)
+    assert "split=test: expect_table_row_count_to_equal" in message
+    assert f"failed (observed {SMALL_TEST_ROWS - 1})" in message
+
+
+def test_failed_run_replaces_earlier_outputs_and_records_the_failure(dataset_copy):
+    first = validate.validate_dataset(dataset_copy)
+    rewrite_split(dataset_copy, "train", set_field(3, "label", 12))
+    failure_message(dataset_copy)
+
+    written = storage.read_json(first["result_uri"])
+    assert written["success"] is False
+    assert written["statistics"]["splits"]["train"]["unsuccessful_expectations"] >= 1
+    label_check = next(
+        r
+        for r in written["results"]["train"]["results"]
+        if r["expectation_config"]["kwargs"].get("column") == "label" and not r["success"]
+    )
+    assert label_check["result"]["unexpected_count"] == 1
+    assert label_check["result"]["partial_unexpected_list"] == [12]
+    # Only the latest run's pages remain in Data Docs.
+    pages = list((Path(first["data_docs_uri"]).parent / "validations").rglob("lake-train.html"))
+    assert len(pages) == 1
+
+
+def test_command_line_exits_non_zero_and_names_the_failure(dataset_copy, tmp_path):
+    rewrite_split(dataset_copy, "train", set_field(3, "label", 12))
+    completed = subprocess.run(
+        [sys.executable, "-m", "admm_jobs.validate", "--dataset-uri", dataset_copy],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode != 0
+    assert "ValidationFailed" in completed.stderr
+    assert "expect_column_values_to_be_between(label) failed on 1 of" in completed.stderr
+    assert json.loads(completed.stdout.strip().splitlines()[-1])["success"] is False
+
+
+def test_missing_manifest_is_a_dataset_error(tmp_path):
+    with pytest.raises(DatasetError, match="no committed dataset"):
+        validate.validate_dataset(str(tmp_path / "nothing-here"))
+
