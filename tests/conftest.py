@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -17,8 +20,22 @@ import pytest
 from admm_jobs import ingest
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
 
-# Spark's Python workers must run this interpreter (the project venv), whatever PATH says.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+# Spark's Python workers and spark-submit come from this interpreter's venv, whatever PATH says.
 os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+# Airflow reads its configuration at first import: give the test session its own
+# AIRFLOW_HOME (SQLite DB created on demand by the airflow_db fixture).
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="airflow-test-")
+os.environ.update({
+    "AIRFLOW_HOME": _AIRFLOW_HOME,
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW_CONN_SPARK_DEFAULT": '{"conn_type": "spark", "host": "local[2]", '
+                                  '"extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}',
+})
 
 SMALL_TRAIN_ROWS = 1_200
 SMALL_TEST_ROWS = 400
@@ -96,3 +113,12 @@ def s3_env(s3_server, monkeypatch):
     bucket = f"lake-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     yield bucket
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """An initialised SQLite metadata DB in the session's AIRFLOW_HOME (removed at the end)."""
+    subprocess.run([os.path.join(VENV_BIN, "airflow"), "db", "migrate"], check=True,
+                   capture_output=True, timeout=300)
+    yield _AIRFLOW_HOME
+    shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
