@@ -13,8 +13,8 @@ a Lagrange multiplier ``lambda`` on the output constraint only:
 
 Every function below is the exact minimiser of that objective in one block
 of variables with the others fixed, so no gradient step is taken anywhere.
-Biases are folded into the weights by appending a column of ones to the
-layer input (``with_bias_column``).
+Biases are folded into the weights: W_l has one extra last column that
+multiplies a constant 1 appended to the layer input, [a_{l-1}, 1].
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ def relu(z: np.ndarray) -> np.ndarray:
     return np.maximum(z, 0.0)
 
 
-def with_bias_column(a: np.ndarray) -> np.ndarray:
-    """[a, 1]: the layer input augmented so that W [a; 1] = W' a + b."""
-    return np.hstack([a, np.ones((a.shape[0], 1), dtype=a.dtype)])
-
-
 def one_hot(labels: np.ndarray, classes: int, dtype=np.float32) -> np.ndarray:
     """Rows e_y of the identity: the least-squares target for class y."""
     targets = np.zeros((labels.shape[0], classes), dtype=dtype)
@@ -43,14 +38,23 @@ def one_hot(labels: np.ndarray, classes: int, dtype=np.float32) -> np.ndarray:
 
 
 def layer_cross(z: np.ndarray, a_prev: np.ndarray) -> np.ndarray:
-    """C = z^T [a;1] for one block, in float64: summed over blocks it is the full-data C."""
-    return (z.T @ with_bias_column(a_prev)).astype(np.float64)
+    """C = z^T [a, 1] for one block, in float64: summed over blocks it is the full-data C.
+
+    Assembled as [z^T a, z^T 1] so the augmented input is never materialised.
+    """
+    return np.hstack([(z.T @ a_prev), z.sum(axis=0, dtype=np.float64)[:, None]]).astype(np.float64)
 
 
 def layer_gram(a_prev: np.ndarray) -> np.ndarray:
-    """G = [a;1]^T [a;1] for one block, in float64: summed over blocks it is the full-data G."""
-    augmented = with_bias_column(a_prev)
-    return (augmented.T @ augmented).astype(np.float64)
+    """G = [a, 1]^T [a, 1] = [[a^T a, a^T 1], [1^T a, n]] for one block, in float64."""
+    width = a_prev.shape[1]
+    gram = np.empty((width + 1, width + 1), dtype=np.float64)
+    gram[:width, :width] = a_prev.T @ a_prev
+    column_sums = a_prev.sum(axis=0, dtype=np.float64)
+    gram[:width, width] = column_sums
+    gram[width, :width] = column_sums
+    gram[width, width] = a_prev.shape[0]
+    return gram
 
 
 def solve_weights(

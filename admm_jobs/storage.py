@@ -123,7 +123,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     fs, path = filesystem(uri)
     try:
-        with fs.open_output_stream(path) as stream:
+        with fs.open_output_stream(path, compression=None) as stream:
             stream.write(data)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot write: {exc}") from exc

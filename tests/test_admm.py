@@ -47,7 +47,7 @@ def test_weight_solve_matches_direct_ridge_least_squares(proximal):
     previous = RNG.normal(size=(out, width + 1))
     W = admm.solve_weights(admm.layer_cross(z, a_prev), admm.layer_gram(a_prev), ridge,
                            previous=previous, proximal=proximal)
-    A = admm.with_bias_column(a_prev)
+    A = np.hstack([a_prev, np.ones((n, 1))])
     reg = np.sqrt(ridge + proximal) * np.eye(width + 1)
     for row in range(out):
         # ridge ||w||^2 + proximal ||w - w_prev||^2 == (ridge+proximal) ||w - proximal w_prev/(ridge+proximal)||^2 + const
