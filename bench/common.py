@@ -43,4 +43,5 @@ def spark_session(cores: int, app: str):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return (SparkSession.builder.master(f"local[{cores}]").appName(app)
             .config("spark.driver.memory", "8g").config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
             .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1").getOrCreate())
