@@ -1,20 +1,23 @@
-"""Closed-form ADMM updates for fully-connected ReLU networks (Taylor et al., 2016).
+"""Closed-form ADMM updates for fully-connected ReLU networks.
 
-Notation (samples are rows): ``a_0 = x`` is the input, for l = 1..L
+After Taylor et al., "Training Neural Networks Without Gradients: A Scalable
+ADMM Approach" (ICML 2016), with a Lagrange multiplier on every layer's
+constraint (in scaled form, u_l) as in dlADMM (Wang et al., KDD 2019).
 
-    z_l = W_l a_{l-1} + b_l   (pre-activation, a free variable tied by a penalty),
-    a_l = relu(z_l)          (activation, a free variable tied by a penalty), l < L.
+Notation (samples are rows): ``a_0`` is the (centred) input; for l = 1..L
 
-The training problem relaxes the network constraints into penalties and keeps
-a Lagrange multiplier ``lambda`` on the output constraint only:
+    z_l = W_l [a_{l-1}, 1]   (pre-activation, a free variable tied by a penalty),
+    a_l = relu(z_l)          (activation, a free variable tied by a penalty), l < L,
 
-    min  loss(z_L, y) + <z_L - W_L a_{L-1}, lambda> + beta_L ||z_L - W_L a_{L-1}||^2
-         + sum_{l<L} gamma_l ||a_l - relu(z_l)||^2 + beta_l ||z_l - W_l a_{l-1}||^2.
+and the training problem is the augmented Lagrangian
+
+    loss(z_L, y) + sum_l beta_l ||z_l - W_l [a_{l-1}, 1] + u_l||^2
+                 + sum_{l<L} gamma_l ||a_l - relu(z_l)||^2 + sum_l ridge_l ||W_l||^2.
 
 Every function below is the exact minimiser of that objective in one block
-of variables with the others fixed, so no gradient step is taken anywhere.
-Biases are folded into the weights: W_l has one extra last column that
-multiplies a constant 1 appended to the layer input, [a_{l-1}, 1].
+of variables with the others fixed (or the multiplier step), so no gradient
+step is taken anywhere. W_l has shape (n_l, n_{l-1} + 1): its last column is
+the bias, which multiplies the constant 1 appended to the layer input.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ LOSSES = ("least_squares", "hinge", "cross_entropy")
 def relu(z: np.ndarray) -> np.ndarray:
     """h(z) = max(z, 0)."""
     return np.maximum(z, 0.0)
+
+
+def affine(weights: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """W [a, 1] for every row of a: the layer's pre-activation."""
+    return a @ weights[:, :-1].T + weights[:, -1]
 
 
 def one_hot(labels: np.ndarray, classes: int, dtype=np.float32) -> np.ndarray:
@@ -57,24 +65,17 @@ def layer_gram(a_prev: np.ndarray) -> np.ndarray:
     return gram
 
 
-def solve_weights(
-    cross: np.ndarray,
-    gram: np.ndarray,
-    ridge: float,
-    previous: np.ndarray | None = None,
-    proximal: float = 0.0,
-) -> np.ndarray:
-    """Weight update W = argmin ||Z - A W^T||^2 + ridge ||W||^2 + proximal ||W - W_prev||^2.
+def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float) -> np.ndarray:
+    """W = argmin ||T - [A, 1] W^T||^2 + ridge ||W||^2 for targets T (rows z_l + u_l).
 
-    With C = Z^T A and G = A^T A (``layer_cross``/``layer_gram`` summed over all samples), the
-    normal equations give  W (G + (ridge + proximal) I) = C + proximal W_prev,
+    With C = T^T [A, 1] and G = [A, 1]^T [A, 1] (``layer_cross``/``layer_gram``
+    summed over all samples), the normal equations are W (G + ridge I) = C,
     solved by a Cholesky factorisation of the symmetric positive definite
     left-hand side. Returns float32 (n_out, n_in + 1), bias in the last column.
     """
-    system = gram + (ridge + proximal) * np.eye(gram.shape[0])
-    rhs = cross if previous is None or proximal == 0.0 else cross + proximal * previous
+    system = gram + ridge * np.eye(gram.shape[0])
     factor = scipy.linalg.cho_factor(system, lower=True, check_finite=True)
-    return scipy.linalg.cho_solve(factor, rhs.T).T.astype(np.float32)
+    return scipy.linalg.cho_solve(factor, cross.T).T.astype(np.float32)
 
 
 def activation_operator(next_weights: np.ndarray, beta_next: float, gamma: float) -> np.ndarray:
@@ -86,24 +87,24 @@ def activation_operator(next_weights: np.ndarray, beta_next: float, gamma: float
 
 def update_activation(
     z: np.ndarray,
-    z_next: np.ndarray,
+    target_next: np.ndarray,
     next_weights: np.ndarray,
     inverse: np.ndarray,
     beta_next: float,
     gamma: float,
 ) -> np.ndarray:
-    """a_l = argmin_a beta ||z_{l+1} - W a - b||^2 + gamma ||a - relu(z_l)||^2.
+    """a_l = argmin_a beta ||t - W a - b||^2 + gamma ||a - relu(z_l)||^2, with t = z_{l+1} + u_{l+1}.
 
-    The minimiser is (beta W^T W + gamma I)^{-1} (beta W^T (z_{l+1} - b) + gamma relu(z_l)),
+    The minimiser is (beta W^T W + gamma I)^{-1} (beta W^T (t - b) + gamma relu(z_l)),
     with the inverse from ``activation_operator`` (it is symmetric).
     """
     weight, bias = next_weights[:, :-1], next_weights[:, -1]
-    rhs = beta_next * ((z_next - bias) @ weight) + gamma * relu(z)
-    return rhs @ inverse
+    rhs = beta_next * ((target_next - bias) @ weight) + gamma * relu(z)
+    return (rhs @ inverse).astype(np.float32)
 
 
 def update_preactivation(a: np.ndarray, m: np.ndarray, beta: float, gamma: float) -> np.ndarray:
-    """z = argmin_z gamma (a - relu(z))^2 + beta (z - m)^2, elementwise, with m = W a_prev + b.
+    """z = argmin_z gamma (a - relu(z))^2 + beta (z - m)^2, elementwise, with m = W_l [a_{l-1}, 1] - u_l.
 
     On z >= 0 the minimiser is max((gamma a + beta m)/(gamma + beta), 0); on
     z <= 0 it is min(m, 0) with cost gamma a^2 + beta (z - m)^2. The update
@@ -116,30 +117,23 @@ def update_preactivation(a: np.ndarray, m: np.ndarray, beta: float, gamma: float
     return np.where(cost_pos <= cost_neg, z_pos, z_neg).astype(np.float32)
 
 
-def update_output_least_squares(
-    targets: np.ndarray, m: np.ndarray, multiplier: np.ndarray, beta: float
-) -> np.ndarray:
-    """z_L = argmin_z ||z - y||^2 + <z, lambda> + beta ||z - m||^2 = (2y - lambda + 2 beta m) / (2 + 2 beta)."""
-    return ((2.0 * targets - multiplier + 2.0 * beta * m) / (2.0 + 2.0 * beta)).astype(np.float32)
+def prox_least_squares(targets: np.ndarray, v: np.ndarray, beta: float) -> np.ndarray:
+    """z_L = argmin_z ||z - y||^2 + beta ||z - v||^2 = (y + beta v) / (1 + beta), with v = W_L [a, 1] - u_L."""
+    return ((targets + beta * v) / (1.0 + beta)).astype(np.float32)
 
 
-def update_output_hinge(targets: np.ndarray, m: np.ndarray, multiplier: np.ndarray, beta: float) -> np.ndarray:
-    """z_L = argmin_z sum_j hinge(z_j, y_j) + <z, lambda> + beta ||z - m||^2, elementwise.
+def prox_hinge(targets: np.ndarray, v: np.ndarray, beta: float) -> np.ndarray:
+    """z_L = argmin_z sum_j hinge(z_j, y_j) + beta ||z - v||^2, elementwise.
 
     hinge(z, 1) = max(0, 1 - z) and hinge(z, 0) = max(0, z) (Taylor et al.'s
-    one-vs-all hinge). Each is convex piecewise linear with a kink at the
-    margin t (1 for the true class, 0 otherwise): the minimiser is the
-    unconstrained minimiser of the linear piece on the correct side of t,
-    else t itself.
+    one-vs-all hinge). Each is convex and piecewise linear with a kink at
+    t (1 for the true class, 0 otherwise): the minimiser is the stationary
+    point of the linear piece on the correct side of t, else t itself.
     """
-    kink = targets  # margin location: 1 for the true class, 0 for the others
-    # slope of the loss below / above the kink
-    slope_below = np.where(targets > 0, -1.0, 0.0)
-    slope_above = np.where(targets > 0, 0.0, 1.0)
-    below = m - (slope_below + multiplier) / (2.0 * beta)
-    above = m - (slope_above + multiplier) / (2.0 * beta)
-    z = np.where(below < kink, below, np.where(above > kink, above, kink))
-    return z.astype(np.float32)
+    kink = targets
+    below = v + np.where(targets > 0, 1.0, 0.0) / (2.0 * beta)  # slope -1 (true class) or 0 below the kink
+    above = v - np.where(targets > 0, 0.0, 1.0) / (2.0 * beta)  # slope 0 (true class) or +1 above it
+    return np.where(below < kink, below, np.where(above > kink, above, kink)).astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -148,40 +142,50 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def update_output_cross_entropy(
-    targets: np.ndarray, m: np.ndarray, multiplier: np.ndarray, beta: float, newton_steps: int = 8
-) -> np.ndarray:
-    """z_L = argmin_z CE(softmax(z), y) + <z, lambda> + beta ||z - m||^2, per sample.
+def prox_cross_entropy(targets: np.ndarray, v: np.ndarray, beta: float, newton_steps: int = 8) -> np.ndarray:
+    """z_L = argmin_z CE(softmax(z), y) + beta ||z - v||^2, per sample.
 
     The objective is strongly convex in each sample's z (Hessian
     diag(p) - p p^T + 2 beta I); its stationarity condition
-    p(z) - y + lambda + 2 beta (z - m) = 0 is solved exactly (to float
-    precision) by Newton's method on that 10-dimensional problem, starting
-    from m. This is the exact proximal map of the loss, not a step on the
-    network's parameters.
+    p(z) - y + 2 beta (z - v) = 0 is solved to float precision by Newton's
+    method on that 10-dimensional problem, starting from v. This is the
+    exact proximal map of the loss, not a step on the network's weights.
     """
-    z = m.astype(np.float64)
+    z = v.astype(np.float64)
     target = targets.astype(np.float64)
-    lam = multiplier.astype(np.float64)
     eye = np.eye(z.shape[1])
     for _ in range(newton_steps):
         p = softmax(z)
-        residual = p - target + lam + 2.0 * beta * (z - m)
+        residual = p - target + 2.0 * beta * (z - v)
         hessian = p[:, :, None] * eye - p[:, :, None] * p[:, None, :] + 2.0 * beta * eye
         z = z - np.linalg.solve(hessian, residual[:, :, None])[:, :, 0]
     return z.astype(np.float32)
 
 
-OUTPUT_UPDATES = {
-    "least_squares": update_output_least_squares,
-    "hinge": update_output_hinge,
-    "cross_entropy": update_output_cross_entropy,
+OUTPUT_PROX = {
+    "least_squares": prox_least_squares,
+    "hinge": prox_hinge,
+    "cross_entropy": prox_cross_entropy,
 }
 
 
-def update_multiplier(multiplier: np.ndarray, z_out: np.ndarray, m: np.ndarray, beta: float) -> np.ndarray:
-    """Bregman/Lagrange step on the output constraint: lambda <- lambda + beta (z_L - W_L a_{L-1})."""
-    return (multiplier + beta * (z_out - m)).astype(np.float32)
+def update_multiplier(multiplier: np.ndarray, z: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Scaled Lagrange step on z_l = W_l [a_{l-1}, 1]: u_l <- u_l + z_l - W_l [a_{l-1}, 1] (m is the latter)."""
+    return (multiplier + z - m).astype(np.float32)
+
+
+def extrapolate(new: list[np.ndarray], previous: list[np.ndarray] | None, theta: float) -> list[np.ndarray]:
+    """W = W_new + theta (W_new - W_new_previous): over-relaxation of the weight iterates (none at first)."""
+    if previous is None:
+        return [w.copy() for w in new]
+    return [(w + theta * (w - p)).astype(np.float32) for w, p in zip(new, previous)]
+
+
+def fold_input_mean(weights: list[np.ndarray], mean: np.ndarray) -> list[np.ndarray]:
+    """Weights for uncentred input: W_1 [x - mu, 1] = W_1' [x, 1] with b_1' = b_1 - W_1 mu."""
+    folded = [w.copy() for w in weights]
+    folded[0][:, -1] -= folded[0][:, :-1] @ mean.astype(np.float32)
+    return folded
 
 
 def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -200,10 +204,10 @@ def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarr
 
 
 def forward(weights: list[np.ndarray], a0: np.ndarray) -> np.ndarray:
-    """Network logits: a_l = relu(W_l [a_{l-1}; 1]) for hidden layers, W_L [a_{L-1}; 1] last."""
+    """Network logits: a_l = relu(W_l [a_{l-1}, 1]) for hidden layers, W_L [a_{L-1}, 1] last."""
     activation = a0
     for index, weight in enumerate(weights):
-        activation = activation @ weight[:, :-1].T + weight[:, -1]
+        activation = affine(weight, activation)
         if index < len(weights) - 1:
             activation = relu(activation)
     return activation

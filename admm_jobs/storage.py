@@ -141,18 +141,6 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def append_line(uri: str, line: str) -> None:
-    """Append one line to a log-like file (local: in place; object stores: rewrite)."""
-    if is_local(uri):
-        path = local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(line.rstrip("\n") + "\n")
-        return
-    previous = read_bytes(uri) if exists(uri) else b""
-    write_bytes(uri, previous + line.rstrip("\n").encode() + b"\n")
-
-
 def list_files(uri: str) -> list[str]:
     """All files below ``uri`` (recursively), as URIs of the same form, sorted."""
     fs, root = filesystem(uri)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from admm_jobs import admm, dataset, storage
+from admm_jobs.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.config import int_tuple, parse_config, require, setting, validate_fields
 from admm_jobs.model import Model, save_model
 from admm_jobs.trainer import (
@@ -35,6 +36,7 @@ log = logging.getLogger("admm_jobs.train")
 
 MAX_LAYER_WIDTH = 8192
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 
 
@@ -46,19 +48,22 @@ class TrainConfig:
     output_uri: str = setting(help="run directory; model/ and metrics.jsonl go here", minLength=1)
     hidden_layers: tuple[int, ...] = setting((256, 256), "hidden layer widths, e.g. 256,256",
                                              minItems=1, maxItems=16, items={"minimum": 1, "maximum": MAX_LAYER_WIDTH})
-    loss: str = setting("least_squares", "output loss", enum=list(admm.LOSSES))
-    beta: float = setting(5.0, "penalty weight of z_l = W_l a_{l-1}", exclusiveMinimum=0, maximum=1e6)
-    gamma: float = setting(5.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
-    ridge: float = setting(1e-2, "ridge term of every weight solve", minimum=0, maximum=1e6)
-    proximal: float = setting(0.0, "proximal weight keeping W_l near its previous value", minimum=0, maximum=1e6)
-    penalty_growth: float = setting(1.0, "beta and gamma are multiplied by this every epoch", minimum=1, maximum=10)
-    epochs: int = setting(10, "ADMM epochs, warm-up included", minimum=1, maximum=10_000)
-    warmup_epochs: int = setting(2, "first epochs without the multiplier update", minimum=0, maximum=10_000)
-    patience: int = setting(5, "stop after this many epochs without a better validation loss (0: never)",
+    loss: str = setting("least_squares", "output loss (its exact prox is the output update)", enum=list(admm.LOSSES))
+    beta: float = setting(1.0, "penalty weight of the hidden layers' z_l = W_l [a_{l-1}, 1]", exclusiveMinimum=0, maximum=1e6)
+    beta_output: float = setting(3.0, "penalty weight of the output layer's constraint", exclusiveMinimum=0, maximum=1e6)
+    gamma: float = setting(3.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
+    ridge_input: float = setting(1e-2, "ridge of the first layer's weight solve, per training sample", minimum=0, maximum=1e3)
+    ridge: float = setting(1e-3, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
+    ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)
+    extrapolation: float = setting(0.9, "theta in W = W_new + theta (W_new - W_previous)", minimum=0, exclusiveMaximum=1)
+    epochs: int = setting(100, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
+    warmup_epochs: int = setting(0, "first iterations without multiplier updates", minimum=0, maximum=10_000)
+    patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)
     partitions: int = setting(4, "Spark partitions, i.e. sample blocks", minimum=1, maximum=10_000)
     seed: int = setting(0, "seed of the weight initialisation", minimum=0)
     train_limit: int | None = setting(None, "use only the first N training samples (none: all)", minimum=1)
+    checkpoint_every: int = setting(5, "save a resumable checkpoint every N iterations (0: never)", minimum=0, maximum=10_000)
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_layers", int_tuple(self.hidden_layers))
@@ -67,11 +72,9 @@ class TrainConfig:
                 f"--warmup-epochs: {self.warmup_epochs} exceeds --epochs {self.epochs}")
 
     def hyperparameters(self, input_size: int, classes: int) -> Hyperparameters:
-        return Hyperparameters(
-            layer_sizes=(input_size, *self.hidden_layers, classes), loss=self.loss, beta=self.beta,
-            gamma=self.gamma, ridge=self.ridge, proximal=self.proximal, penalty_growth=self.penalty_growth,
-            epochs=self.epochs, warmup_epochs=self.warmup_epochs, patience=self.patience, seed=self.seed,
-        )
+        shared = {f.name for f in dataclasses.fields(Hyperparameters)} & {f.name for f in dataclasses.fields(self)}
+        return Hyperparameters(layer_sizes=(input_size, *self.hidden_layers, classes),
+                               **{name: getattr(self, name) for name in shared})
 
 
 RowSlice = tuple[str, int, int]  # (part file URI, first row, end row)
@@ -105,14 +108,14 @@ def read_slices(row_slices: list[RowSlice]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(pixels), np.concatenate(labels)
 
 
-def load_block(spec: dict[str, list[RowSlice]]) -> Block:
+def load_block(spec: dict[str, Any]) -> Block:
     """Build one partition's block from its row ranges of every split."""
     pixels, labels = read_slices(spec["train"])
     evaluation = {split: read_slices(spec[split]) for split in ("validation", "test")}
-    return make_block(pixels, labels, evaluation)
+    return make_block(spec["index"], pixels, labels, evaluation)
 
 
-def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> list[dict[str, list[RowSlice]]]:
+def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> list[dict[str, Any]]:
     """Per partition, which rows of which part files it reads (computed from the manifest only)."""
     manifest = dataset.load_manifest(dataset_uri)
     per_split = {}
@@ -120,7 +123,7 @@ def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> l
         files = [(storage.join(dataset_uri, entry["path"]), int(entry["rows"]))
                  for entry in manifest["splits"][split]["files"]]
         per_split[split] = partition_slices(files, train_limit if split == "train" else None, partitions)
-    return [{split: per_split[split][part] for split in dataset.SPLITS} for part in range(partitions)]
+    return [{"index": part, **{split: per_split[split][part] for split in dataset.SPLITS}} for part in range(partitions)]
 
 
 def _apply(function: PassFunction, broadcast, block: Block) -> tuple[Block, Stats]:
@@ -130,7 +133,7 @@ def _apply(function: PassFunction, broadcast, block: Block) -> tuple[Block, Stat
 class SparkBackend:
     """Blocks in a cached RDD; each pass is one Spark job ending in a reduction of the stats."""
 
-    def __init__(self, spark_context, specs: list[dict[str, list[RowSlice]]]):
+    def __init__(self, spark_context, specs: list[dict[str, Any]]):
         from pyspark import StorageLevel
 
         self.sc = spark_context
@@ -187,17 +190,21 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
     manifest = dataset.load_manifest(config.dataset_uri)
     hp = config.hyperparameters(dataset.PIXELS_PER_IMAGE, dataset.NUM_CLASSES)
     metrics_uri = storage.join(config.output_uri, METRICS_FILE)
-    if storage.exists(metrics_uri):  # a re-run of this run replaces its outputs
-        storage.delete_tree(metrics_uri)
 
     def on_epoch(report: EpochReport) -> None:
         log.info(format_epoch(report, config.epochs))
-        storage.append_line(metrics_uri, json.dumps(report.as_record(), sort_keys=True))
+        # the whole history each time: after a resume or a re-run the file still holds exactly one line per epoch
+        lines = "".join(json.dumps(r.as_record(), sort_keys=True) + "\n" for r in trainer.history)
+        storage.write_bytes(metrics_uri, lines.encode())
 
+    trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": config.partitions,
+                  "train_limit": config.train_limit}
+    checkpoints = CheckpointStore(storage.join(config.output_uri, CHECKPOINT_DIR), fingerprint(trajectory))
     backend = SparkBackend(spark_context, block_specs(config.dataset_uri, config.partitions, config.train_limit))
     started = time.perf_counter()
+    trainer = AdmmTrainer(hp, backend, on_epoch, checkpoints, config.checkpoint_every)
     try:
-        result = AdmmTrainer(hp, backend, on_epoch).fit()
+        result = trainer.fit()
     finally:
         backend.close()
     best = next(report for report in result.history if report.epoch == result.best_epoch)
@@ -213,6 +220,7 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
+            "resumed_from_epoch": result.resumed_from,
             "train_seconds": round(time.perf_counter() - started, 3),
             "code_version": code_version(),
         },

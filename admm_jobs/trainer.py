@@ -1,12 +1,17 @@
 """The ADMM training loop, independent of where the sample blocks live.
 
 Samples are split into *blocks*; each block holds its samples and their ADMM
-state (activations a_l, pre-activations z_l, output multiplier lambda). One
+state (activations a_l, pre-activations z_l, scaled multipliers u_l). One
 *pass* applies a pure function to every block and sums the small statistics
 it returns (Gram matrices, loss sums). The driver solves the weight updates
 from those sums and sends the weights to the next pass. A backend decides
 where blocks live: :class:`LocalBackend` keeps them in this process (the
 single-process reference), ``train.SparkBackend`` keeps them in a cached RDD.
+
+One iteration ("epoch") is a backward sweep over the layers (see
+:meth:`AdmmTrainer.fit`); each weight solve needs one reduction, and the
+per-sample updates between two solves run in one pass, so an iteration of an
+L-layer network costs L - 1 passes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from admm_jobs import admm
+from admm_jobs.checkpoint import DriverState
 
 Block = dict[str, Any]
 Stats = dict[str, Any]
@@ -37,21 +43,31 @@ class NumericalFailure(RuntimeError):
 class Hyperparameters:
     layer_sizes: tuple[int, ...]
     loss: str = "least_squares"
-    beta: float = 5.0
-    gamma: float = 5.0
+    beta: float = 1.0
+    beta_output: float = 3.0
+    gamma: float = 3.0
+    ridge_input: float = 1e-2
     ridge: float = 1e-3
-    proximal: float = 0.0
-    penalty_growth: float = 1.0
-    max_penalty: float = 1e4
-    epochs: int = 10
-    warmup_epochs: int = 2
-    patience: int = 5
+    ridge_output: float = 1e-4
+    extrapolation: float = 0.9
+    init_ridge: float = 1e-3
+    epochs: int = 100
+    warmup_epochs: int = 0
+    patience: int = 10
     seed: int = 0
 
-    def penalties(self, epoch: int) -> tuple[float, float]:
-        """(beta, gamma) of an epoch (0-based): geometric growth, capped."""
-        factor = self.penalty_growth**epoch
-        return min(self.beta * factor, self.max_penalty), min(self.gamma * factor, self.max_penalty)
+    @property
+    def layers(self) -> int:
+        return len(self.layer_sizes) - 1
+
+    def beta_of(self, layer: int) -> float:
+        """beta_l of layer l (1-based): beta_output on the last layer."""
+        return self.beta_output if layer == self.layers else self.beta
+
+    def ridge_of(self, layer: int, samples: int) -> float:
+        """ridge_l = r_l * n: per-sample ridge rates, so regularisation does not fade with more data."""
+        rate = self.ridge_input if layer == 1 else self.ridge_output if layer == self.layers else self.ridge
+        return rate * samples
 
 
 def add_stats(left: Stats, right: Stats) -> Stats:
@@ -84,13 +100,15 @@ class LocalBackend:
         return total
 
 
-def make_block(pixels: np.ndarray, labels: np.ndarray, evaluation: dict[str, tuple[np.ndarray, np.ndarray]]) -> Block:
-    """A block of training samples plus this block's share of the evaluation splits."""
-    return {"pixels": pixels, "labels": labels.astype(np.int64), "evaluation": evaluation}
+def make_block(index: int, pixels: np.ndarray, labels: np.ndarray,
+               evaluation: dict[str, tuple[np.ndarray, np.ndarray]]) -> Block:
+    """Block ``index``: training samples plus this block's share of the evaluation splits."""
+    return {"index": index, "pixels": pixels, "labels": labels.astype(np.int64), "evaluation": evaluation}
 
 
-def block_input(block: Block) -> np.ndarray:
-    return block["pixels"].astype(np.float32) * np.float32(INPUT_SCALE)
+def scaled_input(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """a_0 = x / 255 - mu: grey levels in [0, 1], centred on the training mean."""
+    return pixels.astype(np.float32) * np.float32(INPUT_SCALE) - mean
 
 
 def _timed(stats: Stats, started: float) -> Stats:
@@ -98,57 +116,37 @@ def _timed(stats: Stats, started: float) -> Stats:
     return stats
 
 
+def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+    """Sum of the scaled training inputs and their count: the driver's input mean."""
+    pixels = block["pixels"].astype(np.float64) * INPUT_SCALE
+    return block, {"input_sum": pixels.sum(axis=0), "samples": pixels.shape[0]}
+
+
 def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
-    """Initialise z_l, a_l by a forward pass of the initial weights; lambda = 0.
+    """Initialise z_l, a_l by a forward pass of the initial weights; every u_l = 0.
 
-    Returns the Gram statistics of every layer so that the driver can start
-    with weight solves consistent with this state.
+    Emits the input Gram (constant for the whole run) and, for the initial
+    least-squares fit of the output layer to the targets, the Gram of
+    a_{L-1} and its cross term with the one-hot targets.
     """
     started = time.perf_counter()
-    weights = params["weights"]
-    a = block_input(block)
+    weights, mean = params["weights"], params["mean"]
+    a0 = scaled_input(block["pixels"], mean)
     activations, preactivations = [], []
-    stats: Stats = {"samples": a.shape[0]}
-    for index, weight in enumerate(weights):
-        z = (a @ weight[:, :-1].T + weight[:, -1]).astype(np.float32)
+    a = a0
+    for weight in weights[:-1]:
+        z = admm.affine(weight, a).astype(np.float32)
+        a = admm.relu(z)
         preactivations.append(z)
-        stats[f"cross{index}"], stats[f"gram{index}"] = admm.layer_cross(z, a), admm.layer_gram(a)
-        if index < len(weights) - 1:
-            a = admm.relu(z)
-            activations.append(a)
-    block = dict(block, a=activations, z=preactivations, multiplier=np.zeros_like(preactivations[-1]))
+        activations.append(a)
+    z_out = admm.affine(weights[-1], a).astype(np.float32)
+    preactivations.append(z_out)
+    targets = admm.one_hot(block["labels"], z_out.shape[1])
+    last = len(weights)
+    stats = {"gram1": admm.layer_gram(a0), f"gram{last}": admm.layer_gram(a),
+             "cross_targets": admm.layer_cross(targets, a)}
+    block = dict(block, a=activations, z=preactivations, u=[np.zeros_like(z) for z in preactivations])
     return block, _timed(stats, started)
-
-
-def hidden_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
-    """Update a_l then z_l of hidden layer l (1-based in the paper, ``layer`` 0-based here).
-
-    Emits the statistics the driver needs next: grams of (z_{l+1}, a_l) for
-    W_{l+1} and, since z_l changed, the cross term of (z_l, a_{l-1}) for W_l.
-    """
-    started = time.perf_counter()
-    layer = params["layer"]
-    weight, next_weight = params["weight"], params["next_weight"]
-    beta, gamma, beta_next = params["beta"], params["gamma"], params["beta_next"]
-    a_prev = block_input(block) if layer == 0 else block["a"][layer - 1]
-    z, z_next = block["z"][layer], block["z"][layer + 1]
-
-    a_new = admm.update_activation(z, z_next, next_weight, params["inverse"], beta_next, gamma)
-    m = a_prev @ weight[:, :-1].T + weight[:, -1]
-    z_new = admm.update_preactivation(a_new, m, beta, gamma)
-
-    activations = list(block["a"])
-    preactivations = list(block["z"])
-    activations[layer] = a_new
-    preactivations[layer] = z_new
-    stats = {
-        f"cross{layer}": admm.layer_cross(z_new, a_prev),
-        f"cross{layer + 1}": admm.layer_cross(z_next, a_new),
-        f"gram{layer + 1}": admm.layer_gram(a_new),
-        f"residual{layer}": float(((z_new - m) ** 2).sum()),
-        f"activation_gap{layer}": float(((a_new - admm.relu(z_new)) ** 2).sum()),
-    }
-    return dict(block, a=activations, z=preactivations), _timed(stats, started)
 
 
 def _scores(weights: list[np.ndarray], loss: str, a0: np.ndarray, labels: np.ndarray, prefix: str) -> Stats:
@@ -160,32 +158,65 @@ def _scores(weights: list[np.ndarray], loss: str, a0: np.ndarray, labels: np.nda
     }
 
 
-def output_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
-    """Update z_L by the exact prox of the loss and (after warm-up) the multiplier lambda.
+def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+    """The per-sample work between two weight solves of the backward sweep.
 
-    Also scores the network's forward pass (the current weights) on this
-    block's training samples and evaluation splits.
+    Each part runs only when ``params`` asks for it, in this order:
+
+    1. ``finish``: (l, W_l new) -> u_l += z_l - W_l [a_{l-1}, 1], the multiplier
+       step of the layer whose weights were just solved;
+    2. ``score``: weights -> loss and accuracy of the plain forward pass on
+       this block's training samples and evaluation splits;
+    3. ``output``: W_L new -> z_L = prox of the loss at W_L [a_{L-1}, 1] - u_L,
+       then u_L += z_L - W_L [a_{L-1}, 1];
+    4. ``layer``: hidden layer l -> a_l (exact least squares against
+       z_{l+1} + u_{l+1} through W_{l+1} new), then z_l (elementwise prox at
+       W_l [a_{l-1}, 1] - u_l with the current W_l); emits the statistics of
+       the W_l solve and, after an output update, those of the next W_L solve.
     """
     started = time.perf_counter()
-    weights, loss, beta = params["weights"], params["loss"], params["beta"]
-    last = len(weights) - 1
-    a_prev = block["a"][last - 1] if last > 0 else block_input(block)
-    labels = block["labels"]
-    m = a_prev @ weights[last][:, :-1].T + weights[last][:, -1]
-    targets = admm.one_hot(labels, m.shape[1])
-    z_out = admm.OUTPUT_UPDATES[loss](targets, m, block["multiplier"], beta)
-    multiplier = block["multiplier"]
-    if params["update_multiplier"]:
-        multiplier = admm.update_multiplier(multiplier, z_out, m, beta)
-    preactivations = list(block["z"])
-    preactivations[last] = z_out
+    a, z, u = list(block["a"]), list(block["z"]), list(block["u"])
+    mean = params["mean"]
+    inputs = lambda l: scaled_input(block["pixels"], mean) if l == 1 else a[l - 2]  # a_{l-1}, 1-based l
+    stats: Stats = {}
+    multiplier_updates = params["multiplier_updates"]
 
-    stats: Stats = {f"residual{last}": float(((z_out - m) ** 2).sum())}
-    stats.update(_scores(weights, loss, block_input(block), labels, "train"))
-    for split, (pixels, split_labels) in block["evaluation"].items():
-        a0 = pixels.astype(np.float32) * np.float32(INPUT_SCALE)
-        stats.update(_scores(weights, loss, a0, split_labels.astype(np.int64), split))
-    return dict(block, z=preactivations, multiplier=multiplier), _timed(stats, started)
+    if params.get("finish") is not None:
+        layer, weight = params["finish"]
+        if multiplier_updates:
+            u[layer - 1] = admm.update_multiplier(u[layer - 1], z[layer - 1], admm.affine(weight, inputs(layer)))
+
+    if params.get("score") is not None:
+        weights = params["score"]
+        stats.update(_scores(weights, params["loss"], scaled_input(block["pixels"], mean), block["labels"], "train"))
+        for split, (pixels, labels) in block["evaluation"].items():
+            stats.update(_scores(weights, params["loss"], scaled_input(pixels, mean), labels.astype(np.int64), split))
+
+    last = len(z)
+    if params.get("output") is not None:
+        weight, beta = params["output"], params["beta_output"]
+        m = admm.affine(weight, a[last - 2])
+        z[last - 1] = admm.OUTPUT_PROX[params["loss"]](admm.one_hot(block["labels"], m.shape[1]), m - u[last - 1], beta)
+        if multiplier_updates:
+            u[last - 1] = admm.update_multiplier(u[last - 1], z[last - 1], m)
+        stats[f"residual{last}"] = float(((z[last - 1] - m) ** 2).sum())
+
+    if params.get("layer") is not None:
+        layer = params["layer"]
+        next_weight, weight = params["next_weight"], params["weight"]
+        a[layer - 1] = admm.update_activation(z[layer - 1], z[layer] + u[layer], next_weight, params["inverse"],
+                                              params["beta_next"], params["gamma"])
+        m = admm.affine(weight, inputs(layer))
+        z[layer - 1] = admm.update_preactivation(a[layer - 1], m - u[layer - 1], params["beta"], params["gamma"])
+        stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs(layer))
+        if layer > 1:
+            stats[f"gram{layer}"] = admm.layer_gram(inputs(layer))
+        stats[f"residual{layer}"] = float(((z[layer - 1] - m) ** 2).sum())
+        stats[f"activation_gap{layer}"] = float(((a[layer - 1] - admm.relu(z[layer - 1])) ** 2).sum())
+        if layer == last - 1 and params.get("output") is not None:
+            stats[f"gram{last}"] = admm.layer_gram(a[layer - 1])
+            stats[f"cross{last}"] = admm.layer_cross(z[last - 1] + u[last - 1], a[layer - 1])
+    return dict(block, a=a, z=z, u=u), _timed(stats, started)
 
 
 @dataclasses.dataclass
@@ -200,106 +231,175 @@ class EpochReport:
         return {"epoch": self.epoch, "phase": self.phase, **self.metrics,
                 "seconds": round(self.seconds, 4), "timers": {k: round(v, 4) for k, v in self.timers.items()}}
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "EpochReport":
+        fixed = ("epoch", "phase", "seconds", "timers")
+        return cls(record["epoch"], record["phase"], {k: v for k, v in record.items() if k not in fixed},
+                   record["seconds"], record["timers"])
+
 
 @dataclasses.dataclass
 class TrainingResult:
-    weights: list[np.ndarray]
+    weights: list[np.ndarray]  # best epoch's, for raw input (input mean folded into the first bias)
     best_epoch: int
     history: list[EpochReport]
     stopped_early: bool
+    resumed_from: int | None = None
 
 
 def check_finite(stats: Stats, epoch: int, explode_at: float = 1e12) -> None:
-    """Raise NumericalFailure naming the layer when a residual is NaN/Inf or explodes.
-
-    Keys look like ``residual0`` (0-based layer index); messages use the
-    paper's 1-based layer numbers.
-    """
+    """Raise NumericalFailure naming the layer when a residual is NaN/Inf or explodes."""
     for key, value in stats.items():
         match = re.fullmatch(r"(residual|activation_gap)(\d+)", key)
         if match and (not math.isfinite(value) or value > explode_at):
             raise NumericalFailure(
-                f"epoch {epoch}: {match.group(1)} of layer {int(match.group(2)) + 1} is {value!r} "
-                "(NaN/Inf or exploded); lower beta/gamma or raise ridge"
+                f"epoch {epoch}: {match.group(1)} of layer {match.group(2)} is {value!r} "
+                "(NaN/Inf or exploded); lower beta/gamma or raise the ridge"
             )
 
 
-class AdmmTrainer:
-    """Drives the passes and the driver-side weight solves of ADMM training."""
+def epoch_metrics(stats: Stats) -> dict[str, float]:
+    metrics = {}
+    for split in ("train", "validation", "test"):
+        count = stats.get(f"{split}_count", 0)
+        if count:
+            metrics[f"{split}_loss"] = stats[f"{split}_loss_sum"] / count
+            metrics[f"{split}_accuracy"] = stats[f"{split}_correct"] / count
+    return metrics
 
-    def __init__(self, hp: Hyperparameters, backend: Backend, on_epoch: Callable[[EpochReport], None] | None = None):
+
+class AdmmTrainer:
+    """Drives the passes and the driver-side weight solves of ADMM training.
+
+    One iteration t, for layers L..1 (a backward sweep):
+
+    * W_L = solve(sums over samples from the previous pass), then one pass:
+      finish layer 1 of iteration t-1, score the weights of iteration t-1,
+      update z_L and u_L, update a_{L-1} and z_{L-1};
+    * for l = L-1..1: W_l = solve(sums), then (for l > 1) one pass: u_l step,
+      update a_{l-1} and z_{l-1};
+    * extrapolate every W: W = W_new + theta (W_new - W_new of iteration t-1).
+
+    A final pass finishes layer 1 and scores the last iteration.
+    """
+
+    def __init__(self, hp: Hyperparameters, backend: Backend, on_epoch: Callable[[EpochReport], None] | None = None,
+                 checkpoints=None, checkpoint_every: int = 0):
         if hp.loss not in admm.LOSSES:
             raise ValueError(f"unknown loss {hp.loss!r}; expected one of {admm.LOSSES}")
         self.hp = hp
         self.backend = backend
         self.on_epoch = on_epoch or (lambda report: None)
-        self.layers = len(hp.layer_sizes) - 1
+        self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every
+        self.history: list[EpochReport] = []  # every epoch so far, restored ones included
 
-    def _solve(self, sums: Stats, layer: int, previous: np.ndarray, epoch: int) -> np.ndarray:
-        cross, gram = sums[f"cross{layer}"], sums[f"gram{layer}"]
+    def _solve(self, sums: Stats, layer: int, epoch: int) -> np.ndarray:
+        cross, gram = sums.pop(f"cross{layer}"), sums[f"gram{layer}"]
         if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
-            raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer + 1} are not finite "
+            raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer} are not finite "
                                    "(NaN/Inf in the data or a diverged state)")
-        return admm.solve_weights(cross, gram, self.hp.ridge, previous=previous, proximal=self.hp.proximal)
+        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, int(sums["samples"])))
+
+    def _initialise(self) -> DriverState:
+        hp = self.hp
+        totals = self.backend.run_pass(sum_pass, {})
+        mean = (totals["input_sum"] / totals["samples"]).astype(np.float32)
+        weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
+        sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean})
+        sums.pop("worker_seconds")
+        for key, value in sums.items():
+            if not np.isfinite(value).all():
+                layer = re.sub(r"\D", "", key) or hp.layers
+                raise NumericalFailure(f"epoch 0 (initialisation): the statistics of layer {layer} are not finite "
+                                       "(NaN/Inf in the input data)")
+        last = hp.layers
+        # the output layer starts as the ridge least-squares fit of the targets: z_L = W_L [a_{L-1}, 1]
+        weights[-1] = admm.solve_weights(sums.pop("cross_targets"), sums[f"gram{last}"], hp.init_ridge)
+        sums[f"cross{last}"] = weights[-1].astype(np.float64) @ sums[f"gram{last}"]
+        sums["samples"] = totals["samples"]
+        return DriverState(epoch=0, weights=weights, new_weights=None, sums=sums, mean=mean,
+                           best_weights=None, best_loss=math.inf, best_epoch=0, stale=0, history=[],
+                           pending_timers={})
 
     def fit(self) -> TrainingResult:
         hp = self.hp
-        rng = np.random.default_rng(hp.seed)
-        weights = admm.he_initial_weights(list(hp.layer_sizes), rng)
-        sums = self.backend.run_pass(init_pass, {"weights": weights})
-        constant_input_gram = sums["gram0"]  # a_0 never changes: its Gram is computed once
-        history: list[EpochReport] = []
-        best_loss, best_epoch, best_weights, stale = math.inf, 0, [w.copy() for w in weights], 0
+        state = self.checkpoints.restore(self.backend) if self.checkpoints else None
+        resumed_from = state.epoch if state else None
+        if state is None:
+            state = self._initialise()
+        history = self.history = [EpochReport.from_record(r) for r in state.history]
         stopped_early = False
-        for epoch in range(1, hp.epochs + 1):
+        last = hp.layers
+        common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output}
+        for epoch in range(state.epoch + 1, hp.epochs + 1):
             started = time.perf_counter()
             timers = {"solve": 0.0, "worker": 0.0}
-            beta, gamma = hp.penalties(epoch - 1)
-            sums["gram0"] = constant_input_gram
-            for layer in range(self.layers - 1):
+            multiplier_updates = epoch > hp.warmup_epochs
+            new = list(state.weights)
+            tick = time.perf_counter()
+            new[last - 1] = self._solve(state.sums, last, epoch)
+            timers["solve"] += time.perf_counter() - tick
+            for layer in range(last - 1, 0, -1):
                 tick = time.perf_counter()
-                weights[layer] = self._solve(sums, layer, weights[layer], epoch)
-                inverse = admm.activation_operator(weights[layer + 1], beta, gamma)
+                beta_next = hp.beta_of(layer + 1)
+                params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
+                          "weight": state.weights[layer - 1], "next_weight": new[layer],
+                          "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma),
+                          "beta": hp.beta_of(layer), "beta_next": beta_next, "gamma": hp.gamma}
+                if layer == last - 1:
+                    params["output"] = new[last - 1]
+                    if state.new_weights is not None:  # finish and score the previous iteration
+                        params["finish"] = (1, state.new_weights[0])
+                        params["score"] = state.weights
+                else:
+                    params["finish"] = (layer + 1, new[layer])
                 timers["solve"] += time.perf_counter() - tick
                 tick = time.perf_counter()
-                layer_sums = self.backend.run_pass(hidden_pass, {
-                    "layer": layer, "weight": weights[layer], "next_weight": weights[layer + 1],
-                    "inverse": inverse, "beta": beta, "gamma": gamma, "beta_next": beta,
-                })
-                timers[f"pass{layer + 1}"] = time.perf_counter() - tick
-                timers["worker"] += layer_sums.pop("worker_seconds")
-                check_finite(layer_sums, epoch)
-                sums.update(layer_sums)
-            tick = time.perf_counter()
-            last = self.layers - 1
-            weights[last] = self._solve(sums, last, weights[last], epoch)
-            timers["solve"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            warmup = epoch <= hp.warmup_epochs
-            out = self.backend.run_pass(output_pass, {
-                "weights": weights, "loss": hp.loss, "beta": beta, "update_multiplier": not warmup,
-            })
-            timers["pass_output"] = time.perf_counter() - tick
-            timers["worker"] += out.pop("worker_seconds")
-            check_finite(out, epoch)
-            metrics = {}
-            for split in ("train", "validation", "test"):
-                count = out.get(f"{split}_count", 0)
-                if count:
-                    metrics[f"{split}_loss"] = out[f"{split}_loss_sum"] / count
-                    metrics[f"{split}_accuracy"] = out[f"{split}_correct"] / count
-            report = EpochReport(epoch, "warmup" if warmup else "admm", metrics,
-                                 time.perf_counter() - started, timers)
-            history.append(report)
-            self.on_epoch(report)
-            if not all(np.isfinite(w).all() for w in weights):
+                sums = self.backend.run_pass(sweep_pass, params)
+                timers[f"pass{layer}"] = time.perf_counter() - tick
+                timers["worker"] += sums.pop("worker_seconds")
+                check_finite(sums, epoch)
+                if "train_count" in sums:
+                    stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
+                state.sums.update({k: v for k, v in sums.items() if k.startswith(("cross", "gram"))})
+                tick = time.perf_counter()
+                new[layer - 1] = self._solve(state.sums, layer, epoch)
+                timers["solve"] += time.perf_counter() - tick
+            if stopped_early:
+                break
+            state.weights = admm.extrapolate(new, state.new_weights, hp.extrapolation)
+            state.new_weights = new
+            state.epoch = epoch
+            if not all(np.isfinite(w).all() for w in state.weights):
                 raise NumericalFailure(f"epoch {epoch}: weights are not finite")
-            monitored = metrics.get("validation_loss", metrics["train_loss"])
-            if monitored < best_loss:
-                best_loss, best_epoch, best_weights, stale = monitored, epoch, [w.copy() for w in weights], 0
-            else:
-                stale += 1
-                if not warmup and hp.patience and stale >= hp.patience:
-                    stopped_early = True
-                    break
-        return TrainingResult(best_weights, best_epoch, history, stopped_early)
+            state.pending_timers = dict(timers, iteration_seconds=time.perf_counter() - started)
+            if self.checkpoints and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < hp.epochs:
+                state.history = [r.as_record() for r in history]
+                self.checkpoints.save(self.backend, state)
+        if not stopped_early and state.new_weights is not None:
+            tick = time.perf_counter()
+            sums = self.backend.run_pass(sweep_pass, {**common, "multiplier_updates": state.epoch > hp.warmup_epochs,
+                                                      "finish": (1, state.new_weights[0]), "score": state.weights})
+            sums.pop("worker_seconds")
+            self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=time.perf_counter() - tick))
+        best = state.best_weights if state.best_weights is not None else state.weights
+        return TrainingResult(admm.fold_input_mean(best, state.mean), state.best_epoch, history, stopped_early,
+                              resumed_from)
+
+    def _report(self, state: DriverState, history: list[EpochReport], epoch: int, sums: Stats,
+                timers: dict[str, float]) -> bool:
+        """Record epoch ``epoch``'s scores (computed one pass later); True when early stopping triggers."""
+        metrics = epoch_metrics(sums)
+        timers = dict(timers)
+        seconds = timers.pop("iteration_seconds", 0.0)
+        report = EpochReport(epoch, "warmup" if epoch <= self.hp.warmup_epochs else "admm", metrics, seconds, timers)
+        history.append(report)
+        self.on_epoch(report)
+        monitored = metrics.get("validation_loss", metrics["train_loss"])
+        if monitored < state.best_loss:
+            state.best_loss, state.best_epoch, state.stale = monitored, epoch, 0
+            state.best_weights = [w.copy() for w in state.weights]
+            return False
+        state.stale += 1
+        return epoch > self.hp.warmup_epochs and bool(self.hp.patience) and state.stale >= self.hp.patience

@@ -7,7 +7,7 @@ import pytest
 from scipy import optimize
 
 from admm_jobs import admm
-from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend, NumericalFailure, make_block
+from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend, NumericalFailure, check_finite, make_block
 
 RNG = np.random.default_rng(1234)
 
@@ -40,20 +40,14 @@ def test_activation_update_solves_its_least_squares_problem():
         np.testing.assert_allclose(a[i], expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("proximal", [0.0, 0.7])
-def test_weight_solve_matches_direct_ridge_least_squares(proximal):
+def test_weight_solve_matches_direct_ridge_least_squares():
     n, width, out, ridge = 80, 6, 4, 0.3
-    a_prev, z = RNG.normal(size=(n, width)), RNG.normal(size=(n, out))
-    previous = RNG.normal(size=(out, width + 1))
-    W = admm.solve_weights(admm.layer_cross(z, a_prev), admm.layer_gram(a_prev), ridge,
-                           previous=previous, proximal=proximal)
+    a_prev, targets = RNG.normal(size=(n, width)), RNG.normal(size=(n, out))
+    W = admm.solve_weights(admm.layer_cross(targets, a_prev), admm.layer_gram(a_prev), ridge)
     A = np.hstack([a_prev, np.ones((n, 1))])
-    reg = np.sqrt(ridge + proximal) * np.eye(width + 1)
+    stacked = np.vstack([A, np.sqrt(ridge) * np.eye(width + 1)])
     for row in range(out):
-        # ridge ||w||^2 + proximal ||w - w_prev||^2 == (ridge+proximal) ||w - proximal w_prev/(ridge+proximal)||^2 + const
-        center = proximal * previous[row] / (ridge + proximal)
-        target = np.concatenate([z[:, row], np.sqrt(ridge + proximal) * center])
-        expected = np.linalg.lstsq(np.vstack([A, reg]), target, rcond=None)[0]
+        expected = np.linalg.lstsq(stacked, np.concatenate([targets[:, row], np.zeros(width + 1)]), rcond=None)[0]
         np.testing.assert_allclose(W[row], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -69,15 +63,14 @@ def test_output_update_is_the_exact_prox_of_the_loss(loss):
     n, classes, beta = 12, 4, 1.5
     labels = RNG.integers(0, classes, size=n)
     targets = admm.one_hot(labels, classes)
-    m = RNG.normal(size=(n, classes)).astype(np.float32)
-    multiplier = 0.3 * RNG.normal(size=(n, classes)).astype(np.float32)
-    z = admm.OUTPUT_UPDATES[loss](targets, m, multiplier, beta)
+    v = RNG.normal(size=(n, classes)).astype(np.float32)
+    z = admm.OUTPUT_PROX[loss](targets, v, beta)
 
     def objective(zi, i):
-        return admm.sample_losses(loss, zi[None, :], labels[i:i + 1])[0] + zi @ multiplier[i] + beta * np.sum((zi - m[i]) ** 2)
+        return admm.sample_losses(loss, zi[None, :], labels[i:i + 1])[0] + beta * np.sum((zi - v[i]) ** 2)
 
     for i in range(n):
-        brute = optimize.minimize(lambda v: objective(v, i), m[i].astype(np.float64), method="Nelder-Mead",
+        brute = optimize.minimize(lambda w: objective(w, i), v[i].astype(np.float64), method="Nelder-Mead",
                                   options={"xatol": 1e-10, "fatol": 1e-13, "maxiter": 50000, "maxfev": 50000}).x
         value = objective(z[i].astype(np.float64), i)
         assert value <= objective(brute, i) + 1e-5
@@ -88,12 +81,22 @@ def test_output_update_is_the_exact_prox_of_the_loss(loss):
 
 def test_multiplier_update_is_the_scaled_constraint_residual():
     multiplier, z, m = RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4))
-    np.testing.assert_allclose(admm.update_multiplier(multiplier, z, m, 2.5), multiplier + 2.5 * (z - m), rtol=1e-6)
+    np.testing.assert_allclose(admm.update_multiplier(multiplier, z, m), multiplier + z - m, rtol=1e-6)
+
+
+def test_extrapolation_and_input_mean_folding():
+    new, previous = [RNG.normal(size=(3, 5))], [RNG.normal(size=(3, 5))]
+    np.testing.assert_allclose(admm.extrapolate(new, previous, 0.9)[0], new[0] + 0.9 * (new[0] - previous[0]), rtol=1e-6)
+    np.testing.assert_array_equal(admm.extrapolate(new, None, 0.9)[0], new[0])
+    weights = [RNG.normal(size=(4, 6)).astype(np.float32), RNG.normal(size=(2, 5)).astype(np.float32)]
+    x, mean = RNG.random(size=(7, 5)).astype(np.float32), RNG.random(size=5).astype(np.float32)
+    np.testing.assert_allclose(admm.forward(admm.fold_input_mean(weights, mean), x),
+                               admm.forward(weights, x - mean), rtol=1e-5, atol=1e-5)
 
 
 def _blocks(pixels, labels, count):
     parts = np.array_split(np.arange(len(labels)), count)
-    return [make_block(pixels[p], labels[p], {"test": (pixels[p][:5], labels[p][:5])}) for p in parts]
+    return [make_block(i, pixels[p], labels[p], {"test": (pixels[p][:5], labels[p][:5])}) for i, p in enumerate(parts)]
 
 
 def _toy_problem(n=240, classes=3, seed=0):
@@ -114,6 +117,7 @@ def test_blocked_training_equals_single_process_training(epochs, tolerance):
     """
     pixels, labels = _toy_problem()
     hp = Hyperparameters(layer_sizes=(20, 16, 12, 3), epochs=epochs, warmup_epochs=1, patience=0)
+    assert epochs == 1 or hp.warmup_epochs < epochs  # multipliers move in the longer run
     one = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
     many = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 5))).fit()
     for w_one, w_many in zip(one.weights, many.weights):
@@ -122,11 +126,25 @@ def test_blocked_training_equals_single_process_training(epochs, tolerance):
         [r.metrics["train_loss"] for r in many.history], rel=1e-3)
 
 
+def test_training_learns_a_separable_toy_problem():
+    pixels, labels = _toy_problem()
+    result = AdmmTrainer(Hyperparameters(layer_sizes=(20, 16, 3), epochs=15, patience=0),
+                         LocalBackend(_blocks(pixels, labels, 3))).fit()
+    accuracies = [r.metrics["train_accuracy"] for r in result.history]
+    assert accuracies[-1] > 0.95 and accuracies[-1] >= accuracies[0]
+    assert [r.epoch for r in result.history] == list(range(1, 16))
+    # the returned weights take raw inputs: the input mean is folded into the first bias
+    logits = admm.forward(result.weights, pixels.astype(np.float32) / 255)
+    best = result.history[result.best_epoch - 1].metrics["train_accuracy"]
+    assert (logits.argmax(axis=1) == labels).mean() == pytest.approx(best)
+
+
 def test_numerical_failure_names_layer_and_epoch():
     pixels, labels = _toy_problem(n=60)
     blocks = _blocks(pixels, labels, 2)
     blocks[1]["pixels"] = blocks[1]["pixels"].astype(np.float32)
-    blocks[1]["pixels"][0, 0] = np.nan  # a corrupt sample poisons layer 1's statistics
-    hp = Hyperparameters(layer_sizes=(20, 8, 3), epochs=2, warmup_epochs=0)
-    with pytest.raises(NumericalFailure, match=r"epoch 1: .*layer 1 "):
-        AdmmTrainer(hp, LocalBackend(blocks)).fit()
+    blocks[1]["pixels"][0, 0] = np.nan  # a corrupt sample poisons the statistics
+    with pytest.raises(NumericalFailure, match=r"epoch 0 \(initialisation\).* layer \d+ .*not finite"):
+        AdmmTrainer(Hyperparameters(layer_sizes=(20, 8, 3), epochs=2), LocalBackend(blocks)).fit()
+    with pytest.raises(NumericalFailure, match=r"epoch 7: residual of layer 2 is inf"):
+        check_finite({"residual1": 1.0, "residual2": float("inf")}, 7)

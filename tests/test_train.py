@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -17,7 +21,8 @@ from admm_jobs.trainer import AdmmTrainer, LocalBackend
 def spark_context():
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.master("local[2]").appName("test-train")
+    spark = (SparkSession.builder.master("local[2,4]")  # 4 attempts per task, as on a cluster
+             .appName("test-train")
              .config("spark.ui.enabled", "false").config("spark.pyspark.python", sys.executable).config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1")
              .getOrCreate())
     yield spark.sparkContext
@@ -79,10 +84,93 @@ def test_spark_training_matches_the_single_process_reference(spark_context, smal
     for line in lines:
         for split in ("train", "validation", "test"):
             assert 0.0 <= line[f"{split}_accuracy"] <= 1.0 and np.isfinite(line[f"{split}_loss"])
-        assert line["seconds"] > 0 and {"solve", "worker", "pass_output"} <= set(line["timers"])
+        assert line["seconds"] > 0 and {"solve", "worker", "pass1", "pass2"} <= set(line["timers"])
     metadata = trained.metadata
     assert metadata["dataset"]["version"] == small_dataset["dataset_version"]
     assert metadata["hyperparameters"]["layer_sizes"] == [784, 32, 16, 10]
     best_line = lines[metadata["best_epoch"] - 1]
     assert metadata["final_metrics"] == {key: pytest.approx(best_line[key]) for key in metadata["final_metrics"]}
     assert metadata["final_metrics"]["validation_loss"] == min(line["validation_loss"] for line in lines)
+
+
+def _die_once_in_partition_one(function, block, params):
+    """Kill this Python worker the first time partition 1 runs the pass (Spark must retry the task)."""
+    import os
+
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    if context.partitionId() == 1 and context.attemptNumber() == 0:
+        os._exit(1)
+    return function(block, params)
+
+
+class FlakySparkBackend(train.SparkBackend):
+    """Kills a Python worker in the third pass."""
+
+    passes = 0
+
+    def run_pass(self, function, params):
+        self.passes += 1
+        if self.passes == 3:
+            function = functools.partial(_die_once_in_partition_one, function)
+        return super().run_pass(function, params)
+
+
+@pytest.mark.slow
+def test_a_killed_python_worker_is_retried_and_training_ends_the_same(spark_context, small_dataset):
+    dataset_uri = small_dataset["dataset_uri"]
+    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=3,
+                               partitions=3, train_limit=300, patience=0)
+    specs = train.block_specs(dataset_uri, config.partitions, config.train_limit)
+    hp = config.hyperparameters(784, 10)
+    from pyspark import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    clean = AdmmTrainer(hp, train.SparkBackend(spark_context, specs)).fit()
+    flaky_backend = FlakySparkBackend(spark_context, specs)
+    faulty = AdmmTrainer(hp, flaky_backend).fit()
+    assert flaky_backend.passes > 3
+    for expected, actual in zip(clean.weights, faulty.weights):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def _spark_submit(dataset_uri: str, output_uri: str, epochs: int):
+    command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
+               "--conf", "spark.ui.enabled=false", train.__file__, "--dataset-uri", dataset_uri,
+               "--output-uri", output_uri, "--hidden-layers", "32,16", "--epochs", str(epochs), "--partitions", "2",
+               "--train-limit", "500", "--checkpoint-every", "2", "--patience", "0"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weights(small_dataset, tmp_path):
+    dataset_uri = small_dataset["dataset_uri"]
+    reference = _spark_submit(dataset_uri, str(tmp_path / "reference"), 7)
+    reference_output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, reference_output
+
+    interrupted = _spark_submit(dataset_uri, str(tmp_path / "run"), 7)
+    seen = []
+    for line in interrupted.stdout:  # kill the whole job (driver, JVM, workers) during epoch 6
+        seen.append(line)
+        if "epoch 5/7" in line:
+            os.killpg(interrupted.pid, signal.SIGKILL)
+            break
+    interrupted.wait(timeout=60)
+    assert interrupted.returncode != 0, "".join(seen)
+    assert not (tmp_path / "run" / "model").exists()
+    assert (tmp_path / "run" / "checkpoints" / "latest.json").exists()
+
+    retry = _spark_submit(dataset_uri, str(tmp_path / "run"), 7)
+    retry_output = retry.communicate(timeout=600)[0]
+    assert retry.returncode == 0, retry_output
+    assert "resuming from checkpoint" in retry_output
+
+    resumed = model_io.load_model(str(tmp_path / "run" / "model"))
+    uninterrupted = model_io.load_model(str(tmp_path / "reference" / "model"))
+    assert resumed.metadata["resumed_from_epoch"] == 4
+    for actual, expected in zip(resumed.weights + resumed.biases, uninterrupted.weights + uninterrupted.biases):
+        np.testing.assert_array_equal(actual, expected)  # bit-identical
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 8))
