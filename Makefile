@@ -9,14 +9,15 @@ PARAMS ?= {}
 export PATH := $(BIN):$(PATH)
 export AIRFLOW_HOME := $(CURDIR)/var/airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__UNIT_TEST_MODE := False
-export AIRFLOW_CONN_SPARK_DEFAULT := {"conn_type": "spark", "host": "local[*]", "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}
+export AIRFLOW_CONN_SPARK_DEFAULT := {"conn_type": "spark", "host": "local[*,4]", "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}
 export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench clean airflow
 
 install: $(VENV)/.installed
 
@@ -33,6 +34,23 @@ $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
 
 run: $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python -m admm_jobs.run_pipeline --params '$(PARAMS)'
+
+# Airflow UI + scheduler + dag-processor + triggerer (airflow standalone) on this machine.
+# Log in with AIRFLOW_USER / AIRFLOW_PASSWORD (SimpleAuthManager; development only).
+AIRFLOW_HOST ?= 127.0.0.1
+AIRFLOW_PORT ?= 8080
+AIRFLOW_USER ?= admin
+AIRFLOW_PASSWORD ?= admin
+airflow: export AIRFLOW__API__HOST := $(AIRFLOW_HOST)
+airflow: export AIRFLOW__API__PORT := $(AIRFLOW_PORT)
+airflow: export AIRFLOW__CORE__EXECUTION_API_SERVER_URL := http://127.0.0.1:$(AIRFLOW_PORT)/execution/
+airflow: export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS := $(AIRFLOW_USER):admin
+airflow: export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE := $(AIRFLOW_HOME)/simple_auth_manager_passwords.json
+airflow: $(AIRFLOW_HOME)/airflow.db
+	@umask 077 && printf '{"%s": "%s"}\n' '$(AIRFLOW_USER)' '$(AIRFLOW_PASSWORD)' > "$$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
+	@echo "Airflow UI: http://$(AIRFLOW_HOST):$(AIRFLOW_PORT)/  login: $(AIRFLOW_USER) / $(AIRFLOW_PASSWORD)"
+	@echo "Reports:    http://$(AIRFLOW_HOST):$(AIRFLOW_PORT)/admm-reports/  (Ctrl-C stops Airflow)"
+	$(BIN)/airflow standalone
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)

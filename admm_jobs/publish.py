@@ -60,6 +60,7 @@ MODEL_DIR = "model"
 EVALUATION_DIR = "evaluation"
 EVALUATION_METRICS_FILE = "metrics.json"
 EPOCH_METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.html"
 VERSION_HEX_DIGITS = 16
 # Conditional writes that lose a race re-read and retry; this many losses in a row is an error.
 MAX_ATTEMPTS = 10
@@ -411,7 +412,10 @@ def publish_run(
             "reason": decision.reason,
             "model_version": candidate.version,
             "test_accuracy": candidate.test_accuracy,
+            "model_name": model_name,
             "model_uri": storage.join(version_uri, MODEL_DIR) if published else None,
+            # The registry's copy once published, else the run's own (the UI links it).
+            "report_uri": storage.join(version_uri if published else run_uri, EVALUATION_DIR, REPORT_FILE),
             "current": current_after,
         }
     raise PublishError(f"{current_uri}: gave up after {MAX_ATTEMPTS} concurrent pointer changes")
@@ -428,6 +432,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_regression=config.max_regression,
     )
     print(json.dumps(result, sort_keys=True))
+    return result
+
+
+# --- lineage (Airflow) ------------------------------------------------------------------------
+
+
+def published_model_asset(model_name: str = DEFAULT_MODEL_NAME):
+    """The Airflow Asset of the published model: updated only when the gate accepts a new version.
+
+    Logical identity ``x-admm://registry/<model_name>`` (the registry's location is a run
+    parameter); each event's extra says where the version is (see :func:`airflow_task`).
+    """
+    from airflow.sdk import Asset
+
+    return Asset(name=f"{model_name}-published-model", uri=f"x-admm://registry/{model_name}", group="model")
+
+
+def publications_alias(model_name: str = DEFAULT_MODEL_NAME):
+    """The publish task's outlet: events are added to it at run time, so a rejected model emits none."""
+    from airflow.sdk import AssetAlias
+
+    return AssetAlias(name=f"{model_name}-publications", group="model")
+
+
+def airflow_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
+    """:func:`main` as an Airflow task: an accepted model becomes an event of :func:`published_model_asset`.
+
+    The event's extra is the new registry pointer plus ``model_uri`` and ``model_name``;
+    a rejected model, or one that is already the published version, emits no event.
+    """
+    result = main(argv)
+    if outlet_events is not None and result["decision"] == "accepted":
+        outlet_events[publications_alias(result["model_name"])].add(
+            published_model_asset(result["model_name"]),
+            extra={**result["current"], "model_uri": result["model_uri"], "model_name": result["model_name"]},
+        )
     return result
 
 

@@ -15,6 +15,7 @@ sees a half-written directory on disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -211,15 +212,29 @@ def staged_directory(final_uri: str) -> Iterator[str]:
     staging.mkdir()
     try:
         yield str(staging)
-        if final.exists():
-            retired = final.with_name(f".retired-{final.name}-{uuid.uuid4().hex[:12]}")
-            os.rename(final, retired)
-            os.rename(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, final)
+        _swap_into_place(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, final: Path, attempts: int = 5) -> None:
+    """Rename ``staging`` to ``final``, retiring an existing ``final`` first.
+
+    Another writer may swap its own directory in between our two renames;
+    then the rename fails on the non-empty target and we retire and retry.
+    """
+    for attempt in range(attempts):
+        retired = final.with_name(f".retired-{final.name}-{uuid.uuid4().hex[:12]}")
+        try:
+            if final.exists():
+                os.rename(final, retired)
+            os.rename(staging, final)
+            return
+        except OSError as exc:
+            if attempt == attempts - 1 or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise StorageError(f"{final}: cannot move the staged directory into place: {exc}") from exc
+        finally:
+            shutil.rmtree(retired, ignore_errors=True)
 
 
 def open_binary(uri: str) -> io.BufferedIOBase:

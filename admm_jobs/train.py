@@ -138,6 +138,11 @@ class SparkBackend:
 
         self.sc = spark_context
         self.storage_level = StorageLevel.MEMORY_AND_DISK
+        # Unpersisting the previous pass's locally checkpointed blocks is intended; Spark
+        # warns about it on every pass, which would drown the per-epoch log lines.
+        jvm = spark_context._jvm
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(
+            "org.apache.spark.api.python.PythonRDD", jvm.org.apache.logging.log4j.Level.ERROR)
         self.blocks = spark_context.parallelize(specs, len(specs)).map(load_block)
         self._cached = None
         self._broadcast = None

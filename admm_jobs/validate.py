@@ -305,20 +305,21 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE)) -> d
         results = run_suite(suite, frames, parameters, data_docs_dir, run_name)
         serialised = {split: result.to_json_dict() for split, result in results.items()}
         success = all(result["success"] for result in serialised.values())
-        # A stale result.json from an earlier run must not outlive a run that fails half-way.
-        storage.delete_tree(validation_uri)
-        storage.copy_tree(data_docs_dir, data_docs_uri)
-    stage_result = {
-        "dataset_uri": dataset_uri,
-        "success": success,
-        "result_uri": result_uri,
-        "data_docs_uri": storage.join(data_docs_uri, "index.html"),
-        "statistics": summary_statistics(serialised),
-    }
-    storage.write_json(
-        result_uri,
-        {**stage_result, "dataset_version": manifest["version"], "suite": suite.name, "results": serialised},
-    )
+        stage_result = {
+            "dataset_uri": dataset_uri,
+            "success": success,
+            "result_uri": result_uri,
+            "data_docs_uri": storage.join(data_docs_uri, "index.html"),
+            "statistics": summary_statistics(serialised),
+        }
+        # Staged and swapped in whole (result.json last on object stores): concurrent runs on
+        # the same dataset never see each other's half-written outputs.
+        with storage.staged_directory(validation_uri) as staging:
+            storage.copy_tree(data_docs_dir, storage.join(staging, DATA_DOCS_DIR))
+            storage.write_json(
+                storage.join(staging, RESULT_FILE),
+                {**stage_result, "dataset_version": manifest["version"], "suite": suite.name, "results": serialised},
+            )
     if not success:
         raise ValidationFailed(
             f"{dataset_uri}: dataset failed validation against suite {suite.name!r} ({result_uri}):\n"
@@ -337,6 +338,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(failure.result, sort_keys=True))
         raise
     print(json.dumps(result, sort_keys=True))
+    return result
+
+
+def validated_dataset_asset(dataset_name: str = "mnist"):
+    """The Airflow Asset a passed validation updates: logical identity ``x-admm://lake/<dataset>``.
+
+    The lake's location is a run parameter; each event's extra says which dataset
+    version passed and where it is (see :func:`airflow_task`).
+    """
+    from airflow.sdk import Asset
+
+    return Asset(name=f"{dataset_name}-validated-dataset", uri=f"x-admm://lake/{dataset_name}", group="dataset")
+
+
+def airflow_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
+    """:func:`main` as an Airflow task: the asset event of a passed validation names the dataset version.
+
+    A failed validation raises, so the task fails and emits no event.
+    """
+    result = main(argv)
+    if outlet_events is not None:
+        manifest = load_manifest(result["dataset_uri"])
+        outlet_events[validated_dataset_asset(manifest["dataset"])].extra = {
+            "dataset_uri": result["dataset_uri"],
+            "dataset_version": manifest["version"],
+            "result_uri": result["result_uri"],
+        }
     return result
 
 

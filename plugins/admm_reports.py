@@ -1,0 +1,330 @@
+"""Airflow plugin: the MNIST ADMM pipeline's evaluation reports in the Airflow UI.
+
+Served by the API server under ``/admm-reports`` (an Airflow 3 plugin FastAPI app):
+
+* ``files/<root>/<path>``: one artifact below a configured storage root, read through
+  :mod:`admm_jobs.storage` (local paths, ``file://``, ``s3://``, ``gs://``). Only report
+  pages (``report.html``), PNG plots and metrics (``metrics.json``, ``metrics.jsonl``) are
+  served; a path with an empty, ``.``, ``..`` or hidden segment is refused, and on local
+  disk a symlink may not lead out of its root.
+* ``runs/<dag_id>/<run_id>``: redirects to the report of a DAG run (the ``report_uri``
+  its ``evaluate`` task returned); the "Evaluation report" tab of DAG runs shows it.
+* ``/`` (the "Model registry" navigation entry): the published model of every root
+  holding a registry, with links to its report.
+
+Tasks whose return value carries ``report_uri`` (``evaluate``, ``publish``) get the
+"Evaluation report" extra link to ``files/...``. Every route needs a signed-in Airflow
+user (the UI's session cookie or a ``Bearer`` JWT); reading a run's report also needs
+read access to the DAG's runs.
+
+Roots come from ``[admm_reports] roots`` (``AIRFLOW__ADMM_REPORTS__ROOTS``):
+comma-separated ``name=uri``, by default ``runs=<project>/var/runs,registry=<project>/var/registry``
+(the DAG's default ``runs_uri`` and ``registry_uri``). A run writing outside every root gets no link.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import os.path
+import posixpath
+import re
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from airflow.plugins_manager import AirflowPlugin
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import BaseOperatorLink
+
+# Imported lazily below: admm_jobs (pyarrow, boto3) and the API server's security and
+# database modules. Task processes load this plugin too and need none of them.
+
+URL_PREFIX = "/admm-reports"
+CONFIG_SECTION = "admm_reports"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ROOTS = {"runs": str(PROJECT_ROOT / "var" / "runs"), "registry": str(PROJECT_ROOT / "var" / "registry")}
+ROOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+REPORT_TASK = "evaluate"
+MEDIA_TYPES = {
+    "report.html": "text/html; charset=utf-8",
+    "metrics.json": "application/json",
+    "metrics.jsonl": "application/x-ndjson",
+}
+PNG_MEDIA_TYPE = "image/png"
+# The report embeds its plots as data: URIs and runs no script; the index links only.
+REPORT_HEADERS = {
+    "Content-Security-Policy":
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'self'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+TaskResultLookup = Callable[[str, str, str], Any]
+
+
+class ArtifactRefused(ValueError):
+    """A requested path is not a servable artifact; the message says why."""
+
+
+# --- roots and paths ---------------------------------------------------------------------------
+
+
+def parse_roots(text: str) -> dict[str, str]:
+    """``"runs=/data/runs, registry=s3://bucket/registry"`` -> ``{"runs": ..., "registry": ...}``."""
+    from admm_jobs import storage
+
+    roots = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, separator, uri = (part.strip() for part in item.partition("="))
+        if not separator or not ROOT_NAME.match(name) or not uri:
+            raise ValueError(f"[{CONFIG_SECTION}] roots: expected name=uri (name: a-z, 0-9, _ or -), got {item!r}")
+        if storage.scheme(uri) in storage.HTTP_SCHEMES:
+            raise ValueError(f"[{CONFIG_SECTION}] roots: {uri}: http(s) roots cannot be listed or checked")
+        roots[name] = uri
+    return roots
+
+
+def configured_roots() -> dict[str, str]:
+    """The storage roots whose artifacts are served, from the Airflow config (or the project defaults)."""
+    from airflow.configuration import conf
+
+    text = conf.get(CONFIG_SECTION, "roots", fallback="")
+    return parse_roots(text) if text.strip() else dict(DEFAULT_ROOTS)
+
+
+def media_type(name: str) -> str | None:
+    """The Content-Type an artifact named ``name`` is served with; None if it is not served."""
+    if name.endswith(".png") and len(name) > len(".png"):
+        return PNG_MEDIA_TYPE
+    return MEDIA_TYPES.get(name)
+
+
+def artifact_segments(path: str) -> list[str]:
+    """The segments of a relative artifact path; raises :class:`ArtifactRefused` if it may not be served."""
+    segments = path.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or segment.startswith(".") or "\\" in segment or "\x00" in segment:
+            raise ArtifactRefused(f"{path!r}: empty, relative, hidden or escaped path segment {segment!r}")
+    if media_type(segments[-1]) is None:
+        raise ArtifactRefused(f"{path!r}: only report.html, PNG plots and metrics.json(l) are served")
+    return segments
+
+
+def artifact_uri(roots: dict[str, str], root: str, path: str) -> str:
+    """The URI of artifact ``path`` below root ``root``; KeyError for an unknown root, ArtifactRefused."""
+    from admm_jobs import storage
+
+    root_uri = roots[root]
+    uri = storage.join(root_uri, *artifact_segments(path))
+    if storage.is_local(uri):
+        real_root = os.path.realpath(storage.local_path(root_uri))
+        if os.path.commonpath([real_root, os.path.realpath(storage.local_path(uri))]) != real_root:
+            raise ArtifactRefused(f"{path!r}: leads out of root {root!r}")
+    return uri
+
+
+def _location(uri: str) -> tuple[str, str]:
+    """(storage kind, normalised path) of a URI, so that a root and a URI below it compare by prefix."""
+    from admm_jobs import storage
+
+    if storage.is_local(uri):
+        return "file", os.path.normpath(os.path.abspath(storage.local_path(uri)))
+    parsed = urllib.parse.urlsplit(uri)
+    return parsed.scheme, posixpath.normpath(f"{parsed.netloc}/{parsed.path.lstrip('/')}")
+
+
+def artifact_location(uri: str, roots: dict[str, str]) -> tuple[str, str] | None:
+    """(root name, path below it) of a servable artifact ``uri``; None if no root serves it."""
+    kind, path = _location(uri)
+    for name, root_uri in roots.items():
+        root_kind, root_path = _location(root_uri)
+        prefix = root_path.rstrip("/") + "/"
+        if kind != root_kind or not path.startswith(prefix):
+            continue
+        relative = path[len(prefix):]
+        try:
+            artifact_segments(relative)
+        except ArtifactRefused:
+            return None
+        return name, relative
+    return None
+
+
+def artifact_route(root: str, relative: str) -> str:
+    """The app's route for an artifact, relative to the app (``files/<root>/<path>``)."""
+    return f"files/{urllib.parse.quote(root)}/{urllib.parse.quote(relative)}"
+
+
+def report_location(task_result: Any, roots: dict[str, str]) -> tuple[str, str] | None:
+    """(root, path) of the report a task's return value names in ``report_uri``; None if none is servable."""
+    report_uri = task_result.get("report_uri") if isinstance(task_result, dict) else None
+    if not isinstance(report_uri, str) or not report_uri:
+        return None
+    return artifact_location(report_uri, roots)
+
+
+def report_link(task_result: Any, roots: dict[str, str]) -> str:
+    """The "Evaluation report" link of a task from its return value; "" (no link) without a servable report.
+
+    Relative to the UI's ``<base href>`` (so it works behind a path prefix), absolute
+    when ``[api] base_url`` is set.
+    """
+    from airflow.configuration import conf
+
+    location = report_location(task_result, roots)
+    if location is None:
+        return ""
+    route = f"{URL_PREFIX.lstrip('/')}/{artifact_route(*location)}"
+    base_url = conf.get("api", "base_url", fallback="")
+    return urllib.parse.urljoin(base_url.rstrip("/") + "/", route) if base_url else route
+
+
+# --- Airflow metadata and security (API server only) -------------------------------------------
+
+
+def task_result(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
+    """A task instance's return value (its ``return_value`` XCom) from the metadata DB; None if none."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        value = session.scalar(
+            XComModel.get_many(
+                key="return_value", run_id=run_id, dag_ids=dag_id, task_ids=task_id, map_indexes=map_index
+            ).with_only_columns(XComModel.value)
+        )
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def authenticated_user(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> Any:
+    """The signed-in Airflow user (Bearer JWT, else the UI's session cookie), as the core API resolves it."""
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return await get_user(request, None, credentials)
+
+
+def may_read_dag_runs(dag_id: str, user: Any = Depends(authenticated_user)) -> None:
+    """Refuse (403) a user the auth manager does not let read the runs of ``dag_id``."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+
+    details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
+    if not get_auth_manager().is_authorized_dag(
+        method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user
+    ):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"not allowed to read the runs of {dag_id!r}")
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
+    document = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em 1em;text-align:left}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+    return HTMLResponse(document, status_code=status_code, headers=REPORT_HEADERS)
+
+
+def _published_rows(roots: dict[str, str]) -> list[str]:
+    """One table row per root holding a published model (its registry pointer), linking to its report."""
+    from admm_jobs import publish, storage
+
+    rows = []
+    for name, root_uri in roots.items():
+        if not storage.exists(publish.pointer_uri(root_uri)):
+            continue
+        pointer = publish.read_pointer(root_uri)
+        evaluation = posixpath.join(publish.DEFAULT_MODEL_NAME, pointer["version"], publish.EVALUATION_DIR)
+        links = " ".join(
+            f"<a href='{html.escape(artifact_route(name, posixpath.join(evaluation, file)))}'>{label}</a>"
+            for label, file in (("report", "report.html"), ("metrics", publish.EVALUATION_METRICS_FILE))
+        )
+        cells = [name, pointer["version"], f"{float(pointer['test_accuracy']):.4f}",
+                 str(pointer.get("dataset_version")), str(pointer.get("published_at")), str(pointer.get("run"))]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + f"<td>{links}</td></tr>")
+    return rows
+
+
+def create_app(roots: dict[str, str] | None = None, lookup: TaskResultLookup = task_result) -> FastAPI:
+    """The reports app over ``roots`` (default: the configured ones); ``lookup`` reads task return values."""
+    # The configured roots are read on the first request: this module is imported by every task process.
+    served_roots = (lambda: roots) if roots is not None else functools.cache(configured_roots)
+    app = FastAPI(title="MNIST ADMM reports", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/files/{root}/{path:path}", name="artifact", dependencies=[Depends(authenticated_user)])
+    def artifact(root: str, path: str) -> Response:
+        from admm_jobs import storage
+
+        try:
+            uri = artifact_uri(served_roots(), root, path)
+        except KeyError:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no storage root named {root!r}") from None
+        except ArtifactRefused as refused:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(refused)) from None
+        if not storage.exists(uri):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"{root}/{path}: no such artifact")
+        return Response(storage.read_bytes(uri), media_type=media_type(posixpath.basename(path)),
+                        headers=REPORT_HEADERS)
+
+    @app.get("/runs/{dag_id}/{run_id}", dependencies=[Depends(may_read_dag_runs)])
+    def run_report(request: Request, dag_id: str, run_id: str, task_id: str = REPORT_TASK) -> Response:
+        location = report_location(lookup(dag_id, run_id, task_id), served_roots())
+        if location is None:
+            return _page("No evaluation report", f"<p>Task {html.escape(task_id)} of run {html.escape(run_id)} "
+                         "has not produced a report in a served storage root (yet).</p>", status.HTTP_404_NOT_FOUND)
+        root, path = location
+        return RedirectResponse(str(request.url_for("artifact", root=root, path=path)), status.HTTP_303_SEE_OTHER)
+
+    @app.get("/", dependencies=[Depends(authenticated_user)])
+    def index() -> HTMLResponse:
+        rows = _published_rows(served_roots())
+        header = "".join(f"<th>{column}</th>" for column in
+                         ("root", "version", "test accuracy", "dataset", "published at", "run", ""))
+        table = f"<table><tr>{header}</tr>{''.join(rows)}</table>" if rows else "<p>No model published yet.</p>"
+        served = "".join(f"<li>{html.escape(name)}: {html.escape(uri)}</li>"
+                         for name, uri in served_roots().items())
+        return _page("Published models", f"{table}<h2>Served roots</h2><ul>{served}</ul>")
+
+    return app
+
+
+class EvaluationReportLink(BaseOperatorLink):
+    """The "Evaluation report" button of PythonOperator tasks whose return value carries ``report_uri``."""
+
+    name = "Evaluation report"
+    operators = [PythonOperator]
+
+    def get_link(self, operator, *, ti_key) -> str:
+        result = task_result(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index)
+        return report_link(result, configured_roots())
+
+
+class AdmmReportsPlugin(AirflowPlugin):
+    name = "admm_reports"
+    fastapi_apps = [{"name": "admm_reports", "app": create_app(), "url_prefix": URL_PREFIX}]
+    operator_extra_links = [EvaluationReportLink()]
+    external_views = [
+        {"name": "Model registry", "href": f"{URL_PREFIX.lstrip('/')}/", "destination": "nav",
+         "category": "browse", "url_route": "admm-model-registry"},
+        {"name": "Evaluation report", "href": f"{URL_PREFIX.lstrip('/')}/runs/{{DAG_ID}}/{{RUN_ID}}",
+         "destination": "dag_run", "url_route": "admm-evaluation-report"},
+    ]

@@ -1,0 +1,266 @@
+"""The DAG on a running Airflow: api-server, scheduler and dag-processor as subprocesses, driven over REST.
+
+A triggered run with non-default params (small slice, tmp lake/runs/registry) and a
+backfill over two logical dates, as an operator would do them from the UI or the API:
+params reaching the training job, one log line per epoch in the train task's log,
+the report link, asset events, per-date outputs and the registry pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from admm_jobs import storage
+
+pytestmark = pytest.mark.slow
+
+DAG_ID = "mnist_admm_retraining"
+VENV_BIN = Path(sys.executable).parent
+USER, PASSWORD = "admin", "live-test-password"
+TRIGGERED_DATE = "2026-03-09T00:00:00Z"  # not test_dag's date: the session shares one DB
+TRIGGERED_KEY = "20260309T000000"
+BACKFILL_DATES = ("2026-01-04T00:00:00Z", "2026-01-11T00:00:00Z")  # two Sundays: the DAG is @weekly
+RUN_TIMEOUT_S = 420
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+class Airflow:
+    """Airflow's services started as subprocesses (own process groups), and a REST client signed in as admin."""
+
+    def __init__(self, env: dict[str, str], logs: Path, port: int):
+        self.env, self.logs, self.url = env, logs, f"http://127.0.0.1:{port}"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.client: httpx.Client | None = None
+
+    def start(self, name: str, *args: str) -> None:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen(
+                [str(VENV_BIN / "airflow"), name, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def diagnostics(self) -> str:
+        return "\n".join(f"--- {name} (exit {process.poll()}):\n{_tail(self.logs / f'{name}.log')}"
+                         for name, process in self.processes.items())
+
+    def wait_until_ready(self, timeout: float = 240) -> None:
+        """Wait for a healthy scheduler and dag-processor and for the DAG to be parsed, then sign in."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client is None:
+                    token = httpx.post(f"{self.url}/auth/token", json={"username": USER, "password": PASSWORD},
+                                       timeout=10).raise_for_status().json()["access_token"]
+                    self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
+                                               timeout=30)
+                health = self.client.get("/api/v2/monitor/health").json()
+                if (all(health.get(part, {}).get("status") == "healthy" for part in ("scheduler", "dag_processor"))
+                        and self.client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            exited = [name for name, process in self.processes.items() if process.poll() is not None]
+            if exited or time.monotonic() > deadline:
+                raise RuntimeError(f"Airflow did not come up (exited: {exited})\n{self.diagnostics()}")
+            time.sleep(2)
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    # --- REST helpers ------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, **kwargs) -> dict:
+        response = self.client.request(method, f"/api/v2{path}", **kwargs)
+        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    def create_backfill(self, body: dict, attempts: int = 10) -> dict:
+        """POST /backfills, again while SQLite reports the database locked (503) by the scheduler's writes."""
+        for _ in range(attempts - 1):
+            response = self.client.post("/api/v2/backfills", json=body)
+            if response.status_code != 503:
+                break
+            time.sleep(1)
+        else:
+            response = self.client.post("/api/v2/backfills", json=body)
+        assert response.is_success, f"POST /backfills: {response.status_code} {response.text}"
+        return response.json()
+
+    def wait_for_runs(self, run_ids: list[str]) -> dict[str, dict]:
+        """Poll until every run has finished; fail with the failed tasks' logs if one did not succeed."""
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            runs = {run_id: self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}") for run_id in run_ids}
+            if all(run["state"] in ("success", "failed") for run in runs.values()):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"runs did not finish in {RUN_TIMEOUT_S} s: "
+                            f"{ {run_id: run['state'] for run_id, run in runs.items()} }\n{self.diagnostics()}")
+            time.sleep(3)
+        failed = [run_id for run_id, run in runs.items() if run["state"] != "success"]
+        assert not failed, "\n".join(self.failed_task_logs(run_id) for run_id in failed)
+        return runs
+
+    def failed_task_logs(self, run_id: str) -> str:
+        instances = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return "\n".join(f"=== {run_id} {ti['task_id']} ({ti['state']}):\n"
+                         f"{self.task_log(run_id, ti['task_id'])[-4000:]}"
+                         for ti in instances if ti["state"] not in ("success", None))
+
+    def task_log(self, run_id: str, task_id: str) -> str:
+        """The whole log of a task's latest try, one message per line, as the UI shows it."""
+        try_number = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}")["try_number"]
+        content = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                           params={"full_content": "true"}, headers={"Accept": "application/json"})["content"]
+        return "\n".join(entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content)
+
+    def asset_events(self, task_id: str, run_ids: list[str]) -> list[dict]:
+        """The asset events ``task_id`` emitted in the given runs."""
+        events = self.api("GET", "/assets/events", params={"source_dag_id": DAG_ID, "source_task_id": task_id,
+                                                           "limit": 100})["asset_events"]
+        return [event for event in events if event["source_run_id"] in run_ids]
+
+
+@pytest.fixture(scope="module")
+def storage_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("live")
+    return {name: str(base / name) for name in ("lake", "runs", "registry")}
+
+
+@pytest.fixture(scope="module")
+def airflow(airflow_db, storage_roots, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("airflow-services")
+    passwords = logs / "passwords.json"
+    passwords.write_text(json.dumps({USER: PASSWORD}))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        # Unpausing a @weekly DAG would also start last week's run with the default
+        # (full-size, project-directory) params: only triggered and backfill runs here.
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs={storage_roots['runs']},registry={storage_roots['registry']}",
+    }
+    services = Airflow(env, logs, port)
+    try:
+        services.start("api-server", "--port", str(port), "--host", "127.0.0.1", "--workers", "1")
+        services.start("scheduler")
+        services.start("dag-processor")
+        services.wait_until_ready()
+        services.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+        yield services
+    finally:
+        services.stop()
+
+
+def small_conf(source: Path, roots: dict[str, str], **overrides) -> dict:
+    return {"source_uri": str(source), "lake_uri": roots["lake"], "runs_uri": roots["runs"],
+            "registry_uri": roots["registry"], "validation_size": 200, "hidden_layers": [32], "epochs": 2,
+            "warmup_epochs": 1, "partitions": 2, "min_accuracy": 0.0, **overrides}
+
+
+@pytest.fixture(scope="module")
+def triggered_run(airflow, small_idx_source, storage_roots):
+    run = airflow.api("POST", f"/dags/{DAG_ID}/dagRuns",
+                      json={"logical_date": TRIGGERED_DATE, "conf": small_conf(small_idx_source, storage_roots)})
+    airflow.wait_for_runs([run["dag_run_id"]])
+    return run["dag_run_id"]
+
+
+def test_triggered_run_trains_with_the_given_params_and_logs_each_epoch(airflow, triggered_run, storage_roots):
+    run_uri = storage.join(storage_roots["runs"], TRIGGERED_KEY)
+    model = storage.read_json(storage.join(run_uri, "model", "model.json"))
+    assert model["hyperparameters"]["layer_sizes"] == [784, 32, 10]
+    assert model["hyperparameters"]["epochs"] == 2 and model["hyperparameters"]["partitions"] == 2
+
+    log = airflow.task_log(triggered_run, "train")
+    epoch_lines = re.findall(r"epoch (\d+)/2 \[(warmup|admm)\]", log)
+    assert epoch_lines == [("1", "warmup"), ("2", "admm")], log[-3000:]
+
+    pointer = storage.read_json(storage.join(storage_roots["registry"], "mnist-admm", "current.json"))
+    assert pointer["run"] == run_uri
+    (model_event,) = airflow.asset_events("publish", [triggered_run])
+    assert model_event["name"] == "mnist-admm-published-model" and model_event["extra"]["version"] == pointer["version"]
+    (dataset_event,) = airflow.asset_events("validate", [triggered_run])
+    assert dataset_event["uri"] == "x-admm://lake/mnist"
+    assert dataset_event["extra"]["dataset_uri"] == model["dataset"]["uri"]
+
+
+def test_report_link_opens_the_evaluation_report(airflow, triggered_run):
+    links = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{triggered_run}/taskInstances/evaluate/links")
+    link = links["extra_links"]["Evaluation report"]
+    assert link == f"admm-reports/files/runs/{TRIGGERED_KEY}/evaluation/report.html"
+    report = airflow.client.get("/" + link)
+    assert report.status_code == 200 and "<img" in report.text
+    assert httpx.get(f"{airflow.url}/{link}").status_code == 401  # not signed in
+    published = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{triggered_run}/taskInstances/publish/links")
+    assert published["extra_links"]["Evaluation report"].startswith("admm-reports/files/registry/mnist-admm/")
+    run_tab = airflow.client.get(f"/admm-reports/runs/{DAG_ID}/{triggered_run}", follow_redirects=True)
+    assert run_tab.status_code == 200 and run_tab.url.path == "/" + link
+
+
+def test_backfill_runs_each_date_into_its_own_directory(airflow, triggered_run, small_idx_source, storage_roots):
+    pointer_uri = storage.join(storage_roots["registry"], "mnist-admm", "current.json")
+    published = storage.read_json(pointer_uri)
+    # A different model that the gate must reject: no pointer change, no model asset event.
+    conf = small_conf(small_idx_source, storage_roots, hidden_layers=[16], min_accuracy=1.0)
+    # One run at a time: two runs validating the same dataset at once race on its validation/ directory.
+    backfill = airflow.create_backfill({
+        "dag_id": DAG_ID, "from_date": BACKFILL_DATES[0], "to_date": BACKFILL_DATES[1],
+        "dag_run_conf": conf, "max_active_runs": 1})
+    runs = [run for run in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 10})["dag_runs"]
+            if run["run_type"] == "backfill"]
+    assert backfill["dag_id"] == DAG_ID
+    assert sorted(run["logical_date"][:10] for run in runs) == ["2026-01-04", "2026-01-11"]
+    run_ids = [run["dag_run_id"] for run in runs]
+    airflow.wait_for_runs(run_ids)
+
+    for run_key in ("20260104T000000", "20260111T000000"):
+        run_uri = storage.join(storage_roots["runs"], run_key)
+        model = storage.read_json(storage.join(run_uri, "model", "model.json"))
+        assert model["hyperparameters"]["layer_sizes"] == [784, 16, 10]
+        assert storage.exists(storage.join(run_uri, "evaluation", "report.html"))
+    assert storage.read_json(pointer_uri) == published
+    version_uri = storage.join(storage_roots["registry"], "mnist-admm", published["version"])
+    assert storage.exists(storage.join(version_uri, "manifest.json"))
+    history = [json.loads(line) for line in
+               storage.read_bytes(storage.join(storage_roots["registry"], "mnist-admm", "history.jsonl")).splitlines()]
+    rejected = {entry["run"] for entry in history if entry["decision"] == "rejected"}
+    assert rejected == {storage.join(storage_roots["runs"], key) for key in ("20260104T000000", "20260111T000000")}
+    assert airflow.asset_events("publish", run_ids) == []  # the rejected models emitted nothing
+    assert len(airflow.asset_events("validate", run_ids)) == 2
