@@ -183,16 +183,21 @@ def compare_with_numpy(model: model_io.Model, onnx_bytes: bytes, pixels: np.ndar
     }
 
 
+def verified_onnx(model: model_io.Model, input_type: str = "uint8") -> tuple[bytes, dict[str, Any]]:
+    """Export ``model`` and check onnxruntime against the numpy forward pass on seeded random images."""
+    onnx_bytes = export_onnx(model, input_type)
+    check_pixels = np.random.default_rng(CHECK_SEED).integers(
+        0, 256, (CHECK_ROWS, dataset.PIXELS_PER_IMAGE), dtype=np.uint8
+    )
+    return onnx_bytes, compare_with_numpy(model, onnx_bytes, check_pixels)
+
+
 def export_model(
     model_uri: str, output_uri: str, input_type: str = "uint8", model_name: str = publish.DEFAULT_MODEL_NAME
 ) -> dict[str, Any]:
     """Export the model ``model_uri`` designates to ``output_uri`` after checking it; returns a summary."""
     model, resolved_model_uri = load_image_model(model_uri, model_name)
-    onnx_bytes = export_onnx(model, input_type)
-    check_pixels = np.random.default_rng(CHECK_SEED).integers(
-        0, 256, (CHECK_ROWS, dataset.PIXELS_PER_IMAGE), dtype=np.uint8
-    )
-    agreement = compare_with_numpy(model, onnx_bytes, check_pixels)
+    onnx_bytes, agreement = verified_onnx(model, input_type)
     storage.write_bytes(output_uri, onnx_bytes)
     return {
         "output_uri": output_uri,

@@ -57,6 +57,7 @@ VERSION_MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".publish.lock"
 VERSION_MANIFEST_FORMAT = "admm-model-version/1"
 MODEL_DIR = "model"
+ONNX_FILE = "model.onnx"  # an ONNX export of the published weights, checked against numpy
 EVALUATION_DIR = "evaluation"
 EVALUATION_METRICS_FILE = "metrics.json"
 EPOCH_METRICS_FILE = "metrics.jsonl"
@@ -311,9 +312,16 @@ def _relative_path(file_uri: str, root_uri: str) -> str:
 
 
 def store_version(run_uri: str, version_uri: str, now: str) -> bool:
-    """Copy the run's artifacts to ``version_uri``, ``manifest.json`` last; False if already complete."""
+    """Copy the run's artifacts and an ONNX export of the model to ``version_uri``, ``manifest.json`` last.
+
+    Returns False if the version is already complete.
+    """
+    # imported here: onnx_export resolves registry URIs through this module
+    from admm_jobs.onnx_export import verified_onnx
+
     if storage.exists(storage.join(version_uri, VERSION_MANIFEST_FILE)):
         return False
+    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(run_uri, MODEL_DIR)))
     sources = [
         *storage.list_files(storage.join(run_uri, MODEL_DIR)),
         *storage.list_files(storage.join(run_uri, EVALUATION_DIR)),
@@ -326,6 +334,9 @@ def store_version(run_uri: str, version_uri: str, now: str) -> bool:
             data = storage.read_bytes(source)
             storage.write_bytes(storage.join(staging, relative), data)
             files.append({"path": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+        onnx_path = f"{MODEL_DIR}/{ONNX_FILE}"
+        storage.write_bytes(storage.join(staging, onnx_path), onnx_bytes)
+        files.append({"path": onnx_path, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)})
         manifest = {
             "format": VERSION_MANIFEST_FORMAT,
             "version": posixpath.basename(version_uri.rstrip("/")),

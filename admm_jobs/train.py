@@ -56,7 +56,7 @@ class TrainConfig:
     ridge: float = setting(1e-3, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
     ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)
     extrapolation: float = setting(0.9, "theta in W = W_new + theta (W_new - W_previous)", minimum=0, exclusiveMaximum=1)
-    epochs: int = setting(100, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
+    epochs: int = setting(60, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
     warmup_epochs: int = setting(0, "first iterations without multiplier updates", minimum=0, maximum=10_000)
     patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)

@@ -51,7 +51,7 @@ class Hyperparameters:
     ridge_output: float = 1e-4
     extrapolation: float = 0.9
     init_ridge: float = 1e-3
-    epochs: int = 100
+    epochs: int = 60
     warmup_epochs: int = 0
     patience: int = 10
     seed: int = 0

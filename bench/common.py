@@ -37,11 +37,11 @@ def machine() -> dict:
             "platform": platform.platform(), "java": java[0] if java else "unknown"}
 
 
-def spark_session(cores: int, app: str):
+def spark_session(cores: int, app: str, driver_memory: str = "8g"):
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return (SparkSession.builder.master(f"local[{cores}]").appName(app)
-            .config("spark.driver.memory", "8g").config("spark.ui.enabled", "false")
+            .config("spark.driver.memory", driver_memory).config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1").getOrCreate())

@@ -78,10 +78,12 @@ def main() -> None:
     parser.add_argument("--factors", default="1,2,4,8")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--driver-memory", default="14g",
+                        help="local mode: the driver JVM is the executor and caches two generations of state")
     args = parser.parse_args()
 
     dataset_uri = mnist_dataset_uri()
-    spark = spark_session(args.cores, "bench-scaling")
+    spark = spark_session(args.cores, "bench-scaling", args.driver_memory)
     try:
         rows = []
         for factor in (int(f) for f in args.factors.split(",")):
@@ -92,7 +94,8 @@ def main() -> None:
     base = rows[0]
     for row in rows:
         row["seconds_per_epoch_relative_to_1x"] = round(row["median_epoch_seconds"] / base["median_epoch_seconds"], 2)
-    result = {"command": f"bench/scaling.py --factors {args.factors} --epochs {args.epochs} --cores {args.cores}",
+    result = {"command": f"bench/scaling.py --factors {args.factors} --epochs {args.epochs} --cores {args.cores} "
+                         f"--driver-memory {args.driver_memory}",
               "machine": machine(), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")

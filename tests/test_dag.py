@@ -89,3 +89,52 @@ def test_whole_dag_run_on_a_small_slice(dag, airflow_db, small_idx_source, tmp_p
     assert pointer["run"] == str(run_uri) and pointer["test_accuracy"] == evaluation["test_accuracy"]
     published = model_io.load_model(str(tmp_path / "registry" / "mnist-admm" / pointer["version"] / "model"))
     assert published.metadata["weights_sha256"] == trained.metadata["weights_sha256"]
+
+
+def _s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@pytest.mark.slow
+def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db, small_idx_source, s3_env,
+                                                                    monkeypatch, capfd):
+    import boto3
+
+    secret = "sentinel-secret-7f3a9c1e"  # moto accepts any key pair; it must never surface anywhere
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    bucket = s3_env
+    client = boto3.client("s3")
+    for path in small_idx_source.iterdir():
+        client.upload_file(str(path), bucket, f"source/{path.name}")
+    root = f"s3://{bucket}"
+    conf = {"source_uri": f"{root}/source", "lake_uri": f"{root}/lake", "runs_uri": f"{root}/runs",
+            "registry_uri": f"{root}/registry", "validation_size": 200, "hidden_layers": [32], "epochs": 2,
+            "partitions": 2, "min_accuracy": 0.0, "checkpoint_every": 1}
+    logical_date = datetime(2026, 4, 6, tzinfo=timezone.utc)
+
+    for attempt in range(2):  # the second run of the same logical date must change nothing visible
+        dag_run = dag.test(logical_date=logical_date, run_conf=conf)
+        assert str(dag_run.state) in ("success", "DagRunState.SUCCESS"), f"attempt {attempt}"
+
+    keys = _s3_keys(client, bucket)
+    run_keys = {key.split("/")[1] for key in keys if key.startswith("runs/")}
+    assert run_keys == {"20260406T000000"}
+    assert "runs/20260406T000000/model/model.json" in keys
+    assert "runs/20260406T000000/evaluation/report.html" in keys
+    versions = {key.split("/")[2] for key in keys
+                if key.startswith("registry/mnist-admm/") and key.count("/") >= 3}
+    assert len(versions) == 1
+    pointer = storage.read_json(f"{root}/registry/mnist-admm/current.json")
+    assert pointer["version"] in versions and pointer["run"] == f"{root}/runs/20260406T000000"
+    history = storage.read_bytes(f"{root}/registry/mnist-admm/history.jsonl").decode().splitlines()
+    assert [json.loads(line)["decision"] for line in history] == ["accepted", "unchanged"]
+    trained = model_io.load_model(f"{root}/runs/20260406T000000/model")
+    assert trained.metadata["hyperparameters"]["layer_sizes"] == [784, 32, 10]
+
+    # no credential in task output, spark-submit output, params, or any stored artifact
+    output = capfd.readouterr()
+    assert secret not in output.out and secret not in output.err
+    assert secret not in json.dumps(dag.params.dump(), default=str)
+    for key in keys:
+        assert secret.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key

@@ -63,6 +63,7 @@ def test_first_model_is_published_with_a_complete_version(tmp_path):
         "metrics.jsonl",
         "model/model.json",
         "model/model.npz",
+        "model/model.onnx",
     ]
     for file in manifest["files"]:
         assert hashlib.sha256((version_dir / file["path"]).read_bytes()).hexdigest() == file["sha256"]
