@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from admm_jobs import storage
-from admm_jobs.config import parse_config, require
+from admm_jobs.config import parse_config, require, setting, validate_fields
 from admm_jobs.dataset import (
     DATASET_FORMAT,
     IMAGE_SHAPE,
@@ -71,9 +71,7 @@ class IngestConfig:
     source: str = dataclasses.field(metadata={"help": "directory URI holding the four IDX files"})
     lake: str = dataclasses.field(metadata={"help": "lake root URI; the dataset goes to LAKE/<dataset>/<version>"})
     dataset: str = dataclasses.field(default="mnist", metadata={"help": "dataset name in the lake"})
-    validation_size: int = dataclasses.field(
-        default=5000, metadata={"help": "records taken from the end of the training file for validation"}
-    )
+    validation_size: int = setting(5000, "last N training records held out for validation", minimum=1)
     checksums: str | None = dataclasses.field(
         default=None,
         metadata={"help": f"checksum manifest URI (default: SOURCE/{CHECKSUMS_FILE} if present; required for https)"},
@@ -86,7 +84,7 @@ class IngestConfig:
             re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.dataset) is not None,
             f"--dataset {self.dataset!r}: use letters, digits, '_', '.', '-'",
         )
-        require(self.validation_size >= 1, f"--validation-size must be >= 1, got {self.validation_size}")
+        validate_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ import botocore.exceptions
 
 from admm_jobs import model as model_io
 from admm_jobs import storage
-from admm_jobs.config import parse_config, require
+from admm_jobs.config import parse_config, require, setting, validate_fields
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
 
@@ -81,22 +81,16 @@ class PublishConfig:
         metadata={"help": "run directory holding model/, evaluation/ and metrics.jsonl"}
     )
     registry_uri: str = dataclasses.field(metadata={"help": "root of the model registry"})
-    min_accuracy: float = dataclasses.field(
-        default=0.85, metadata={"help": "lowest test accuracy a published model may have"}
-    )
-    max_regression: float = dataclasses.field(
-        default=0.005, metadata={"help": "largest test-accuracy drop allowed against the published model"}
+    min_accuracy: float = setting(0.85, "publish only at or above this test accuracy", minimum=0, maximum=1)
+    max_regression: float = setting(
+        0.005, "publish only if test accuracy is at most this much below the published model", minimum=0, maximum=1
     )
     model_name: str = dataclasses.field(default=DEFAULT_MODEL_NAME, metadata={"help": "registry entry name"})
 
     def __post_init__(self) -> None:
         require(bool(self.run_uri), "--run-uri must not be empty")
         require(bool(self.registry_uri), "--registry-uri must not be empty")
-        require(0.0 <= self.min_accuracy <= 1.0, f"--min-accuracy must be in [0, 1], got {self.min_accuracy}")
-        require(
-            0.0 <= self.max_regression <= 1.0,
-            f"--max-regression must be in [0, 1], got {self.max_regression}",
-        )
+        validate_fields(self)
         require(
             bool(self.model_name) and "/" not in self.model_name and not self.model_name.startswith("."),
             f"--model-name must be a plain directory name, got {self.model_name!r}",

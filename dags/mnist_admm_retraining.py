@@ -54,11 +54,10 @@ with DAG(
         "lake_uri": Param(str(VAR / "lake"), type="string", minLength=1, description="data lake root for Parquet datasets"),
         "runs_uri": Param(str(VAR / "runs"), type="string", minLength=1, description="root of per-run artifacts"),
         "registry_uri": Param(str(VAR / "registry"), type="string", minLength=1, description="model registry root"),
-        "validation_size": Param(5000, type="integer", minimum=1, description="last N training images held out for validation"),
+        **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums")),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri")),
-        "min_accuracy": Param(0.9, type="number", minimum=0, maximum=1, description="publish only at or above this test accuracy"),
-        "max_regression": Param(0.005, type="number", minimum=0, maximum=1,
-                                description="publish only if test accuracy is at most this much below the published model"),
+        **airflow_params(publish.PublishConfig, defaults={"min_accuracy": 0.9},
+                         exclude=("run_uri", "registry_uri", "model_name")),
     },
 ) as dag:
     ingest_task = PythonOperator(
