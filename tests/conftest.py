@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,9 @@ from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
+
+# py4j logs "closing connection" from finalizers after pytest has closed its streams
+logging.getLogger("py4j").setLevel(logging.WARNING)
 
 # Spark's Python workers and spark-submit come from this interpreter's venv, whatever PATH says.
 os.environ["PYSPARK_PYTHON"] = sys.executable
