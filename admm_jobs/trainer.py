@@ -177,7 +177,8 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     started = time.perf_counter()
     a, z, u = list(block["a"]), list(block["z"]), list(block["u"])
     mean = params["mean"]
-    inputs = lambda l: scaled_input(block["pixels"], mean) if l == 1 else a[l - 2]  # a_{l-1}, 1-based l
+    a0 = scaled_input(block["pixels"], mean)  # once per pass: layer 1's input, the scores and the finish step share it
+    inputs = lambda l: a0 if l == 1 else a[l - 2]  # a_{l-1}, 1-based l
     stats: Stats = {}
     multiplier_updates = params["multiplier_updates"]
 
@@ -188,7 +189,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
 
     if params.get("score") is not None:
         weights = params["score"]
-        stats.update(_scores(weights, params["loss"], scaled_input(block["pixels"], mean), block["labels"], "train"))
+        stats.update(_scores(weights, params["loss"], a0, block["labels"], "train"))
         for split, (pixels, labels) in block["evaluation"].items():
             stats.update(_scores(weights, params["loss"], scaled_input(pixels, mean), labels.astype(np.int64), split))
 
