@@ -130,7 +130,7 @@ class CheckpointStore:
     def save(self, backend, state: DriverState) -> str:
         directory = self._directory(state.epoch)
         storage.delete_tree(directory)  # a half-written attempt at this epoch
-        saved = backend.run_pass(save_block_state, {"directory": directory})
+        saved = backend.inspect(save_block_state, {"directory": directory})
         lists = {"weights": state.weights, "new_weights": state.new_weights or [], "best_weights": state.best_weights or []}
         arrays = {**flatten(lists), "mean": state.mean,
                   **{f"sums.{key}": np.asarray(value) for key, value in state.sums.items()}}

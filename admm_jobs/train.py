@@ -164,6 +164,15 @@ class SparkBackend:
         self.blocks = updated.map(operator.itemgetter(0))
         return stats
 
+    def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
+        # reads the cached blocks without caching a copy of them: no state round trip back to the JVM
+        broadcast = self.sc.broadcast(params)
+        try:
+            return self.blocks.map(functools.partial(_apply, function, broadcast)).map(
+                operator.itemgetter(1)).aggregate({}, add_stats, add_stats)
+        finally:
+            broadcast.unpersist(blocking=False)
+
     def close(self) -> None:
         if self._cached is not None:
             self._cached.unpersist()

@@ -82,6 +82,9 @@ class Backend(Protocol):
     def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
         """Replace every block by ``function(block, params)[0]`` and return the sum of the stats."""
 
+    def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
+        """Run ``function`` on every block for its side effects and stats only; the blocks stay as they are."""
+
 
 class LocalBackend:
     """All blocks in this process: the single-process reference implementation."""
@@ -97,6 +100,12 @@ class LocalBackend:
             updated.append(new_block)
             total = add_stats(total, stats)
         self.blocks = updated
+        return total
+
+    def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
+        total: Stats = {}
+        for block in self.blocks:
+            total = add_stats(total, function(block, params)[1])
         return total
 
 

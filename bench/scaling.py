@@ -60,7 +60,7 @@ def measure(spark, dataset_uri: str, factor: int, epochs: int) -> dict:
     reports = []
     try:
         AdmmTrainer(config.hyperparameters(784, 10), backend, reports.append).fit()
-        memory = backend.run_pass(memory_pass, {})
+        memory = backend.inspect(memory_pass, {})
     finally:
         backend.close()
     peaks = [value for key, value in memory.items() if key.startswith("peak_rss_mib_")]
