@@ -4,8 +4,8 @@
 
 Each Spark partition holds one block of training samples with their ADMM
 state (see :mod:`admm_jobs.trainer`) plus its share of the validation and
-test splits. Executors read their own rows from storage, so no data passes
-through the driver; per pass only the per-layer Gram matrices are reduced to
+test splits, kept on the executor that loaded it (:mod:`admm_jobs.block_store`).
+Executors read their own rows from storage, so no data passes through the driver; per pass only the per-layer Gram matrices are reduced to
 the driver (``aggregate``) and the solved weights are broadcast back.
 """
 
@@ -15,16 +15,17 @@ import dataclasses
 import functools
 import json
 import logging
-import operator
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from admm_jobs import admm, dataset, storage
+from admm_jobs.block_store import BlockStore
 from admm_jobs.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.config import int_tuple, parse_config, require, setting, validate_fields
 from admm_jobs.model import Model, save_model
@@ -126,56 +127,68 @@ def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> l
     return [{"index": part, **{split: per_split[split][part] for split in dataset.SPLITS}} for part in range(partitions)]
 
 
-def _apply(function: PassFunction, broadcast, block: Block) -> tuple[Block, Stats]:
-    return function(block, broadcast.value)
+def _executor_store(token: str) -> BlockStore:
+    """This executor's block store of one backend (in the executor's own scratch directory)."""
+    from pyspark import SparkFiles
+
+    return BlockStore(Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{token}")
+
+
+def _store_block(token: str, spec: dict[str, Any]) -> int:
+    _executor_store(token).save_data(load_block(spec))
+    return spec["index"]
+
+
+def _stored_pass(token: str, function: PassFunction, broadcast, generation: int, update: bool, index: int) -> Stats:
+    store = _executor_store(token)
+    block, stats = function(store.load(index, generation), broadcast.value)
+    if update:
+        store.save_state(block, generation + 1)
+    return stats
+
+
+def _remove_block(token: str, index: int) -> None:
+    _executor_store(token).remove(index)
 
 
 class SparkBackend:
-    """Blocks in a cached RDD; each pass is one Spark job ending in a reduction of the stats."""
+    """Blocks stay in files on the executor that loaded them (:mod:`admm_jobs.block_store`).
+
+    Spark caches one small handle per block, so every task of a block is scheduled
+    where its files are; a pass is one Spark job whose only result is the reduction
+    of the blocks' statistics.
+    """
 
     def __init__(self, spark_context, specs: list[dict[str, Any]]):
         from pyspark import StorageLevel
 
         self.sc = spark_context
-        self.storage_level = StorageLevel.MEMORY_AND_DISK
-        # Unpersisting the previous pass's locally checkpointed blocks is intended; Spark
-        # warns about it on every pass, which would drown the per-epoch log lines.
-        jvm = spark_context._jvm
-        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(
-            "org.apache.spark.api.python.PythonRDD", jvm.org.apache.logging.log4j.Level.ERROR)
-        self.blocks = spark_context.parallelize(specs, len(specs)).map(load_block)
-        self._cached = None
-        self._broadcast = None
+        self.token = uuid.uuid4().hex
+        self.handles = spark_context.parallelize(specs, len(specs)).map(
+            functools.partial(_store_block, self.token)).persist(StorageLevel.MEMORY_AND_DISK)
+        self.generation = 0  # the state generation the next pass reads (0: data only)
 
-    def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        broadcast = self.sc.broadcast(params)
-        updated = self.blocks.map(functools.partial(_apply, function, broadcast))
-        # Local checkpointing keeps lineage one pass deep: retries re-read the
-        # previous pass's cached blocks, never the whole history.
-        updated.persist(self.storage_level).localCheckpoint()
-        # aggregate() merges partition results on the driver in partition order, so
-        # the float sums (and hence the weights) do not depend on task timing.
-        stats = updated.map(operator.itemgetter(1)).aggregate({}, add_stats, add_stats)
-        if self._cached is not None:
-            self._cached.unpersist(blocking=False)
-        if self._broadcast is not None:
-            self._broadcast.unpersist(blocking=False)
-        self._cached, self._broadcast = updated, broadcast
-        self.blocks = updated.map(operator.itemgetter(0))
-        return stats
-
-    def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        # reads the cached blocks without caching a copy of them: no state round trip back to the JVM
+    def _reduce(self, function: PassFunction, params: dict[str, Any], update: bool) -> Stats:
         broadcast = self.sc.broadcast(params)
         try:
-            return self.blocks.map(functools.partial(_apply, function, broadcast)).map(
-                operator.itemgetter(1)).aggregate({}, add_stats, add_stats)
+            # aggregate() merges partition results on the driver in partition order, so
+            # the float sums (and hence the weights) do not depend on task timing.
+            return self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast,
+                                                      self.generation, update)).aggregate({}, add_stats, add_stats)
         finally:
             broadcast.unpersist(blocking=False)
 
+    def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
+        stats = self._reduce(function, params, update=True)
+        self.generation += 1
+        return stats
+
+    def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
+        return self._reduce(function, params, update=False)
+
     def close(self) -> None:
-        if self._cached is not None:
-            self._cached.unpersist()
+        self.handles.foreach(functools.partial(_remove_block, self.token))
+        self.handles.unpersist()
 
 
 def code_version() -> str:

@@ -6,7 +6,8 @@ state (activations a_l, pre-activations z_l, scaled multipliers u_l). One
 it returns (Gram matrices, loss sums). The driver solves the weight updates
 from those sums and sends the weights to the next pass. A backend decides
 where blocks live: :class:`LocalBackend` keeps them in this process (the
-single-process reference), ``train.SparkBackend`` keeps them in a cached RDD.
+single-process reference), ``train.SparkBackend`` keeps them in files on the
+Spark executors (:mod:`admm_jobs.block_store`).
 
 One iteration ("epoch") is a backward sweep over the layers (see
 :meth:`AdmmTrainer.fit`); each weight solve needs one reduction, and the
@@ -313,7 +314,7 @@ class AdmmTrainer:
 
     def _initialise(self) -> DriverState:
         hp = self.hp
-        totals = self.backend.run_pass(sum_pass, {})
+        totals = self.backend.inspect(sum_pass, {})
         mean = (totals["input_sum"] / totals["samples"]).astype(np.float32)
         weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
         sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean})

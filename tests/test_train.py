@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from admm_jobs import model as model_io
 from admm_jobs import storage, train
-from admm_jobs.trainer import AdmmTrainer, LocalBackend
+from admm_jobs.trainer import AdmmTrainer, LocalBackend, sum_pass
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,33 @@ def test_a_killed_python_worker_is_retried_and_training_ends_the_same(spark_cont
     assert flaky_backend.passes > 3
     for expected, actual in zip(clean.weights, faulty.weights):
         np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.slow
+def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_context, small_dataset):
+    from pyspark import SparkFiles
+    from pyspark.errors import PythonException
+
+    dataset_uri = small_dataset["dataset_uri"]
+    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=2,
+                               partitions=2, train_limit=400, patience=0)
+    backend = train.SparkBackend(spark_context, train.block_specs(dataset_uri, 2, 400))
+    AdmmTrainer(config.hyperparameters(784, 10), backend).fit()
+
+    # the state (here 400 samples x (24 + 24 + 10 + 10 + 24) floats) stays in executor files;
+    # the JVM caches a handle of a few bytes per block
+    cached = [info for info in spark_context._jsc.sc().getRDDStorageInfo() if info.id() == backend.handles.id()]
+    assert len(cached) == 1 and cached[0].numCachedPartitions() == 2
+    assert cached[0].memSize() + cached[0].diskSize() < 2_000
+    store = Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{backend.token}"
+    assert sorted(path.name for path in store.iterdir()) == ["block-00000", "block-00001"]
+    assert len(list((store / "block-00001").glob("state-*.npz"))) == 2
+
+    shutil.rmtree(store / "block-00001")  # as if the executor holding block 1 had been lost
+    with pytest.raises(PythonException, match=r"BlockStateLost: block 1: .*data\.npz is not on host"):
+        backend.inspect(sum_pass, {})
+    backend.close()
+    assert list(store.iterdir()) == []
 
 
 def _spark_submit(dataset_uri: str, output_uri: str, epochs: int):
