@@ -141,10 +141,14 @@ def _store_block(token: str, spec: dict[str, Any]) -> int:
 
 def _stored_pass(token: str, function: PassFunction, broadcast, generation: int, update: bool, index: int) -> Stats:
     store = _executor_store(token)
-    block, stats = function(store.load(index, generation), broadcast.value)
+    started = time.perf_counter()
+    block = store.load(index, generation)
+    reading = time.perf_counter() - started
+    block, stats = function(block, broadcast.value)
+    started = time.perf_counter()
     if update:
         store.save_state(block, generation + 1)
-    return stats
+    return {**stats, "store_seconds": reading + time.perf_counter() - started}
 
 
 def _remove_block(token: str, index: int) -> None:

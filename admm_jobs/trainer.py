@@ -126,6 +126,11 @@ def _timed(stats: Stats, started: float) -> Stats:
     return stats
 
 
+def pop_timers(stats: Stats) -> dict[str, float]:
+    """Remove the ``<phase>_seconds`` timers (summed over blocks) from ``stats``: {phase: seconds}."""
+    return {key[:-len("_seconds")]: stats.pop(key) for key in [k for k in stats if k.endswith("_seconds")]}
+
+
 def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """Sum of the scaled training inputs and their count: the driver's input mean."""
     pixels = block["pixels"].astype(np.float64) * INPUT_SCALE
@@ -318,7 +323,7 @@ class AdmmTrainer:
         mean = (totals["input_sum"] / totals["samples"]).astype(np.float32)
         weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
         sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean})
-        sums.pop("worker_seconds")
+        pop_timers(sums)
         for key, value in sums.items():
             if not np.isfinite(value).all():
                 layer = re.sub(r"\D", "", key) or hp.layers
@@ -369,7 +374,8 @@ class AdmmTrainer:
                 tick = time.perf_counter()
                 sums = self.backend.run_pass(sweep_pass, params)
                 timers[f"pass{layer}"] = time.perf_counter() - tick
-                timers["worker"] += sums.pop("worker_seconds")
+                for phase, seconds in pop_timers(sums).items():
+                    timers[phase] = timers.get(phase, 0.0) + seconds
                 check_finite(sums, epoch)
                 if "train_count" in sums:
                     stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
@@ -392,7 +398,7 @@ class AdmmTrainer:
             tick = time.perf_counter()
             sums = self.backend.run_pass(sweep_pass, {**common, "multiplier_updates": state.epoch > hp.warmup_epochs,
                                                       "finish": (1, state.new_weights[0]), "score": state.weights})
-            sums.pop("worker_seconds")
+            pop_timers(sums)
             self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=time.perf_counter() - tick))
         best = state.best_weights if state.best_weights is not None else state.weights
         return TrainingResult(admm.fold_input_mean(best, state.mean), state.best_epoch, history, stopped_early,

@@ -86,7 +86,7 @@ def test_spark_training_matches_the_single_process_reference(spark_context, smal
     for line in lines:
         for split in ("train", "validation", "test"):
             assert 0.0 <= line[f"{split}_accuracy"] <= 1.0 and np.isfinite(line[f"{split}_loss"])
-        assert line["seconds"] > 0 and {"solve", "worker", "pass1", "pass2"} <= set(line["timers"])
+        assert line["seconds"] > 0 and {"solve", "worker", "store", "pass1", "pass2"} <= set(line["timers"])
     metadata = trained.metadata
     assert metadata["dataset"]["version"] == small_dataset["dataset_version"]
     assert metadata["hyperparameters"]["layer_sizes"] == [784, 32, 16, 10]
