@@ -151,6 +151,10 @@ class CheckpointStore:
             if epoch <= newest - self.keep:
                 storage.delete_tree(self._directory(epoch))
 
+    def clear(self) -> None:
+        """Remove every checkpoint: the run is complete and its model committed."""
+        storage.delete_tree(self.root)
+
     def restore(self, backend) -> DriverState | None:
         """Restore the latest matching checkpoint into ``backend``'s blocks; None if there is none."""
         latest_uri = storage.join(self.root, LATEST)

@@ -259,6 +259,7 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
     model_uri = storage.join(config.output_uri, MODEL_DIR)
     with storage.staged_directory(model_uri) as staging:
         save_model(model, staging)
+    checkpoints.clear()
     return {"model_uri": model_uri, "metrics_uri": metrics_uri, "best_epoch": result.best_epoch,
             "epochs_run": len(result.history), **{k: round(v, 6) for k, v in best.metrics.items()}}
 

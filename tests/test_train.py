@@ -195,6 +195,7 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weig
     retry_output = retry.communicate(timeout=600)[0]
     assert retry.returncode == 0, retry_output
     assert "resuming from checkpoint" in retry_output
+    assert not (tmp_path / "run" / "checkpoints").exists()  # cleared once the model is committed
 
     resumed = model_io.load_model(str(tmp_path / "run" / "model"))
     uninterrupted = model_io.load_model(str(tmp_path / "reference" / "model"))
