@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,8 @@ def _executor_store(token: str) -> BlockStore:
     return BlockStore(Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{token}")
 
 
-def _store_block(token: str, spec: dict[str, Any]) -> int:
-    _executor_store(token).save_data(load_block(spec))
+def _store_block(token: str, loader: Callable[[dict[str, Any]], Block], spec: dict[str, Any]) -> int:
+    _executor_store(token).save_data(loader(spec))
     return spec["index"]
 
 
@@ -163,13 +164,14 @@ class SparkBackend:
     of the blocks' statistics.
     """
 
-    def __init__(self, spark_context, specs: list[dict[str, Any]]):
+    def __init__(self, spark_context, specs: list[dict[str, Any]],
+                 loader: Callable[[dict[str, Any]], Block] = load_block):
         from pyspark import StorageLevel
 
         self.sc = spark_context
         self.token = uuid.uuid4().hex
         self.handles = spark_context.parallelize(specs, len(specs)).map(
-            functools.partial(_store_block, self.token)).persist(StorageLevel.MEMORY_AND_DISK)
+            functools.partial(_store_block, self.token, loader)).persist(StorageLevel.MEMORY_AND_DISK)
         self.generation = 0  # the state generation the next pass reads (0: data only)
 
     def _reduce(self, function: PassFunction, params: dict[str, Any], update: bool) -> Stats:
