@@ -23,7 +23,7 @@ import numpy as np
 
 from admm_jobs import dataset, publish, report, storage
 from admm_jobs import model as model_io
-from admm_jobs.config import parse_config, require
+from admm_jobs.config import parse_config, setting, validate_fields
 
 EVALUATION_FORMAT = "admm-evaluation/1"
 METRICS_FILE = publish.EVALUATION_METRICS_FILE
@@ -41,24 +41,16 @@ class EvaluationError(ValueError):
 class EvaluateConfig:
     """Evaluate a trained model on the test split and write plots and an HTML report."""
 
-    model_uri: str = dataclasses.field(metadata={"help": "model directory (model.npz + model.json)"})
-    dataset_uri: str = dataclasses.field(
-        metadata={"help": "committed dataset directory (with manifest.json)"}
-    )
-    metrics_uri: str = dataclasses.field(metadata={"help": "the run's per-epoch metrics.jsonl"})
-    output_uri: str = dataclasses.field(metadata={"help": "directory to write the evaluation into"})
-    registry_uri: str | None = dataclasses.field(
-        default=None, metadata={"help": "model registry, to compare with the published model"}
-    )
-    model_name: str = dataclasses.field(
-        default=publish.DEFAULT_MODEL_NAME, metadata={"help": "registry entry name"}
-    )
-    batch_size: int = dataclasses.field(default=4096, metadata={"help": "test rows scored per forward pass"})
+    model_uri: str = setting(help="model directory (model.npz + model.json)", minLength=1)
+    dataset_uri: str = setting(help="committed dataset directory (with manifest.json)", minLength=1)
+    metrics_uri: str = setting(help="the run's per-epoch metrics.jsonl", minLength=1)
+    output_uri: str = setting(help="directory to write the evaluation into", minLength=1)
+    registry_uri: str | None = setting(None, "model registry, to compare with the published model")
+    model_name: str = setting(publish.DEFAULT_MODEL_NAME, "registry entry name")
+    batch_size: int = setting(4096, "test rows scored per forward pass", minimum=1)
 
     def __post_init__(self) -> None:
-        for name in ("model_uri", "dataset_uri", "metrics_uri", "output_uri"):
-            require(bool(getattr(self, name)), f"--{name.replace('_', '-')} must not be empty")
-        require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        validate_fields(self)
 
 
 def predict(model: model_io.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from admm_jobs import dataset, publish, storage
 from admm_jobs import model as model_io
-from admm_jobs.config import parse_config, require
+from admm_jobs.config import parse_config, setting, validate_fields
 from admm_jobs.predict import load_image_model
 
 OPSET = 17
@@ -59,26 +59,17 @@ class ExportError(RuntimeError):
 class ExportConfig:
     """Export a trained model to an ONNX file."""
 
-    model_uri: str = dataclasses.field(
-        metadata={"help": "model directory, run or registry version directory, registry entry or root"}
+    model_uri: str = setting(
+        help="model directory, run or registry version directory, registry entry or root", minLength=1
     )
-    output_uri: str = dataclasses.field(metadata={"help": "the .onnx file to write"})
-    input_type: str = dataclasses.field(
-        default="uint8",
-        metadata={"help": f"element type of the graph input, one of {', '.join(INPUT_TYPES)}"},
+    output_uri: str = setting(help="the .onnx file to write", minLength=1)
+    input_type: str = setting(
+        "uint8", f"element type of the graph input, one of {', '.join(INPUT_TYPES)}", enum=list(INPUT_TYPES)
     )
-    model_name: str = dataclasses.field(
-        default=publish.DEFAULT_MODEL_NAME,
-        metadata={"help": "registry entry name when --model-uri is a root"},
-    )
+    model_name: str = setting(publish.DEFAULT_MODEL_NAME, "registry entry name when --model-uri is a root")
 
     def __post_init__(self) -> None:
-        require(bool(self.model_uri), "--model-uri must not be empty")
-        require(bool(self.output_uri), "--output-uri must not be empty")
-        require(
-            self.input_type in INPUT_TYPES,
-            f"--input-type must be one of {tuple(INPUT_TYPES)}, got {self.input_type!r}",
-        )
+        validate_fields(self)
 
 
 def model_metadata(model: model_io.Model) -> dict[str, str]:

@@ -63,7 +63,7 @@ from PIL import Image
 
 from admm_jobs import dataset, ingest, publish, storage
 from admm_jobs import model as model_io
-from admm_jobs.config import parse_config, require
+from admm_jobs.config import parse_config, require, setting, validate_fields
 
 log = logging.getLogger("admm_jobs.predict")  # not "__main__" under python -m
 
@@ -86,34 +86,20 @@ class PredictError(ValueError):
 class PredictConfig:
     """Predict the digit in every input image with a trained model."""
 
-    model_uri: str = dataclasses.field(
-        metadata={"help": "model directory, run or registry version directory, registry entry or root"}
+    model_uri: str = setting(
+        help="model directory, run or registry version directory, registry entry or root", minLength=1
     )
-    input: str = dataclasses.field(
-        metadata={"help": "IDX images file, PNG file or directory, Parquet file, split or dataset directory"}
+    input: str = setting(
+        help="IDX images file, PNG file or directory, Parquet file, split or dataset directory", minLength=1
     )
-    output: str | None = dataclasses.field(
-        default=None, metadata={"help": "JSON-lines file to write the predictions to (default: stdout)"}
-    )
-    format: str = dataclasses.field(
-        default="auto", metadata={"help": f"input format, one of {', '.join(INPUT_FORMATS)}"}
-    )
-    split: str = dataclasses.field(
-        default="test", metadata={"help": "split to read when --input is a dataset directory"}
-    )
-    invert: bool = dataclasses.field(
-        default=False, metadata={"help": "use 255 - g for every grey level g (dark digits on light paper)"}
-    )
-    model_name: str = dataclasses.field(
-        default=publish.DEFAULT_MODEL_NAME,
-        metadata={"help": "registry entry name when --model-uri is a root"},
-    )
+    output: str | None = setting(None, "JSON-lines file to write the predictions to (default: stdout)")
+    format: str = setting("auto", f"input format, one of {', '.join(INPUT_FORMATS)}", enum=list(INPUT_FORMATS))
+    split: str = setting("test", "split to read when --input is a dataset directory", enum=list(dataset.SPLITS))
+    invert: bool = setting(False, "use 255 - g for every grey level g (dark digits on light paper)")
+    model_name: str = setting(publish.DEFAULT_MODEL_NAME, "registry entry name when --model-uri is a root")
 
     def __post_init__(self) -> None:
-        require(bool(self.model_uri), "--model-uri must not be empty")
-        require(bool(self.input), "--input must not be empty")
-        require(self.format in INPUT_FORMATS, f"--format must be one of {INPUT_FORMATS}, got {self.format!r}")
-        require(self.split in dataset.SPLITS, f"--split must be one of {dataset.SPLITS}, got {self.split!r}")
+        validate_fields(self)
         require(
             bool(self.model_name) and "/" not in self.model_name,
             f"--model-name must be a plain directory name, got {self.model_name!r}",

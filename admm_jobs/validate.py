@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from admm_jobs import storage
-from admm_jobs.config import parse_config, require
+from admm_jobs.config import parse_config, setting, validate_fields
 from admm_jobs.dataset import SPLITS, DatasetError, check_schema, load_manifest, split_file_uris
 
 if TYPE_CHECKING:
@@ -72,14 +72,11 @@ class SuiteError(ValueError):
 class ValidateConfig:
     """Validate a committed dataset against a Great Expectations suite; write results next to it."""
 
-    dataset_uri: str = dataclasses.field(metadata={"help": "dataset directory URI (LAKE/<dataset>/<version>)"})
-    suite: str = dataclasses.field(
-        default=str(DEFAULT_SUITE), metadata={"help": "expectation suite JSON (path or URI)"}
-    )
+    dataset_uri: str = setting(help="dataset directory URI (LAKE/<dataset>/<version>)", minLength=1)
+    suite: str = setting(str(DEFAULT_SUITE), "expectation suite JSON (path or URI)", minLength=1)
 
     def __post_init__(self) -> None:
-        require(bool(self.dataset_uri), "--dataset-uri must not be empty")
-        require(bool(self.suite), "--suite must not be empty")
+        validate_fields(self)
 
 
 # ---------------------------------------------------------------- the frames GX validates

@@ -200,3 +200,19 @@ def test_epoch_metrics_without_epochs_are_rejected(tmp_path):
     path = write_epoch_metrics(str(tmp_path / "metrics.jsonl"), [{"phase": "admm"}])
     with pytest.raises(evaluate.EvaluationError, match="line 1 has no integer 'epoch'"):
         evaluate.read_epoch_metrics(path)
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--batch-size", "0"], "--batch-size"),
+        (["--metrics-uri", ""], "--metrics-uri"),
+        (["--output-uri", ""], "--output-uri"),
+    ],
+)
+def test_bad_settings_are_usage_errors_naming_the_option(capsys, argv, option):
+    required = ["--model-uri", "m", "--dataset-uri", "d", "--metrics-uri", "m.jsonl", "--output-uri", "o"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*required, *argv])
+    assert exit_info.value.code == 2
+    assert f"error: {option}: " in capsys.readouterr().err

@@ -99,9 +99,16 @@ def test_main_writes_the_checked_file(tmp_path, capsys):
     assert np.array_equal(np.argmax(logits, axis=1), fitted_model().predict(mnist_pixels()))
 
 
-def test_unknown_input_type_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--input-type", "int8"], "--input-type"),
+        (["--output-uri", ""], "--output-uri"),
+        (["--model-uri", ""], "--model-uri"),
+    ],
+)
+def test_bad_settings_are_usage_errors_naming_the_option(tmp_path, capsys, argv, option):
     with pytest.raises(SystemExit) as exit_info:
-        onnx_export.main(
-            ["--model-uri", str(tmp_path), "--output-uri", str(tmp_path / "m.onnx"), "--input-type", "int8"]
-        )
+        onnx_export.main(["--model-uri", str(tmp_path), "--output-uri", str(tmp_path / "m.onnx"), *argv])
     assert exit_info.value.code == 2
+    assert f"error: {option}: " in capsys.readouterr().err

@@ -420,3 +420,19 @@ def test_parquet_file_of_another_schema(model_dir, tmp_path):
         dataset.DatasetError, match=r"other\.parquet: wrong Parquet schema: column 'label' missing"
     ):
         predict.predict(model_dir, uri, str(tmp_path / "out.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--format", "jpeg"], "--format"),
+        (["--split", "holdout"], "--split"),
+        (["--input", ""], "--input"),
+        (["--model-name", "a/b"], "--model-name"),
+    ],
+)
+def test_bad_settings_are_usage_errors_naming_the_option(capsys, argv, option):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--model-uri", "m", "--input", "i.png", *argv])
+    assert exit_info.value.code == 2
+    assert f"error: {option}" in capsys.readouterr().err

@@ -269,3 +269,11 @@ def test_missing_manifest_is_a_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="no committed dataset"):
         validate.validate_dataset(str(tmp_path / "nothing-here"))
 
+
+
+@pytest.mark.parametrize("argv, option", [(["--dataset-uri", ""], "--dataset-uri"), (["--suite", ""], "--suite")])
+def test_bad_settings_are_usage_errors_naming_the_option(capsys, argv, option):
+    with pytest.raises(SystemExit) as exit_info:
+        validate.main(["--dataset-uri", "lake/mnist/v1", *argv])
+    assert exit_info.value.code == 2
+    assert f"error: {option}: " in capsys.readouterr().err
