@@ -68,23 +68,19 @@ class IngestError(ValueError):
 class IngestConfig:
     """Convert the four MNIST IDX files at SOURCE into a versioned Parquet dataset in LAKE."""
 
-    source: str = dataclasses.field(metadata={"help": "directory URI holding the four IDX files"})
-    lake: str = dataclasses.field(metadata={"help": "lake root URI; the dataset goes to LAKE/<dataset>/<version>"})
-    dataset: str = dataclasses.field(default="mnist", metadata={"help": "dataset name in the lake"})
+    source: str = setting(help="directory URI holding the four IDX files", minLength=1)
+    lake: str = setting(help="lake root URI; the dataset goes to LAKE/<dataset>/<version>", minLength=1)
+    dataset: str = setting("mnist", "dataset name in the lake")
     validation_size: int = setting(5000, "last N training records held out for validation", minimum=1)
-    checksums: str | None = dataclasses.field(
-        default=None,
-        metadata={"help": f"checksum manifest URI (default: SOURCE/{CHECKSUMS_FILE} if present; required for https)"},
-    )
+    checksums: str | None = setting(
+        None, f"checksum manifest URI (default: SOURCE/{CHECKSUMS_FILE} if present; required for https)")
 
     def __post_init__(self) -> None:
-        require(bool(self.source), "--source must not be empty")
-        require(bool(self.lake), "--lake must not be empty")
+        validate_fields(self)
         require(
             re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.dataset) is not None,
             f"--dataset {self.dataset!r}: use letters, digits, '_', '.', '-'",
         )
-        validate_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)

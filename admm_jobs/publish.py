@@ -77,19 +77,15 @@ class PublishError(RuntimeError):
 class PublishConfig:
     """Publish RUN's model to the registry if it passes the quality gate."""
 
-    run_uri: str = dataclasses.field(
-        metadata={"help": "run directory holding model/, evaluation/ and metrics.jsonl"}
-    )
-    registry_uri: str = dataclasses.field(metadata={"help": "root of the model registry"})
+    run_uri: str = setting(help="run directory holding model/, evaluation/ and metrics.jsonl", minLength=1)
+    registry_uri: str = setting(help="root of the model registry", minLength=1)
     min_accuracy: float = setting(0.85, "publish only at or above this test accuracy", minimum=0, maximum=1)
     max_regression: float = setting(
         0.005, "publish only if test accuracy is at most this much below the published model", minimum=0, maximum=1
     )
-    model_name: str = dataclasses.field(default=DEFAULT_MODEL_NAME, metadata={"help": "registry entry name"})
+    model_name: str = setting(DEFAULT_MODEL_NAME, "registry entry name")
 
     def __post_init__(self) -> None:
-        require(bool(self.run_uri), "--run-uri must not be empty")
-        require(bool(self.registry_uri), "--registry-uri must not be empty")
         validate_fields(self)
         require(
             bool(self.model_name) and "/" not in self.model_name and not self.model_name.startswith("."),
