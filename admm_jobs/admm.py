@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-LOSSES = ("least_squares", "hinge", "cross_entropy")
+LOSSES = ("squared_hinge", "least_squares", "hinge", "cross_entropy")
 
 
 def relu(z: np.ndarray) -> np.ndarray:
@@ -136,6 +136,27 @@ def prox_hinge(targets: np.ndarray, v: np.ndarray, beta: float) -> np.ndarray:
     return np.where(below < kink, below, np.where(above > kink, above, kink)).astype(np.float32)
 
 
+def signed_targets(targets: np.ndarray) -> np.ndarray:
+    """t = +1 for the true class and -1 for the others, from one-hot targets."""
+    return (2.0 * targets - 1.0).astype(np.float32)
+
+
+def prox_squared_hinge(targets: np.ndarray, v: np.ndarray, beta: float) -> np.ndarray:
+    """z_L = argmin_z sum_j max(0, 1 - t_j z_j)^2 + beta ||z - v||^2, elementwise, t = +-1 (one-vs-all).
+
+    Where the margin already holds (t_j v_j >= 1) the loss is flat and z_j = v_j; otherwise the
+    quadratic (t_j - z_j)^2 + beta (z_j - v_j)^2 is minimised at (t_j + beta v_j) / (1 + beta),
+    which still violates the margin, so the branch is consistent.
+    """
+    signed = signed_targets(targets)
+    return np.where(signed * v >= 1.0, v, (signed + beta * v) / (1.0 + beta)).astype(np.float32)
+
+
+def fit_targets(loss: str, targets: np.ndarray) -> np.ndarray:
+    """What the initial least-squares fit of the output layer aims at: +-1 for the squared hinge, else one-hot."""
+    return signed_targets(targets) if loss == "squared_hinge" else targets
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
@@ -163,6 +184,7 @@ def prox_cross_entropy(targets: np.ndarray, v: np.ndarray, beta: float, newton_s
 
 
 OUTPUT_PROX = {
+    "squared_hinge": prox_squared_hinge,
     "least_squares": prox_least_squares,
     "hinge": prox_hinge,
     "cross_entropy": prox_cross_entropy,
@@ -192,6 +214,8 @@ def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarr
     """Per-sample value of the output loss at the network's logits."""
     classes = logits.shape[1]
     targets = one_hot(labels, classes)
+    if loss == "squared_hinge":
+        return (np.maximum(0.0, 1.0 - signed_targets(targets) * logits) ** 2).sum(axis=1)
     if loss == "least_squares":
         return ((logits - targets) ** 2).sum(axis=1)
     if loss == "hinge":

@@ -50,15 +50,18 @@ class TrainConfig:
     output_uri: str = setting(help="run directory; model/ and metrics.jsonl go here", minLength=1)
     hidden_layers: tuple[int, ...] = setting((256, 256), "hidden layer widths, e.g. 256,256",
                                              minItems=1, maxItems=16, items={"minimum": 1, "maximum": MAX_LAYER_WIDTH})
-    loss: str = setting("least_squares", "output loss (its exact prox is the output update)", enum=list(admm.LOSSES))
+    loss: str = setting("squared_hinge", "output loss (its exact prox is the output update)", enum=list(admm.LOSSES))
     beta: float = setting(1.0, "penalty weight of the hidden layers' z_l = W_l [a_{l-1}, 1]", exclusiveMinimum=0, maximum=1e6)
-    beta_output: float = setting(3.0, "penalty weight of the output layer's constraint", exclusiveMinimum=0, maximum=1e6)
-    gamma: float = setting(3.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
+    beta_output: float = setting(0.3, "penalty weight of the output layer's constraint", exclusiveMinimum=0, maximum=1e6)
+    gamma: float = setting(10.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
     ridge_input: float = setting(1e-2, "ridge of the first layer's weight solve, per training sample", minimum=0, maximum=1e3)
     ridge: float = setting(1e-3, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
     ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)
-    extrapolation: float = setting(0.9, "theta in W = W_new + theta (W_new - W_previous)", minimum=0, exclusiveMaximum=1)
-    epochs: int = setting(60, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
+    extrapolation: float = setting(0.9, "theta in W = W_new + theta (W_new - W_previous) in the first iterations",
+                                   minimum=0, exclusiveMaximum=1)
+    extrapolation_epochs: int = setting(7, "iterations that use --extrapolation", minimum=0, maximum=10_000)
+    extrapolation_late: float = setting(0.5, "theta in the later iterations", minimum=0, exclusiveMaximum=1)
+    epochs: int = setting(50, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
     warmup_epochs: int = setting(0, "first iterations without multiplier updates", minimum=0, maximum=10_000)
     patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)

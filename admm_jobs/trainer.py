@@ -43,16 +43,18 @@ class NumericalFailure(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     layer_sizes: tuple[int, ...]
-    loss: str = "least_squares"
+    loss: str = "squared_hinge"
     beta: float = 1.0
-    beta_output: float = 3.0
-    gamma: float = 3.0
+    beta_output: float = 0.3
+    gamma: float = 10.0
     ridge_input: float = 1e-2
     ridge: float = 1e-3
     ridge_output: float = 1e-4
     extrapolation: float = 0.9
+    extrapolation_epochs: int = 7
+    extrapolation_late: float = 0.5
     init_ridge: float = 1e-3
-    epochs: int = 60
+    epochs: int = 50
     warmup_epochs: int = 0
     patience: int = 10
     seed: int = 0
@@ -64,6 +66,10 @@ class Hyperparameters:
     def beta_of(self, layer: int) -> float:
         """beta_l of layer l (1-based): beta_output on the last layer."""
         return self.beta_output if layer == self.layers else self.beta
+
+    def extrapolation_at(self, epoch: int) -> float:
+        """theta of iteration ``epoch``: strong over-relaxation early, milder once the fit settles."""
+        return self.extrapolation if epoch <= self.extrapolation_epochs else self.extrapolation_late
 
     def ridge_of(self, layer: int, samples: int) -> float:
         """ridge_l = r_l * n: per-sample ridge rates, so regularisation does not fade with more data."""
@@ -137,35 +143,37 @@ def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     return block, {"input_sum": pixels.sum(axis=0), "samples": pixels.shape[0]}
 
 
-def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
-    """Initialise z_l, a_l by a forward pass of the initial weights; every u_l = 0.
-
-    Emits the input Gram (constant for the whole run) and, for the initial
-    least-squares fit of the output layer to the targets, the Gram of
-    a_{L-1} and its cross term with the one-hot targets.
-    """
-    started = time.perf_counter()
-    weights, mean = params["weights"], params["mean"]
-    a0 = scaled_input(block["pixels"], mean)
+def forward_state(weights: list[np.ndarray], a0: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The plain forward pass, kept: z_l = W_l [a_{l-1}, 1] for l = 1..L and a_l = relu(z_l) for l < L."""
     activations, preactivations = [], []
     a = a0
-    for weight in weights[:-1]:
+    for index, weight in enumerate(weights):
         z = admm.affine(weight, a).astype(np.float32)
-        a = admm.relu(z)
         preactivations.append(z)
-        activations.append(a)
-    z_out = admm.affine(weights[-1], a).astype(np.float32)
-    preactivations.append(z_out)
-    targets = admm.one_hot(block["labels"], z_out.shape[1])
-    last = len(weights)
-    stats = {"gram1": admm.layer_gram(a0), f"gram{last}": admm.layer_gram(a),
-             "cross_targets": admm.layer_cross(targets, a)}
-    block = dict(block, a=activations, z=preactivations, u=[np.zeros_like(z) for z in preactivations])
-    return block, _timed(stats, started)
+        if index < len(weights) - 1:
+            a = admm.relu(z)
+            activations.append(a)
+    return activations, preactivations
 
 
-def _scores(weights: list[np.ndarray], loss: str, a0: np.ndarray, labels: np.ndarray, prefix: str) -> Stats:
-    logits = admm.forward(weights, a0)
+def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+    """Every u_l = 0, and the statistics of the initial least-squares fit of the output layer.
+
+    Emits the input Gram (constant for the whole run), the Gram of the
+    forward a_{L-1} of the initial weights and its cross term with the
+    loss's fit targets (``admm.fit_targets``).
+    """
+    started = time.perf_counter()
+    weights = params["weights"]
+    a0 = scaled_input(block["pixels"], params["mean"])
+    activations, preactivations = forward_state(weights, a0)
+    targets = admm.fit_targets(params["loss"], admm.one_hot(block["labels"], weights[-1].shape[0]))
+    stats = {"gram1": admm.layer_gram(a0), f"gram{len(weights)}": admm.layer_gram(activations[-1]),
+             "cross_targets": admm.layer_cross(targets, activations[-1])}
+    return dict(block, u=[np.zeros_like(z) for z in preactivations]), _timed(stats, started)
+
+
+def _scores(logits: np.ndarray, loss: str, labels: np.ndarray, prefix: str) -> Stats:
     return {
         f"{prefix}_loss_sum": float(admm.sample_losses(loss, logits, labels).sum()),
         f"{prefix}_correct": int((logits.argmax(axis=1) == labels).sum()),
@@ -173,66 +181,74 @@ def _scores(weights: list[np.ndarray], loss: str, a0: np.ndarray, labels: np.nda
     }
 
 
-def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
-    """The per-sample work between two weight solves of the backward sweep.
+def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+    """The first pass of an iteration: re-synchronise the per-sample variables with the network.
 
-    Each part runs only when ``params`` asks for it, in this order:
-
-    1. ``finish``: (l, W_l new) -> u_l += z_l - W_l [a_{l-1}, 1], the multiplier
-       step of the layer whose weights were just solved;
-    2. ``score``: weights -> loss and accuracy of the plain forward pass on
-       this block's training samples and evaluation splits;
-    3. ``output``: W_L new -> z_L = prox of the loss at W_L [a_{L-1}, 1] - u_L,
-       then u_L += z_L - W_L [a_{L-1}, 1];
-    4. ``layer``: hidden layer l -> a_l (exact least squares against
-       z_{l+1} + u_{l+1} through W_{l+1} new), then z_l (elementwise prox at
-       W_l [a_{l-1}, 1] - u_l with the current W_l); emits the statistics of
-       the W_l solve and, after an output update, those of the next W_L solve.
+    1. ``finish`` (W_1 new of the previous iteration): u_1 += z_1 - W_1 [a_0, 1];
+    2. a_l, z_l <- the forward pass of the current (extrapolated) ``weights``. Only the
+       multipliers u_l carry over between iterations: every weight solve of the sweep
+       then fits the inputs the network really produces, instead of auxiliary
+       activations that drift away from it (measured: the single largest gain);
+    3. emits the Grams of the inputs of layers 2..L (they stay fixed for the whole
+       sweep), the cross term [a_{L-1}, 1]^T (z_L + u_L) of the W_L solve and, with
+       ``score``, the loss and accuracy of ``weights`` on the training samples (from
+       this same forward pass) and on the block's evaluation splits.
     """
     started = time.perf_counter()
-    a, z, u = list(block["a"]), list(block["z"]), list(block["u"])
-    mean = params["mean"]
-    a0 = scaled_input(block["pixels"], mean)  # once per pass: layer 1's input, the scores and the finish step share it
-    inputs = lambda l: a0 if l == 1 else a[l - 2]  # a_{l-1}, 1-based l
-    stats: Stats = {}
-    multiplier_updates = params["multiplier_updates"]
-
-    if params.get("finish") is not None:
-        layer, weight = params["finish"]
-        if multiplier_updates:
-            u[layer - 1] = admm.update_multiplier(u[layer - 1], z[layer - 1], admm.affine(weight, inputs(layer)))
-
-    if params.get("score") is not None:
-        weights = params["score"]
-        stats.update(_scores(weights, params["loss"], a0, block["labels"], "train"))
+    weights, mean = params["weights"], params["mean"]
+    a0 = scaled_input(block["pixels"], mean)
+    u = list(block["u"])
+    if params.get("finish") is not None and params["multiplier_updates"]:
+        u[0] = admm.update_multiplier(u[0], block["z"][0], admm.affine(params["finish"], a0))
+    a, z = forward_state(weights, a0)
+    last = len(weights)
+    stats: Stats = {f"gram{layer}": admm.layer_gram(a[layer - 2]) for layer in range(2, last + 1)}
+    stats[f"cross{last}"] = admm.layer_cross(z[-1] + u[-1], a[-1])
+    if params.get("score"):
+        stats.update(_scores(z[-1], params["loss"], block["labels"], "train"))
         for split, (pixels, labels) in block["evaluation"].items():
-            stats.update(_scores(weights, params["loss"], scaled_input(pixels, mean), labels.astype(np.int64), split))
+            logits = admm.forward(weights, scaled_input(pixels, mean))
+            stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
+    return dict(block, a=a, z=z, u=u), _timed(stats, started)
 
+
+def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+    """The per-sample work between the solves of W_{l+1} and W_l, for hidden layer l = ``layer``.
+
+    1. l = L-1: m = W_L [a_{L-1}, 1]; z_L = prox of the loss at m - u_L; u_L += z_L - m.
+       l < L-1: u_{l+1} += z_{l+1} - W_{l+1} [a_l, 1], the multiplier step of the layer just solved;
+    2. a = argmin_a beta_{l+1} ||z_{l+1} + u_{l+1} - W_{l+1} [a, 1]||^2 + gamma ||a - relu(z_l)||^2
+       (exact least squares, W_{l+1} new);
+    3. z_l = elementwise prox at m_l - u_l with m_l = W_l [a_{l-1}, 1]: the forward z_l, since
+       W_l has not changed since the forward pass;
+    4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
+
+    ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations.
+    """
+    started = time.perf_counter()
+    layer, next_weight = params["layer"], params["next_weight"]
+    activations, z, u = block["a"], list(block["z"]), list(block["u"])
     last = len(z)
-    if params.get("output") is not None:
-        weight, beta = params["output"], params["beta_output"]
-        m = admm.affine(weight, a[last - 2])
-        z[last - 1] = admm.OUTPUT_PROX[params["loss"]](admm.one_hot(block["labels"], m.shape[1]), m - u[last - 1], beta)
+    multiplier_updates = params["multiplier_updates"]
+    stats: Stats = {}
+    if layer == last - 1:
+        m = admm.affine(next_weight, activations[layer - 1])
+        targets = admm.one_hot(block["labels"], m.shape[1])
+        z[last - 1] = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
         if multiplier_updates:
             u[last - 1] = admm.update_multiplier(u[last - 1], z[last - 1], m)
         stats[f"residual{last}"] = float(((z[last - 1] - m) ** 2).sum())
-
-    if params.get("layer") is not None:
-        layer = params["layer"]
-        next_weight, weight = params["next_weight"], params["weight"]
-        a[layer - 1] = admm.update_activation(z[layer - 1], z[layer] + u[layer], next_weight, params["inverse"],
-                                              params["beta_next"], params["gamma"])
-        m = admm.affine(weight, inputs(layer))
-        z[layer - 1] = admm.update_preactivation(a[layer - 1], m - u[layer - 1], params["beta"], params["gamma"])
-        stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs(layer))
-        if layer > 1:
-            stats[f"gram{layer}"] = admm.layer_gram(inputs(layer))
-        stats[f"residual{layer}"] = float(((z[layer - 1] - m) ** 2).sum())
-        stats[f"activation_gap{layer}"] = float(((a[layer - 1] - admm.relu(z[layer - 1])) ** 2).sum())
-        if layer == last - 1 and params.get("output") is not None:
-            stats[f"gram{last}"] = admm.layer_gram(a[layer - 1])
-            stats[f"cross{last}"] = admm.layer_cross(z[last - 1] + u[last - 1], a[layer - 1])
-    return dict(block, a=a, z=z, u=u), _timed(stats, started)
+    elif multiplier_updates:
+        u[layer] = admm.update_multiplier(u[layer], z[layer], admm.affine(next_weight, activations[layer - 1]))
+    forward_z = z[layer - 1]
+    a = admm.update_activation(forward_z, z[layer] + u[layer], next_weight, params["inverse"],
+                               params["beta_next"], params["gamma"])
+    z[layer - 1] = admm.update_preactivation(a, forward_z - u[layer - 1], params["beta"], params["gamma"])
+    inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else activations[layer - 2]
+    stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
+    stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
+    stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
+    return dict(block, z=z, u=u), _timed(stats, started)
 
 
 @dataclasses.dataclass
@@ -287,14 +303,13 @@ def epoch_metrics(stats: Stats) -> dict[str, float]:
 class AdmmTrainer:
     """Drives the passes and the driver-side weight solves of ADMM training.
 
-    One iteration t, for layers L..1 (a backward sweep):
+    One iteration t (L layers, L passes):
 
-    * W_L = solve(sums over samples from the previous pass), then one pass:
-      finish layer 1 of iteration t-1, score the weights of iteration t-1,
-      update z_L and u_L, update a_{L-1} and z_{L-1};
-    * for l = L-1..1: W_l = solve(sums), then (for l > 1) one pass: u_l step,
-      update a_{l-1} and z_{l-1};
-    * extrapolate every W: W = W_new + theta (W_new - W_new of iteration t-1).
+    * forward pass: finish layer 1 of iteration t-1 (u_1 step), score the weights of
+      iteration t-1, restart a_l, z_l from their forward pass; W_L = solve(sums);
+    * for l = L-1..1, one sweep pass (z_L and u_L, or the u_{l+1} step; a_l, z_l),
+      then W_l = solve(sums);
+    * extrapolate every W: W = W_new + theta_t (W_new - W_new of iteration t-1).
 
     A final pass finishes layer 1 and scores the last iteration.
     """
@@ -310,33 +325,42 @@ class AdmmTrainer:
         self.checkpoint_every = checkpoint_every
         self.history: list[EpochReport] = []  # every epoch so far, restored ones included
 
-    def _solve(self, sums: Stats, layer: int, epoch: int) -> np.ndarray:
-        cross, gram = sums.pop(f"cross{layer}"), sums[f"gram{layer}"]
+    def _solve(self, cross: np.ndarray, gram: np.ndarray, samples: int, layer: int, epoch: int) -> np.ndarray:
         if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
             raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer} are not finite "
                                    "(NaN/Inf in the data or a diverged state)")
-        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, int(sums["samples"])))
+        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples))
 
     def _initialise(self) -> DriverState:
         hp = self.hp
         totals = self.backend.inspect(sum_pass, {})
         mean = (totals["input_sum"] / totals["samples"]).astype(np.float32)
         weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
-        sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean})
+        sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean, "loss": hp.loss})
         pop_timers(sums)
         for key, value in sums.items():
             if not np.isfinite(value).all():
                 layer = re.sub(r"\D", "", key) or hp.layers
                 raise NumericalFailure(f"epoch 0 (initialisation): the statistics of layer {layer} are not finite "
                                        "(NaN/Inf in the input data)")
-        last = hp.layers
-        # the output layer starts as the ridge least-squares fit of the targets: z_L = W_L [a_{L-1}, 1]
-        weights[-1] = admm.solve_weights(sums.pop("cross_targets"), sums[f"gram{last}"], hp.init_ridge)
-        sums[f"cross{last}"] = weights[-1].astype(np.float64) @ sums[f"gram{last}"]
-        sums["samples"] = totals["samples"]
-        return DriverState(epoch=0, weights=weights, new_weights=None, sums=sums, mean=mean,
+        # the output layer starts as the ridge least-squares fit of the targets
+        weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{hp.layers}"], hp.init_ridge)
+        # the input Gram is the only statistic that lives across iterations
+        constant = {"gram1": sums["gram1"], "samples": totals["samples"]}
+        return DriverState(epoch=0, weights=weights, new_weights=None, sums=constant, mean=mean,
                            best_weights=None, best_loss=math.inf, best_epoch=0, stale=0, history=[],
                            pending_timers={})
+
+    def _pass(self, function: PassFunction, params: dict[str, Any], timers: dict[str, float], name: str,
+              epoch: int, update: bool = True) -> Stats:
+        """Run one pass, add its timers (wall clock as ``name``, worker phases summed) and check its residuals."""
+        tick = time.perf_counter()
+        sums = (self.backend.run_pass if update else self.backend.inspect)(function, params)
+        timers[name] = time.perf_counter() - tick
+        for phase, seconds in pop_timers(sums).items():
+            timers[phase] = timers.get(phase, 0.0) + seconds
+        check_finite(sums, epoch)
+        return sums
 
     def fit(self) -> TrainingResult:
         hp = self.hp
@@ -346,46 +370,42 @@ class AdmmTrainer:
             state = self._initialise()
         history = self.history = [EpochReport.from_record(r) for r in state.history]
         stopped_early = False
-        last = hp.layers
+        last, samples = hp.layers, int(state.sums["samples"])
         common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output}
+
+        def finish_previous() -> dict[str, Any]:
+            """Params that finish (u_1 step) and score the previous iteration, if any."""
+            if state.new_weights is None:
+                return {}
+            return {"finish": state.new_weights[0], "score": True, "multiplier_updates": state.epoch > hp.warmup_epochs}
+
         for epoch in range(state.epoch + 1, hp.epochs + 1):
             started = time.perf_counter()
             timers = {"solve": 0.0, "worker": 0.0}
             multiplier_updates = epoch > hp.warmup_epochs
+            sums = self._pass(forward_pass, {**common, "weights": state.weights, **finish_previous()},
+                              timers, "forward", epoch)
+            if "train_count" in sums:
+                stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
+                if stopped_early:
+                    break
+            grams = {**sums, "gram1": state.sums["gram1"]}
             new = list(state.weights)
             tick = time.perf_counter()
-            new[last - 1] = self._solve(state.sums, last, epoch)
+            new[last - 1] = self._solve(sums[f"cross{last}"], grams[f"gram{last}"], samples, last, epoch)
             timers["solve"] += time.perf_counter() - tick
             for layer in range(last - 1, 0, -1):
                 tick = time.perf_counter()
                 beta_next = hp.beta_of(layer + 1)
                 params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
-                          "weight": state.weights[layer - 1], "next_weight": new[layer],
-                          "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma),
-                          "beta": hp.beta_of(layer), "beta_next": beta_next, "gamma": hp.gamma}
-                if layer == last - 1:
-                    params["output"] = new[last - 1]
-                    if state.new_weights is not None:  # finish and score the previous iteration
-                        params["finish"] = (1, state.new_weights[0])
-                        params["score"] = state.weights
-                else:
-                    params["finish"] = (layer + 1, new[layer])
+                          "next_weight": new[layer], "beta": hp.beta_of(layer), "beta_next": beta_next,
+                          "gamma": hp.gamma, "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma)}
                 timers["solve"] += time.perf_counter() - tick
+                sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)
                 tick = time.perf_counter()
-                sums = self.backend.run_pass(sweep_pass, params)
-                timers[f"pass{layer}"] = time.perf_counter() - tick
-                for phase, seconds in pop_timers(sums).items():
-                    timers[phase] = timers.get(phase, 0.0) + seconds
-                check_finite(sums, epoch)
-                if "train_count" in sums:
-                    stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
-                state.sums.update({k: v for k, v in sums.items() if k.startswith(("cross", "gram"))})
-                tick = time.perf_counter()
-                new[layer - 1] = self._solve(state.sums, layer, epoch)
+                new[layer - 1] = self._solve(sums[f"cross{layer}"], grams[f"gram{layer}"], samples, layer, epoch)
                 timers["solve"] += time.perf_counter() - tick
-            if stopped_early:
-                break
-            state.weights = admm.extrapolate(new, state.new_weights, hp.extrapolation)
+            state.weights = admm.extrapolate(new, state.new_weights, hp.extrapolation_at(epoch))
             state.new_weights = new
             state.epoch = epoch
             if not all(np.isfinite(w).all() for w in state.weights):
@@ -395,11 +415,10 @@ class AdmmTrainer:
                 state.history = [r.as_record() for r in history]
                 self.checkpoints.save(self.backend, state)
         if not stopped_early and state.new_weights is not None:
-            tick = time.perf_counter()
-            sums = self.backend.run_pass(sweep_pass, {**common, "multiplier_updates": state.epoch > hp.warmup_epochs,
-                                                      "finish": (1, state.new_weights[0]), "score": state.weights})
-            pop_timers(sums)
-            self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=time.perf_counter() - tick))
+            tail: dict[str, float] = {}
+            sums = self._pass(forward_pass, {**common, "weights": state.weights, **finish_previous()},
+                              tail, "score", state.epoch, update=False)
+            self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=tail["score"]))
         best = state.best_weights if state.best_weights is not None else state.weights
         return TrainingResult(admm.fold_input_mean(best, state.mean), state.best_epoch, history, stopped_early,
                               resumed_from)

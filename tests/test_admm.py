@@ -126,6 +126,61 @@ def test_blocked_training_equals_single_process_training(epochs, tolerance):
         [r.metrics["train_loss"] for r in many.history], rel=1e-3)
 
 
+def _dense_recipe(pixels, labels, hp, iterations):
+    """The training recipe written out on the whole data set at once, from the update primitives only:
+    restart a, z from the forward pass, backward sweep of solves, multiplier steps, extrapolation."""
+    x = pixels.astype(np.float64) / 255
+    a0 = (x - x.mean(axis=0)).astype(np.float32)
+    targets, last = admm.one_hot(labels, hp.layer_sizes[-1]), hp.layers
+    weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
+    hidden = a0
+    for weight in weights[:-1]:
+        hidden = admm.relu(admm.affine(weight, hidden))
+    weights[-1] = admm.solve_weights(admm.layer_cross(admm.fit_targets(hp.loss, targets), hidden),
+                                     admm.layer_gram(hidden), hp.init_ridge)
+    multipliers = [np.zeros((len(labels), size), np.float32) for size in hp.layer_sizes[1:]]
+    previous = None
+    for iteration in range(1, iterations + 1):
+        inputs, forward_z = [a0], []
+        for weight in weights:
+            forward_z.append(admm.affine(weight, inputs[-1]))
+            inputs.append(admm.relu(forward_z[-1]))
+
+        def solve(layer, target):
+            gram = admm.layer_gram(inputs[layer - 1])
+            return admm.solve_weights(admm.layer_cross(target, inputs[layer - 1]), gram, hp.ridge_of(layer, len(labels)))
+
+        new = list(weights)
+        new[-1] = solve(last, forward_z[-1] + multipliers[-1])
+        m = admm.affine(new[-1], inputs[last - 1])
+        z_next = admm.OUTPUT_PROX[hp.loss](targets, m - multipliers[-1], hp.beta_output)
+        multipliers[-1] += z_next - m
+        for layer in range(last - 1, 0, -1):
+            beta_next = hp.beta_of(layer + 1)
+            inverse = admm.activation_operator(new[layer], beta_next, hp.gamma)
+            a = admm.update_activation(forward_z[layer - 1], z_next + multipliers[layer], new[layer], inverse,
+                                       beta_next, hp.gamma)
+            z = admm.update_preactivation(a, forward_z[layer - 1] - multipliers[layer - 1], hp.beta_of(layer), hp.gamma)
+            new[layer - 1] = solve(layer, z + multipliers[layer - 1])
+            multipliers[layer - 1] += z - admm.affine(new[layer - 1], inputs[layer - 1])
+            z_next = z
+        weights, previous = admm.extrapolate(new, previous, hp.extrapolation_at(iteration)), new
+    return admm.fold_input_mean(weights, (x.mean(axis=0)).astype(np.float32))
+
+
+@pytest.mark.parametrize("loss", ["squared_hinge", "least_squares"])
+def test_the_pass_structure_computes_the_dense_recipe(loss):
+    """The trainer splits an iteration into passes and reductions; the result is the recipe's."""
+    pixels, labels = _toy_problem()
+    hp = Hyperparameters(layer_sizes=(20, 16, 12, 3), loss=loss, epochs=9, extrapolation_epochs=2, patience=0)
+    result = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
+    best_weights_of_epoch = result.best_epoch
+    expected = _dense_recipe(pixels, labels, hp, best_weights_of_epoch)
+    assert best_weights_of_epoch > hp.extrapolation_epochs  # both extrapolation phases are covered
+    for actual, wanted in zip(result.weights, expected):
+        np.testing.assert_allclose(actual, wanted, rtol=0, atol=1e-3 * np.abs(wanted).max())
+
+
 def test_training_learns_a_separable_toy_problem():
     pixels, labels = _toy_problem()
     result = AdmmTrainer(Hyperparameters(layer_sizes=(20, 16, 3), epochs=15, patience=0),
