@@ -28,28 +28,40 @@ import numpy as np
 
 from admm_jobs.checkpoint import DATA_KEYS, flatten, unflatten
 
-DATA_FILE = "data.npz"
+DATA_DIRECTORY = "data"
 
 
 class BlockStateLost(RuntimeError):
     """A block's files are not on this executor (it was lost or the task ran elsewhere)."""
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` uncompressed to ``path`` atomically (temporary file, then rename)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(temporary, path)
+def _write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write one ``.npy`` file per array into ``directory``, all or nothing.
+
+    The files go to a temporary directory renamed into place. A complete directory of the same
+    name can only come from another attempt of the same deterministic task, so it is kept.
+    Plain ``.npy`` files rather than one ``.npz``: no zip CRC to compute, and reads can map them.
+    """
+    temporary = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for key, array in arrays.items():
+        np.save(temporary / f"{key}.npy", array, allow_pickle=False)
+    try:
+        os.rename(temporary, directory)
+    except OSError:
+        if not directory.is_dir():
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as arrays:
-        return {key: arrays[key] for key in arrays.files}
+def _read_arrays(directory: Path) -> dict[str, np.ndarray]:
+    """The arrays of a directory written by :func:`_write_arrays`, memory-mapped read-only."""
+    return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in directory.glob("*.npy")}
 
 
-def state_file(generation: int) -> str:
-    return f"state-{generation:06d}.npz"
+def state_directory(generation: int) -> str:
+    return f"state-{generation:06d}"
 
 
 class BlockStore:
@@ -63,43 +75,43 @@ class BlockStore:
 
     def save_data(self, block: dict[str, Any]) -> None:
         """Store a freshly loaded block's samples, labels and evaluation splits (generation 0)."""
-        directory = self._directory(block["index"])
-        directory.mkdir(parents=True, exist_ok=True)
         arrays = {"index": np.asarray(block["index"]), "pixels": block["pixels"], "labels": block["labels"]}
         for split, (pixels, labels) in block["evaluation"].items():
             arrays[f"evaluation.{split}.pixels"], arrays[f"evaluation.{split}.labels"] = pixels, labels
-        _write_npz(directory / DATA_FILE, arrays)
+        directory = self._directory(block["index"])
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(directory / DATA_DIRECTORY, ignore_errors=True)  # a reload replaces the data
+        _write_arrays(directory / DATA_DIRECTORY, arrays)
 
     def load(self, index: int, generation: int) -> dict[str, Any]:
-        """Block ``index`` with its state of ``generation`` (0: data only)."""
+        """Block ``index`` with its state of ``generation`` (0: data only); arrays are read-only maps."""
         directory = self._directory(index)
-        paths = [directory / DATA_FILE] + ([directory / state_file(generation)] if generation else [])
-        missing = [path for path in paths if not path.exists()]
+        paths = [directory / DATA_DIRECTORY] + ([directory / state_directory(generation)] if generation else [])
+        missing = [path for path in paths if not path.is_dir()]
         if missing:
             raise BlockStateLost(f"block {index}: {missing[0]} is not on host {socket.gethostname()}: the executor "
                                  "holding this block was lost; a retry of the training resumes from its checkpoint")
-        data = _read_npz(paths[0])
+        data = _read_arrays(paths[0])
         evaluation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for key in list(data):
-            if key.startswith("evaluation."):
-                _, split, field = key.split(".")
-                pixels, labels = evaluation.get(split, (None, None))
-                array = data.pop(key)
-                evaluation[split] = (array, labels) if field == "pixels" else (pixels, array)
+        for key in [k for k in data if k.startswith("evaluation.")]:
+            _, split, field = key.split(".")
+            pixels, labels = evaluation.get(split, (None, None))
+            array = data.pop(key)
+            evaluation[split] = (array, labels) if field == "pixels" else (pixels, array)
         block = {"index": int(data["index"]), "pixels": data["pixels"], "labels": data["labels"],
                  "evaluation": evaluation}
         if generation:
-            block.update(unflatten(_read_npz(paths[1])))
+            block.update(unflatten(_read_arrays(paths[1])))
         return block
 
     def save_state(self, block: dict[str, Any], generation: int) -> None:
         """Write the block's ADMM state as ``generation`` and drop generations older than ``generation - 1``."""
         directory = self._directory(block["index"])
         state = {key: value for key, value in block.items() if key not in DATA_KEYS}
-        _write_npz(directory / state_file(generation), flatten(state))
-        for path in directory.glob("state-*.npz"):
-            if int(path.stem.split("-")[1]) < generation - 1:
-                path.unlink(missing_ok=True)
+        _write_arrays(directory / state_directory(generation), flatten(state))
+        for path in directory.glob("state-*"):
+            if path.is_dir() and int(path.name.split("-")[1]) < generation - 1:
+                shutil.rmtree(path, ignore_errors=True)
 
     def remove(self, index: int) -> None:
         shutil.rmtree(self._directory(index), ignore_errors=True)

@@ -209,7 +209,8 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         for split, (pixels, labels) in block["evaluation"].items():
             logits = admm.forward(weights, scaled_input(pixels, mean))
             stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
-    return dict(block, a=a, z=z, u=u), _timed(stats, started)
+    # z_L is not kept: the output update starts from W_L new
+    return dict(block, a=a, z=z[:-1], u=u), _timed(stats, started)
 
 
 def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
@@ -224,31 +225,35 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
 
     ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations.
+    Between iterations a block keeps only z_1 (for the u_1 step) and the multipliers.
     """
     started = time.perf_counter()
     layer, next_weight = params["layer"], params["next_weight"]
     activations, z, u = block["a"], list(block["z"]), list(block["u"])
-    last = len(z)
+    last = len(u)
     multiplier_updates = params["multiplier_updates"]
     stats: Stats = {}
     if layer == last - 1:
         m = admm.affine(next_weight, activations[layer - 1])
         targets = admm.one_hot(block["labels"], m.shape[1])
-        z[last - 1] = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
+        z_next = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
         if multiplier_updates:
-            u[last - 1] = admm.update_multiplier(u[last - 1], z[last - 1], m)
-        stats[f"residual{last}"] = float(((z[last - 1] - m) ** 2).sum())
-    elif multiplier_updates:
-        u[layer] = admm.update_multiplier(u[layer], z[layer], admm.affine(next_weight, activations[layer - 1]))
+            u[last - 1] = admm.update_multiplier(u[last - 1], z_next, m)
+        stats[f"residual{last}"] = float(((z_next - m) ** 2).sum())
+    else:
+        z_next = z[layer]
+        if multiplier_updates:
+            u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activations[layer - 1]))
     forward_z = z[layer - 1]
-    a = admm.update_activation(forward_z, z[layer] + u[layer], next_weight, params["inverse"],
+    a = admm.update_activation(forward_z, z_next + u[layer], next_weight, params["inverse"],
                                params["beta_next"], params["gamma"])
     z[layer - 1] = admm.update_preactivation(a, forward_z - u[layer - 1], params["beta"], params["gamma"])
     inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else activations[layer - 2]
     stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
-    return dict(block, z=z, u=u), _timed(stats, started)
+    # keep only what the rest of the sweep reads: the inputs a_1..a_{l-1}, the forward z below l and the new z_l
+    return dict(block, a=activations[:layer - 1], z=z[:layer], u=u), _timed(stats, started)
 
 
 @dataclasses.dataclass

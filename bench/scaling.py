@@ -60,7 +60,7 @@ def measure(spark, dataset_uri: str, factor: int, epochs: int) -> dict:
         memory = backend.inspect(memory_pass, {})
         # local mode: the executor's scratch directory is this process's; data plus two state generations
         store = Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{backend.token}"
-        store_bytes = sum(path.stat().st_size for path in store.rglob("*.npz"))
+        store_bytes = sum(path.stat().st_size for path in store.rglob("*.npy"))
     finally:
         backend.close()
     peaks = [value for key, value in memory.items() if key.startswith("peak_rss_mib_")]

@@ -59,7 +59,7 @@ def test_old_generations_are_dropped_but_the_previous_one_is_kept_for_retries(tm
     store.save_data(block)
     for generation in range(1, 5):
         store.save_state({**block, **_state(generation)}, generation)
-    assert _generations(tmp_path) == ["state-000003.npz", "state-000004.npz"]
+    assert _generations(tmp_path) == ["state-000003", "state-000004"]
     assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
 
 
@@ -79,9 +79,9 @@ def test_a_task_retried_after_writing_its_result_reads_the_same_input_and_rewrit
 def test_missing_state_names_the_block_and_the_file(tmp_path):
     store = BlockStore(tmp_path)
     store.save_data(_block())
-    with pytest.raises(BlockStateLost, match=r"block 3: .*state-000001\.npz is not on host"):
+    with pytest.raises(BlockStateLost, match=r"block 3: .*state-000001 is not on host"):
         store.load(3, 1)
     store.remove(3)
-    with pytest.raises(BlockStateLost, match=r"block 3: .*data\.npz is not on host"):
+    with pytest.raises(BlockStateLost, match=r"block 3: .*block-00003/data is not on host"):
         store.load(3, 0)
     assert not (tmp_path / "block-00003").exists()
