@@ -5,8 +5,9 @@ levels, seeded per replica), and the replicas are built on the executors when th
 blocks load, so the driver never sees the data. Partitions grow with the factor, so
 a block always holds about 13,750 samples. Reports seconds per epoch (median of the
 epochs after the first), the peak resident memory of the Python workers, and the
-ADMM state per sample held by the blocks and the bytes per sample of the executors'
-block files (data plus the two newest state generations).
+ADMM state per sample a block holds between iterations (z_1 and the multipliers) and the
+bytes per sample of the executors' block files at the end (data plus the two newest state
+generations).
 
     .venv/bin/python bench/scaling.py [--factors 1,2,4,8] [--epochs 3] [--cores 2]
 
@@ -25,6 +26,7 @@ import numpy as np
 from pyspark import SparkFiles
 
 from admm_jobs import train
+from admm_jobs.checkpoint import DATA_KEYS
 from admm_jobs.trainer import AdmmTrainer, make_block
 from common import RESULTS, machine, mnist_dataset_uri, spark_session
 
@@ -41,8 +43,8 @@ def replicated_block(spec: dict) -> dict:
 
 
 def memory_pass(block: dict, params: dict):
-    """Peak RSS of this Python worker and the bytes of ADMM state this block holds."""
-    state = sum(array.nbytes for key in ("a", "z", "u") for array in block[key])
+    """Peak RSS of this Python worker and the bytes of ADMM state this block holds between iterations."""
+    state = sum(array.nbytes for key, arrays in block.items() if key not in DATA_KEYS for array in arrays)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return block, {f"peak_rss_mib_{block['index']}": peak_mib, "state_bytes": state, "samples": len(block["labels"])}
 
