@@ -9,10 +9,10 @@ where blocks live: :class:`LocalBackend` keeps them in this process (the
 single-process reference), ``train.SparkBackend`` keeps them in files on the
 Spark executors (:mod:`admm_jobs.block_store`).
 
-One iteration ("epoch") is a backward sweep over the layers (see
-:meth:`AdmmTrainer.fit`); each weight solve needs one reduction, and the
-per-sample updates between two solves run in one pass, so an iteration of an
-L-layer network costs L - 1 passes.
+One iteration ("epoch") restarts a_l, z_l from the network's forward pass and
+then makes a backward sweep over the layers (see :meth:`AdmmTrainer.fit`); each
+weight solve needs one reduction, and the per-sample updates between two
+solves run in one pass, so an iteration of an L-layer network costs L passes.
 """
 
 from __future__ import annotations
