@@ -12,8 +12,8 @@ g + 1 under a temporary name renamed into place, so a retried task still
 finds generation g intact and rewrites the same result. Generation 0 is the
 block's data without any state; generations older than g are removed once
 g + 1 is written. If the files are gone (the executor was lost), reading
-raises :class:`BlockStateLost`; the training task's retry then resumes from
-the latest checkpoint.
+raises :class:`BlockStateLost`; the trainer then reloads the blocks' data
+and resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class BlockStore:
         missing = [path for path in paths if not path.is_dir()]
         if missing:
             raise BlockStateLost(f"block {index}: {missing[0]} is not on host {socket.gethostname()}: the executor "
-                                 "holding this block was lost; a retry of the training resumes from its checkpoint")
+                                 "holding this block was lost; training reloads the blocks and resumes from its latest checkpoint")
         data = _read_arrays(paths[0])
         evaluation: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for key in [k for k in data if k.startswith("evaluation.")]:

@@ -11,10 +11,12 @@ the driver (``aggregate``) and the solved weights are broadcast back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -31,7 +33,7 @@ from admm_jobs.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.config import int_tuple, parse_config, require, setting, validate_fields
 from admm_jobs.model import Model, save_model
 from admm_jobs.trainer import (
-    INPUT_SCALE, AdmmTrainer, Block, EpochReport, Hyperparameters, PassFunction, Stats, add_stats, make_block,
+    INPUT_SCALE, AdmmTrainer, Block, BlocksLost, EpochReport, Hyperparameters, PassFunction, Stats, add_stats, make_block,
 )
 
 log = logging.getLogger("admm_jobs.train")
@@ -172,10 +174,19 @@ class SparkBackend:
         from pyspark import StorageLevel
 
         self.sc = spark_context
+        self.specs, self.loader, self.storage_level = specs, loader, StorageLevel.MEMORY_AND_DISK
+        self._load()
+
+    def _load(self) -> None:
         self.token = uuid.uuid4().hex
-        self.handles = spark_context.parallelize(specs, len(specs)).map(
-            functools.partial(_store_block, self.token, loader)).persist(StorageLevel.MEMORY_AND_DISK)
+        self.handles = self.sc.parallelize(self.specs, len(self.specs)).map(
+            functools.partial(_store_block, self.token, self.loader)).persist(self.storage_level)
         self.generation = 0  # the state generation the next pass reads (0: data only)
+
+    def reload(self) -> None:
+        with contextlib.suppress(Exception):  # best effort: the executors that still hold old blocks free them
+            self.close()
+        self._load()
 
     def _reduce(self, function: PassFunction, params: dict[str, Any], update: bool) -> Stats:
         broadcast = self.sc.broadcast(params)
@@ -184,6 +195,11 @@ class SparkBackend:
             # the float sums (and hence the weights) do not depend on task timing.
             return self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast,
                                                       self.generation, update)).aggregate({}, add_stats, add_stats)
+        except Exception as exc:
+            lost = re.search(r"BlockStateLost: (.*)", str(exc))
+            if lost:
+                raise BlocksLost(lost.group(1)) from exc
+            raise
         finally:
             broadcast.unpersist(blocking=False)
 

@@ -18,6 +18,8 @@ solves run in one pass, so an iteration of an L-layer network costs L passes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import math
 import re
 import time
@@ -34,6 +36,13 @@ Stats = dict[str, Any]
 PassFunction = Callable[[Block, dict[str, Any]], tuple[Block, Stats]]
 
 INPUT_SCALE = 1.0 / 255.0
+MAX_BLOCK_RELOADS = 3  # block losses survived in one fit before giving up to the task's own retry
+
+log = logging.getLogger(__name__)
+
+
+class BlocksLost(RuntimeError):
+    """The backend lost blocks' state (an executor went away); ``reload()`` brings their data back."""
 
 
 class NumericalFailure(RuntimeError):
@@ -92,12 +101,19 @@ class Backend(Protocol):
     def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
         """Run ``function`` on every block for its side effects and stats only; the blocks stay as they are."""
 
+    def reload(self) -> None:
+        """Start again from the blocks' data without any state (after :class:`BlocksLost`)."""
+
 
 class LocalBackend:
     """All blocks in this process: the single-process reference implementation."""
 
     def __init__(self, blocks: Iterable[Block]):
-        self.blocks = list(blocks)
+        self.loaded = list(blocks)
+        self.blocks = self.loaded
+
+    def reload(self) -> None:
+        self.blocks = self.loaded
 
     def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
         total: Stats = {}
@@ -368,11 +384,22 @@ class AdmmTrainer:
         return sums
 
     def fit(self) -> TrainingResult:
-        hp = self.hp
+        """Train; when the backend loses blocks, reload them and go on from the latest checkpoint (or the start)."""
         state = self.checkpoints.restore(self.backend) if self.checkpoints else None
         resumed_from = state.epoch if state else None
-        if state is None:
-            state = self._initialise()
+        for reloads in itertools.count():
+            try:
+                return self._fit_from(state or self._initialise(), resumed_from)
+            except BlocksLost as exc:
+                if reloads >= MAX_BLOCK_RELOADS:
+                    raise
+                log.warning("%s; reloading the blocks and resuming from the latest checkpoint", exc)
+                self.backend.reload()
+                state = self.checkpoints.restore(self.backend) if self.checkpoints else None
+                resumed_from = state.epoch if state else None
+
+    def _fit_from(self, state: DriverState, resumed_from: int | None) -> TrainingResult:
+        hp = self.hp
         history = self.history = [EpochReport.from_record(r) for r in state.history]
         stopped_early = False
         last, samples = hp.layers, int(state.sums["samples"])

@@ -16,7 +16,8 @@ import pytest
 
 from admm_jobs import model as model_io
 from admm_jobs import storage, train
-from admm_jobs.trainer import AdmmTrainer, LocalBackend, sum_pass
+from admm_jobs.checkpoint import CheckpointStore
+from admm_jobs.trainer import AdmmTrainer, BlocksLost, LocalBackend, sum_pass
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,6 @@ def test_a_killed_python_worker_is_retried_and_training_ends_the_same(spark_cont
 @pytest.mark.slow
 def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_context, small_dataset):
     from pyspark import SparkFiles
-    from pyspark.errors import PythonException
 
     dataset_uri = small_dataset["dataset_uri"]
     config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=2,
@@ -158,10 +158,49 @@ def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_
     assert len(list((store / "block-00001").glob("state-*"))) == 2
 
     shutil.rmtree(store / "block-00001")  # as if the executor holding block 1 had been lost
-    with pytest.raises(PythonException, match=r"BlockStateLost: block 1: .*block-00001/data is not on host"):
+    with pytest.raises(BlocksLost, match=r"block 1: .*block-00001/data is not on host"):
         backend.inspect(sum_pass, {})
     backend.close()
     assert list(store.iterdir()) == []
+
+
+class ExecutorLossSparkBackend(train.SparkBackend):
+    """Deletes block 0's files before one pass, as if the executor holding it had been lost."""
+
+    def __init__(self, spark_context, specs, lose_before_pass):
+        super().__init__(spark_context, specs)
+        self.passes, self.lose_before_pass, self.reloads = 0, lose_before_pass, 0
+
+    def run_pass(self, function, params):
+        from pyspark import SparkFiles
+
+        self.passes += 1
+        if self.passes == self.lose_before_pass:
+            shutil.rmtree(Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{self.token}" / "block-00000")
+        return super().run_pass(function, params)
+
+    def reload(self):
+        self.reloads += 1
+        super().reload()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint_every", [2, 0])
+def test_a_lost_block_is_reloaded_and_training_ends_the_same(spark_context, small_dataset, tmp_path, checkpoint_every):
+    dataset_uri = small_dataset["dataset_uri"]
+    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24, 12), epochs=5,
+                               partitions=2, train_limit=300, patience=0)
+    specs, hp = train.block_specs(dataset_uri, 2, 300), config.hyperparameters(784, 10)
+    clean = AdmmTrainer(hp, train.SparkBackend(spark_context, specs)).fit()
+    # 1 init + 3 passes per iteration: pass 12 is in iteration 4, after the checkpoint of iteration 2
+    backend = ExecutorLossSparkBackend(spark_context, specs, lose_before_pass=12)
+    checkpoints = CheckpointStore(str(tmp_path / "checkpoints"), "fingerprint") if checkpoint_every else None
+    recovered = AdmmTrainer(hp, backend, checkpoints=checkpoints, checkpoint_every=checkpoint_every).fit()
+    assert backend.reloads == 1
+    assert recovered.resumed_from == (2 if checkpoint_every else None)  # from the checkpoint, or from scratch
+    assert [r.epoch for r in recovered.history] == [1, 2, 3, 4, 5]
+    for expected, actual in zip(clean.weights, recovered.weights):
+        np.testing.assert_array_equal(actual, expected)
 
 
 def _spark_submit(dataset_uri: str, output_uri: str, epochs: int):
