@@ -12,7 +12,9 @@ Notation (samples are rows): ``a_0`` is the (centred) input; for l = 1..L
 and the training problem is the augmented Lagrangian
 
     loss(z_L, y) + sum_l beta_l ||z_l - W_l [a_{l-1}, 1] + u_l||^2
-                 + sum_{l<L} gamma_l ||a_l - relu(z_l)||^2 + sum_l ridge_l ||W_l||^2.
+                 + sum_{l<L} gamma_l ||a_l - relu(z_l)||^2 + sum_l beta_l ridge_l ||W_l||^2
+
+(each ridge is relative to its layer's penalty, so the W_l solve is a plain ridge regression).
 
 Every function below is the exact minimiser of that objective in one block
 of variables with the others fixed (or the multiplier step), so no gradient

@@ -65,7 +65,7 @@ def state_directory(generation: int) -> str:
 
 
 class BlockStore:
-    """Blocks below one directory: ``block-<index>/data.npz`` and ``block-<index>/state-<generation>.npz``."""
+    """Blocks below one directory: ``block-<index>/data/`` and ``block-<index>/state-<generation>/``, ``.npy`` files."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)

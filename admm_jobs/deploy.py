@@ -61,9 +61,9 @@ ARCHIVE_PYTHON = f"./{ARCHIVE_ALIAS}/bin/python"
 # Each Python worker runs one task; BLAS threads beyond one per task oversubscribe the cores.
 # The driver keeps multithreaded BLAS: it solves the weight systems.
 # Each block's ADMM state lives in files on the executor that loaded it: its tasks wait for that
-# executor rather than run elsewhere and fail to find the state.
+# executor (while it lives) rather than run elsewhere and find no state, which costs a reload.
 BASE_SPARK_CONF = {"spark.driver.memory": "4g", "spark.executorEnv.OPENBLAS_NUM_THREADS": "1", "spark.log.level": "WARN",
-                   "spark.locality.wait": "30s"}
+                   "spark.locality.wait.process": "600s"}
 
 _URI = r"^{schemes}://[a-z0-9][a-z0-9._-]{{1,220}}[a-z0-9](/\S*)?$"
 S3_URI = _URI.format(schemes="s3")

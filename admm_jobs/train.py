@@ -11,7 +11,6 @@ the driver (``aggregate``) and the solved weights are broadcast back.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -61,10 +60,11 @@ class TrainConfig:
     ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)
     extrapolation: float = setting(0.9, "theta in W = W_new + theta (W_new - W_previous) in the first iterations",
                                    minimum=0, exclusiveMaximum=1)
-    extrapolation_epochs: int = setting(7, "iterations that use --extrapolation", minimum=0, maximum=10_000)
+    extrapolation_epochs: int = setting(7, "iterations up to which --extrapolation is used (the first iteration has "
+                                        "nothing to extrapolate from)", minimum=0, maximum=10_000)
     extrapolation_late: float = setting(0.5, "theta in the later iterations", minimum=0, exclusiveMaximum=1)
     epochs: int = setting(50, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
-    warmup_epochs: int = setting(0, "first iterations without multiplier updates", minimum=0, maximum=10_000)
+    warmup_epochs: int = setting(0, "first iterations without hidden-layer multiplier updates", minimum=0, maximum=10_000)
     patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)
     partitions: int = setting(4, "Spark partitions, i.e. sample blocks", minimum=1, maximum=10_000)
@@ -184,8 +184,9 @@ class SparkBackend:
         self.generation = 0  # the state generation the next pass reads (0: data only)
 
     def reload(self) -> None:
-        with contextlib.suppress(Exception):  # best effort: the executors that still hold old blocks free them
-            self.close()
+        # the surviving executors' old block files are left to go with their scratch directories:
+        # removing them now would recompute the lost handles, i.e. re-read their data, only to delete it
+        self.handles.unpersist()
         self._load()
 
     def _reduce(self, function: PassFunction, params: dict[str, Any], update: bool) -> Stats:
@@ -258,7 +259,10 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
     try:
         result = trainer.fit()
     finally:
-        backend.close()
+        try:
+            backend.close()
+        except Exception:  # the files go with the executors' scratch directories anyway; keep fit()'s outcome
+            log.warning("could not remove the executors' block files", exc_info=True)
     best = next(report for report in result.history if report.epoch == result.best_epoch)
     model = Model(
         weights=[w[:, :-1].copy() for w in result.weights],

@@ -253,8 +253,9 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         m = admm.affine(next_weight, activations[layer - 1])
         targets = admm.one_hot(block["labels"], m.shape[1])
         z_next = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
-        if multiplier_updates:
-            u[last - 1] = admm.update_multiplier(u[last - 1], z_next, m)
+        # always, warm-up included: with a and z restarted from the network every iteration,
+        # u_L is what carries the loss into the W_L solve
+        u[last - 1] = admm.update_multiplier(u[last - 1], z_next, m)
         stats[f"residual{last}"] = float(((z_next - m) ** 2).sum())
     else:
         z_next = z[layer]
@@ -385,18 +386,16 @@ class AdmmTrainer:
 
     def fit(self) -> TrainingResult:
         """Train; when the backend loses blocks, reload them and go on from the latest checkpoint (or the start)."""
-        state = self.checkpoints.restore(self.backend) if self.checkpoints else None
-        resumed_from = state.epoch if state else None
         for reloads in itertools.count():
             try:
+                state = self.checkpoints.restore(self.backend) if self.checkpoints else None
+                resumed_from = state.epoch if state else None
                 return self._fit_from(state or self._initialise(), resumed_from)
             except BlocksLost as exc:
                 if reloads >= MAX_BLOCK_RELOADS:
                     raise
                 log.warning("%s; reloading the blocks and resuming from the latest checkpoint", exc)
                 self.backend.reload()
-                state = self.checkpoints.restore(self.backend) if self.checkpoints else None
-                resumed_from = state.epoch if state else None
 
     def _fit_from(self, state: DriverState, resumed_from: int | None) -> TrainingResult:
         hp = self.hp

@@ -162,17 +162,22 @@ def _dense_recipe(pixels, labels, hp, iterations):
                                        beta_next, hp.gamma)
             z = admm.update_preactivation(a, forward_z[layer - 1] - multipliers[layer - 1], hp.beta_of(layer), hp.gamma)
             new[layer - 1] = solve(layer, z + multipliers[layer - 1])
-            multipliers[layer - 1] += z - admm.affine(new[layer - 1], inputs[layer - 1])
+            if iteration > hp.warmup_epochs:  # warm-up freezes the hidden multipliers only
+                multipliers[layer - 1] += z - admm.affine(new[layer - 1], inputs[layer - 1])
             z_next = z
         weights, previous = admm.extrapolate(new, previous, hp.extrapolation_at(iteration)), new
     return admm.fold_input_mean(weights, (x.mean(axis=0)).astype(np.float32))
 
 
-@pytest.mark.parametrize("loss", ["squared_hinge", "least_squares"])
-def test_the_pass_structure_computes_the_dense_recipe(loss):
+@pytest.mark.parametrize("loss, layer_sizes, warmup", [("squared_hinge", (20, 16, 12, 3), 0),
+                                                       ("least_squares", (20, 16, 12, 3), 0),
+                                                       ("squared_hinge", (20, 16, 3), 0),
+                                                       ("squared_hinge", (20, 16, 12, 3), 2)])
+def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup):
     """The trainer splits an iteration into passes and reductions; the result is the recipe's."""
     pixels, labels = _toy_problem()
-    hp = Hyperparameters(layer_sizes=(20, 16, 12, 3), loss=loss, epochs=9, extrapolation_epochs=2, patience=0)
+    hp = Hyperparameters(layer_sizes=layer_sizes, loss=loss, epochs=9, extrapolation_epochs=2, warmup_epochs=warmup,
+                         patience=0)
     result = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
     best_weights_of_epoch = result.best_epoch
     expected = _dense_recipe(pixels, labels, hp, best_weights_of_epoch)
