@@ -229,14 +229,21 @@ def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarr
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
 
 
-def forward(weights: list[np.ndarray], a0: np.ndarray) -> np.ndarray:
-    """Network logits: a_l = relu(W_l [a_{l-1}, 1]) for hidden layers, W_L [a_{L-1}, 1] last."""
+def forward_state(weights: list[np.ndarray], a0: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The network's forward pass, kept: z_l = W_l [a_{l-1}, 1] for l = 1..L and a_l = relu(z_l) for l < L."""
+    activations, preactivations = [], []
     activation = a0
     for index, weight in enumerate(weights):
-        activation = affine(weight, activation)
+        preactivations.append(affine(weight, activation).astype(np.float32, copy=False))
         if index < len(weights) - 1:
-            activation = relu(activation)
-    return activation
+            activation = relu(preactivations[-1])
+            activations.append(activation)
+    return activations, preactivations
+
+
+def forward(weights: list[np.ndarray], a0: np.ndarray) -> np.ndarray:
+    """Network logits z_L of :func:`forward_state`."""
+    return forward_state(weights, a0)[1][-1]
 
 
 def he_initial_weights(layer_sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:

@@ -159,19 +159,6 @@ def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     return block, {"input_sum": pixels.sum(axis=0), "samples": pixels.shape[0]}
 
 
-def forward_state(weights: list[np.ndarray], a0: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The plain forward pass, kept: z_l = W_l [a_{l-1}, 1] for l = 1..L and a_l = relu(z_l) for l < L."""
-    activations, preactivations = [], []
-    a = a0
-    for index, weight in enumerate(weights):
-        z = admm.affine(weight, a).astype(np.float32)
-        preactivations.append(z)
-        if index < len(weights) - 1:
-            a = admm.relu(z)
-            activations.append(a)
-    return activations, preactivations
-
-
 def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """Every u_l = 0, and the statistics of the initial least-squares fit of the output layer.
 
@@ -182,7 +169,7 @@ def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     started = time.perf_counter()
     weights = params["weights"]
     a0 = scaled_input(block["pixels"], params["mean"])
-    activations, preactivations = forward_state(weights, a0)
+    activations, preactivations = admm.forward_state(weights, a0)
     targets = admm.fit_targets(params["loss"], admm.one_hot(block["labels"], weights[-1].shape[0]))
     stats = {"gram1": admm.layer_gram(a0), f"gram{len(weights)}": admm.layer_gram(activations[-1]),
              "cross_targets": admm.layer_cross(targets, activations[-1])}
@@ -216,7 +203,7 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     u = list(block["u"])
     if params.get("finish") is not None and params["multiplier_updates"]:
         u[0] = admm.update_multiplier(u[0], block["z"][0], admm.affine(params["finish"], a0))
-    a, z = forward_state(weights, a0)
+    a, z = admm.forward_state(weights, a0)
     last = len(weights)
     stats: Stats = {f"gram{layer}": admm.layer_gram(a[layer - 2]) for layer in range(2, last + 1)}
     stats[f"cross{last}"] = admm.layer_cross(z[-1] + u[-1], a[-1])
