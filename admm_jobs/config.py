@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import types
 import typing
@@ -23,6 +24,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A setting is missing or out of range; the message names it."""
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(stream=None) -> None:
+    """INFO log lines with time, level and logger name, for a stage run from the command line."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=stream)
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", **schema: Any) -> Any:

@@ -63,7 +63,7 @@ from PIL import Image
 
 from admm_jobs import dataset, ingest, publish, storage
 from admm_jobs import model as model_io
-from admm_jobs.config import parse_config, require, setting, validate_fields
+from admm_jobs.config import configure_logging, parse_config, require, setting, validate_fields
 
 log = logging.getLogger("admm_jobs.predict")  # not "__main__" under python -m
 
@@ -363,7 +363,7 @@ def predict(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_config(PredictConfig, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     result = predict(
         config.model_uri,
         config.input,

@@ -46,7 +46,7 @@ import botocore.exceptions
 
 from admm_jobs import model as model_io
 from admm_jobs import storage
-from admm_jobs.config import parse_config, require, setting, validate_fields
+from admm_jobs.config import configure_logging, parse_config, require, setting, validate_fields
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
 
@@ -424,7 +424,7 @@ def publish_run(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_config(PublishConfig, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     result = publish_run(
         config.run_uri,
         config.registry_uri,

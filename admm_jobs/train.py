@@ -29,7 +29,7 @@ import numpy as np
 from admm_jobs import admm, dataset, storage
 from admm_jobs.block_store import BlockStore
 from admm_jobs.checkpoint import CheckpointStore, fingerprint
-from admm_jobs.config import int_tuple, parse_config, require, setting, validate_fields
+from admm_jobs.config import configure_logging, int_tuple, parse_config, require, setting, validate_fields
 from admm_jobs.model import Model, save_model
 from admm_jobs.trainer import (
     INPUT_SCALE, AdmmTrainer, Block, BlocksLost, EpochReport, Hyperparameters, PassFunction, Stats, add_stats, make_block,
@@ -290,7 +290,7 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    configure_logging(sys.stdout)
     config = parse_config(TrainConfig, argv)
     from pyspark.sql import SparkSession
 
