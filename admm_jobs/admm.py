@@ -212,6 +212,11 @@ def fold_input_mean(weights: list[np.ndarray], mean: np.ndarray) -> list[np.ndar
     return folded
 
 
+def centre_input(weights: list[np.ndarray], mean: np.ndarray) -> list[np.ndarray]:
+    """Inverse of :func:`fold_input_mean`: W_1 [x, 1] = W_1' [x - mu, 1] with b_1' = b_1 + W_1 mu."""
+    return fold_input_mean(weights, -mean)
+
+
 def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-sample value of the output loss at the network's logits."""
     classes = logits.shape[1]

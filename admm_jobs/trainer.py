@@ -6,8 +6,8 @@ state (activations a_l, pre-activations z_l, scaled multipliers u_l). One
 it returns (Gram matrices, loss sums). The driver solves the weight updates
 from those sums and sends the weights to the next pass. A backend decides
 where blocks live: :class:`LocalBackend` keeps them in this process (the
-single-process reference), ``train.SparkBackend`` keeps them in files on the
-Spark executors (:mod:`admm_jobs.block_store`).
+single-process reference), :class:`admm_jobs.spark_backend.SparkBackend` keeps
+them in files on the Spark executors (:mod:`admm_jobs.block_store`).
 
 One iteration ("epoch") restarts a_l, z_l from the network's forward pass and
 then makes a backward sweep over the layers (see :meth:`AdmmTrainer.fit`); each
@@ -324,7 +324,7 @@ class AdmmTrainer:
     """
 
     def __init__(self, hp: Hyperparameters, backend: Backend, on_epoch: Callable[[EpochReport], None] | None = None,
-                 checkpoints=None, checkpoint_every: int = 0):
+                 checkpoints=None, checkpoint_every: int = 0, initial_weights: list[np.ndarray] | None = None):
         if hp.loss not in admm.LOSSES:
             raise ValueError(f"unknown loss {hp.loss!r}; expected one of {admm.LOSSES}")
         self.hp = hp
@@ -333,6 +333,13 @@ class AdmmTrainer:
         self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every
         self.history: list[EpochReport] = []  # every epoch so far, restored ones included
+        # warm start: [W_l, b_l] of a trained network for raw input (a_0 = x / 255, as a Model stores them)
+        self.initial_weights = initial_weights
+        if initial_weights is not None:
+            shapes = [w.shape for w in initial_weights]
+            expected = [(fan_out, fan_in + 1) for fan_in, fan_out in zip(hp.layer_sizes[:-1], hp.layer_sizes[1:])]
+            if shapes != expected:
+                raise ValueError(f"initial weights have shapes {shapes}; layers {hp.layer_sizes} need {expected}")
 
     def _solve(self, cross: np.ndarray, gram: np.ndarray, samples: int, layer: int, epoch: int) -> np.ndarray:
         if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
@@ -344,7 +351,10 @@ class AdmmTrainer:
         hp = self.hp
         totals = self.backend.inspect(sum_pass, {})
         mean = (totals["input_sum"] / totals["samples"]).astype(np.float32)
-        weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
+        if self.initial_weights is not None:
+            weights = admm.centre_input([np.asarray(w, np.float32) for w in self.initial_weights], mean)
+        else:
+            weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
         sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean, "loss": hp.loss})
         pop_timers(sums)
         for key, value in sums.items():
@@ -352,8 +362,9 @@ class AdmmTrainer:
                 layer = re.sub(r"\D", "", key) or hp.layers
                 raise NumericalFailure(f"epoch 0 (initialisation): the statistics of layer {layer} are not finite "
                                        "(NaN/Inf in the input data)")
-        # the output layer starts as the ridge least-squares fit of the targets
-        weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{hp.layers}"], hp.init_ridge)
+        if self.initial_weights is None:
+            # a random network's output layer starts as the ridge least-squares fit of the targets
+            weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{hp.layers}"], hp.init_ridge)
         # the input Gram is the only statistic that lives across iterations
         constant = {"gram1": sums["gram1"], "samples": totals["samples"]}
         return DriverState(epoch=0, weights=weights, new_weights=None, sums=constant, mean=mean,

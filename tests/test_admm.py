@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import optimize
@@ -208,3 +210,22 @@ def test_numerical_failure_names_layer_and_epoch():
         AdmmTrainer(Hyperparameters(layer_sizes=(20, 8, 3), epochs=2), LocalBackend(blocks)).fit()
     with pytest.raises(NumericalFailure, match=r"epoch 7: residual of layer 2 is inf"):
         check_finite({"residual1": 1.0, "residual2": float("inf")}, 7)
+
+
+def test_warm_start_begins_from_the_given_network():
+    """initial_weights (raw-input layout, as a published Model stores them) replace the random start and
+    the output layer's least-squares fit: the first forward pass reproduces the given network's logits."""
+    pixels, labels = _toy_problem()
+    hp = Hyperparameters(layer_sizes=(20, 16, 3), epochs=15, patience=0)
+    trained = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 3))).fit()
+    warm = AdmmTrainer(dataclasses.replace(hp, epochs=2), LocalBackend(_blocks(pixels, labels, 3)),
+                       initial_weights=trained.weights)
+    state = warm._initialise()
+    centred = pixels.astype(np.float32) / 255 - state.mean
+    np.testing.assert_allclose(admm.forward(state.weights, centred),
+                               admm.forward(trained.weights, pixels.astype(np.float32) / 255), rtol=1e-4, atol=1e-4)
+    cold = AdmmTrainer(dataclasses.replace(hp, epochs=2), LocalBackend(_blocks(pixels, labels, 3))).fit()
+    warm_result = warm.fit()
+    assert warm_result.history[0].metrics["train_loss"] < 0.5 * cold.history[0].metrics["train_loss"]
+    with pytest.raises(ValueError, match=r"initial weights have shapes"):
+        AdmmTrainer(Hyperparameters(layer_sizes=(20, 8, 3)), LocalBackend([]), initial_weights=trained.weights)
