@@ -4,7 +4,7 @@
 
 Each Spark partition holds one block of training samples with their ADMM
 state (see :mod:`admm_jobs.trainer`) plus its share of the validation and
-test splits, kept on the executor that loaded it (:mod:`admm_jobs.block_store`).
+test splits, kept on the executor that loaded it (:mod:`admm_jobs.spark_backend`).
 Executors read their own rows from storage, so no data passes through the driver; per pass only the per-layer Gram matrices are reduced to
 the driver (``aggregate``) and the solved weights are broadcast back.
 """
@@ -12,28 +12,22 @@ the driver (``aggregate``) and the solved weights are broadcast back.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import re
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from admm_jobs import admm, dataset, storage
-from admm_jobs.block_store import BlockStore
 from admm_jobs.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.config import configure_logging, int_tuple, parse_config, require, setting, validate_fields
 from admm_jobs.model import Model, save_model
-from admm_jobs.trainer import (
-    INPUT_SCALE, AdmmTrainer, Block, BlocksLost, EpochReport, Hyperparameters, PassFunction, Stats, add_stats, make_block,
-)
+from admm_jobs.spark_backend import SparkBackend
+from admm_jobs.trainer import INPUT_SCALE, AdmmTrainer, Block, EpochReport, Hyperparameters, make_block
 
 log = logging.getLogger("admm_jobs.train")
 
@@ -133,90 +127,6 @@ def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> l
     return [{"index": part, **{split: per_split[split][part] for split in dataset.SPLITS}} for part in range(partitions)]
 
 
-def _executor_store(token: str) -> BlockStore:
-    """This executor's block store of one backend (in the executor's own scratch directory)."""
-    from pyspark import SparkFiles
-
-    return BlockStore(Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{token}")
-
-
-def _store_block(token: str, loader: Callable[[dict[str, Any]], Block], spec: dict[str, Any]) -> int:
-    _executor_store(token).save_data(loader(spec))
-    return spec["index"]
-
-
-def _stored_pass(token: str, function: PassFunction, broadcast, generation: int, update: bool, index: int) -> Stats:
-    store = _executor_store(token)
-    started = time.perf_counter()
-    block = store.load(index, generation)
-    reading = time.perf_counter() - started
-    block, stats = function(block, broadcast.value)
-    started = time.perf_counter()
-    if update:
-        store.save_state(block, generation + 1)
-    return {**stats, "store_seconds": reading + time.perf_counter() - started}
-
-
-def _remove_block(token: str, index: int) -> None:
-    _executor_store(token).remove(index)
-
-
-class SparkBackend:
-    """Blocks stay in files on the executor that loaded them (:mod:`admm_jobs.block_store`).
-
-    Spark caches one small handle per block, so every task of a block is scheduled
-    where its files are; a pass is one Spark job whose only result is the reduction
-    of the blocks' statistics.
-    """
-
-    def __init__(self, spark_context, specs: list[dict[str, Any]],
-                 loader: Callable[[dict[str, Any]], Block] = load_block):
-        from pyspark import StorageLevel
-
-        self.sc = spark_context
-        self.specs, self.loader, self.storage_level = specs, loader, StorageLevel.MEMORY_AND_DISK
-        self._load()
-
-    def _load(self) -> None:
-        self.token = uuid.uuid4().hex
-        self.handles = self.sc.parallelize(self.specs, len(self.specs)).map(
-            functools.partial(_store_block, self.token, self.loader)).persist(self.storage_level)
-        self.generation = 0  # the state generation the next pass reads (0: data only)
-
-    def reload(self) -> None:
-        # the surviving executors' old block files are left to go with their scratch directories:
-        # removing them now would recompute the lost handles, i.e. re-read their data, only to delete it
-        self.handles.unpersist()
-        self._load()
-
-    def _reduce(self, function: PassFunction, params: dict[str, Any], update: bool) -> Stats:
-        broadcast = self.sc.broadcast(params)
-        try:
-            # aggregate() merges partition results on the driver in partition order, so
-            # the float sums (and hence the weights) do not depend on task timing.
-            return self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast,
-                                                      self.generation, update)).aggregate({}, add_stats, add_stats)
-        except Exception as exc:
-            lost = re.search(r"BlockStateLost: (.*)", str(exc))
-            if lost:
-                raise BlocksLost(lost.group(1)) from exc
-            raise
-        finally:
-            broadcast.unpersist(blocking=False)
-
-    def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        stats = self._reduce(function, params, update=True)
-        self.generation += 1
-        return stats
-
-    def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        return self._reduce(function, params, update=False)
-
-    def close(self) -> None:
-        self.handles.foreach(functools.partial(_remove_block, self.token))
-        self.handles.unpersist()
-
-
 def code_version() -> str:
     """The package version plus the git commit when run from a checkout."""
     from importlib import metadata
@@ -253,7 +163,7 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
     trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": config.partitions,
                   "train_limit": config.train_limit}
     checkpoints = CheckpointStore(storage.join(config.output_uri, CHECKPOINT_DIR), fingerprint(trajectory))
-    backend = SparkBackend(spark_context, block_specs(config.dataset_uri, config.partitions, config.train_limit))
+    backend = SparkBackend(spark_context, block_specs(config.dataset_uri, config.partitions, config.train_limit), load_block)
     started = time.perf_counter()
     trainer = AdmmTrainer(hp, backend, on_epoch, checkpoints, config.checkpoint_every)
     try:

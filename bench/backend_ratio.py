@@ -13,6 +13,7 @@ import statistics
 import time
 
 from admm_jobs import train
+from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.trainer import AdmmTrainer, LocalBackend
 from common import RESULTS, machine, mnist_dataset_uri, spark_session
 
@@ -45,7 +46,7 @@ def main() -> None:
     spark = spark_session(args.cores, "bench-backend-ratio")
     try:
         started = time.perf_counter()
-        backend = train.SparkBackend(spark.sparkContext, specs)
+        backend = SparkBackend(spark.sparkContext, specs, train.load_block)
         spark_epochs = epoch_seconds(backend, hp)
         spark_total = time.perf_counter() - started
         backend.close()

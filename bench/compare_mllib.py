@@ -17,6 +17,7 @@ import json
 import time
 
 from admm_jobs import storage, train
+from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.trainer import AdmmTrainer
 from common import RESULTS, machine, mnist_dataset_uri, spark_session
 
@@ -35,7 +36,7 @@ def admm_curve(spark, dataset_uri: str, epochs: int, partitions: int) -> list[di
                       "test_accuracy": report.metrics["test_accuracy"], "train_accuracy": report.metrics["train_accuracy"]})
         print(f"admm epoch {report.epoch}: {curve[-1]['seconds']:.1f}s test {report.metrics['test_accuracy']:.4f}", flush=True)
 
-    backend = train.SparkBackend(spark.sparkContext, train.block_specs(dataset_uri, partitions, None))
+    backend = SparkBackend(spark.sparkContext, train.block_specs(dataset_uri, partitions, None), train.load_block)
     try:
         AdmmTrainer(config.hyperparameters(784, 10), backend, record).fit()
     finally:

@@ -26,6 +26,7 @@ import numpy as np
 from pyspark import SparkFiles
 
 from admm_jobs import train
+from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.checkpoint import DATA_KEYS
 from admm_jobs.trainer import AdmmTrainer, make_block
 from common import RESULTS, machine, mnist_dataset_uri, spark_session
@@ -55,7 +56,7 @@ def measure(spark, dataset_uri: str, factor: int, epochs: int) -> dict:
              for replica in range(factor) for spec in base]
     config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, patience=0,
                                partitions=len(specs))
-    backend = train.SparkBackend(spark.sparkContext, specs, replicated_block)
+    backend = SparkBackend(spark.sparkContext, specs, replicated_block)
     reports = []
     try:
         AdmmTrainer(config.hyperparameters(784, 10), backend, reports.append).fit()

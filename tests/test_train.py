@@ -16,6 +16,7 @@ import pytest
 
 from admm_jobs import model as model_io
 from admm_jobs import storage, train
+from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.checkpoint import CheckpointStore
 from admm_jobs.trainer import AdmmTrainer, BlocksLost, LocalBackend, sum_pass
 
@@ -108,7 +109,7 @@ def _die_once_in_partition_one(function, block, params):
     return function(block, params)
 
 
-class FlakySparkBackend(train.SparkBackend):
+class FlakySparkBackend(SparkBackend):
     """Kills a Python worker in the third pass."""
 
     passes = 0
@@ -130,8 +131,8 @@ def test_a_killed_python_worker_is_retried_and_training_ends_the_same(spark_cont
     from pyspark import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    clean = AdmmTrainer(hp, train.SparkBackend(spark_context, specs)).fit()
-    flaky_backend = FlakySparkBackend(spark_context, specs)
+    clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, train.load_block)).fit()
+    flaky_backend = FlakySparkBackend(spark_context, specs, train.load_block)
     faulty = AdmmTrainer(hp, flaky_backend).fit()
     assert flaky_backend.passes > 3
     for expected, actual in zip(clean.weights, faulty.weights):
@@ -145,7 +146,7 @@ def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_
     dataset_uri = small_dataset["dataset_uri"]
     config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=2,
                                partitions=2, train_limit=400, patience=0)
-    backend = train.SparkBackend(spark_context, train.block_specs(dataset_uri, 2, 400))
+    backend = SparkBackend(spark_context, train.block_specs(dataset_uri, 2, 400), train.load_block)
     AdmmTrainer(config.hyperparameters(784, 10), backend).fit()
 
     # the state (here 400 samples x (24 + 24 + 10 + 10 + 24) floats) stays in executor files;
@@ -164,11 +165,11 @@ def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_
     assert list(store.iterdir()) == []
 
 
-class ExecutorLossSparkBackend(train.SparkBackend):
+class ExecutorLossSparkBackend(SparkBackend):
     """Deletes block 0's files before one pass, as if the executor holding it had been lost."""
 
     def __init__(self, spark_context, specs, lose_before_pass):
-        super().__init__(spark_context, specs)
+        super().__init__(spark_context, specs, train.load_block)
         self.passes, self.lose_before_pass, self.reloads = 0, lose_before_pass, 0
 
     def run_pass(self, function, params):
@@ -191,7 +192,7 @@ def test_a_lost_block_is_reloaded_and_training_ends_the_same(spark_context, smal
     config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24, 12), epochs=5,
                                partitions=2, train_limit=300, patience=0)
     specs, hp = train.block_specs(dataset_uri, 2, 300), config.hyperparameters(784, 10)
-    clean = AdmmTrainer(hp, train.SparkBackend(spark_context, specs)).fit()
+    clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, train.load_block)).fit()
     # 1 init + 3 passes per iteration: pass 12 is in iteration 4, after the checkpoint of iteration 2
     backend = ExecutorLossSparkBackend(spark_context, specs, lose_before_pass=12)
     checkpoints = CheckpointStore(str(tmp_path / "checkpoints"), "fingerprint") if checkpoint_every else None
