@@ -3,7 +3,13 @@
 A dataset lives at ``LAKE/<dataset>/<version>/``: one directory per split
 (``split=train`` etc.) holding Parquet part files, and ``manifest.json``,
 written last, which lists every part file with its row count and sha256.
-A directory without ``manifest.json`` is not a dataset.
+A directory without ``manifest.json`` is not a dataset. The part files may live
+outside the dataset directory (a dataset assembled from the lake's batches lists
+``../batches/<id>/...``): always resolve them through :func:`split_file_uris`.
+
+``manifest["batches"]`` lists the batches the dataset was assembled from, oldest
+first: ``{"id", "date", "sha256", "rows": {"train": n, "validation": m}}``; every
+file entry names its ``batch``.
 
 Every Parquet file has the columns of :data:`PARQUET_SCHEMA`; ``pixels`` holds
 the 28 x 28 grey levels of one image in row-major order.
@@ -20,7 +26,7 @@ import pyarrow.parquet as pq
 
 from admm_jobs import storage
 
-DATASET_FORMAT = "idx-parquet/1"
+DATASET_FORMAT = "idx-parquet/2"  # /2: built from dated batches (manifest "batches"); /1 is still read
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "validation", "test")
 IMAGE_SHAPE = (28, 28)
@@ -59,7 +65,7 @@ def load_manifest(dataset_uri: str) -> dict[str, Any]:
         manifest = storage.read_json(manifest_uri)
     except storage.StorageError as exc:
         raise DatasetError(f"{dataset_uri}: no committed dataset ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (DATASET_FORMAT, "idx-parquet/1"):
         raise DatasetError(f"{manifest_uri}: not an {DATASET_FORMAT} dataset manifest")
     missing = [split for split in SPLITS if split not in manifest.get("splits", {})]
     if missing:
@@ -73,6 +79,28 @@ def split_file_uris(dataset_uri: str, split: str) -> list[str]:
         raise DatasetError(f"{dataset_uri}: unknown split {split!r}, expected one of {SPLITS}")
     manifest = load_manifest(dataset_uri)
     return [storage.join(dataset_uri, entry["path"]) for entry in manifest["splits"][split]["files"]]
+
+
+def newest_batch(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The newest batch a dataset was assembled from."""
+    if not manifest.get("batches"):
+        raise DatasetError(f"dataset {manifest.get('version')}: the manifest lists no batches")
+    return manifest["batches"][-1]
+
+
+def batch_file_uris(dataset_uri: str, batch_id: str) -> list[str]:
+    """The part files (train and validation) holding batch ``batch_id`` of a dataset."""
+    manifest = load_manifest(dataset_uri)
+    uris = [storage.join(dataset_uri, entry["path"]) for split in ("train", "validation")
+            for entry in manifest["splits"][split]["files"] if entry.get("batch") == batch_id]
+    if batch_id not in [batch["id"] for batch in manifest.get("batches", [])]:
+        raise DatasetError(f"{dataset_uri}: no batch {batch_id!r} in this dataset")
+    return uris
+
+
+def read_batch(dataset_uri: str, batch_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every image (train and validation rows) of one batch of a dataset: pixels (n, 784) uint8, labels (n,) int8."""
+    return read_files(batch_file_uris(dataset_uri, batch_id))
 
 
 def check_schema(schema: pa.Schema, uri: str) -> None:
@@ -119,8 +147,13 @@ def _columns_to_numpy(table: pa.Table, uri: str) -> tuple[np.ndarray, np.ndarray
 
 def read_split(dataset_uri: str, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All rows of ``split`` in file order (the first ``limit`` rows if given)."""
+    return read_files(split_file_uris(dataset_uri, split), limit)
+
+
+def read_files(uris: list[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of part files in order (the first ``limit`` rows if given)."""
     pixel_parts, label_parts, rows = [], [], 0
-    for uri in split_file_uris(dataset_uri, split):
+    for uri in uris:
         if limit is not None and rows >= limit:
             break
         pixels, labels = read_parquet_file(uri)

@@ -59,10 +59,16 @@ def local_path(uri: str) -> Path:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path segments onto a URI or a local path."""
+    """Join path segments onto a URI or a local path; ``..`` segments are resolved (object keys have none)."""
     if is_local(base) and scheme(base) == "":
-        return str(Path(base).joinpath(*parts))
-    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+        joined = str(Path(base).joinpath(*parts))
+        return os.path.normpath(joined) if ".." in joined else joined
+    joined = posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+    if "/../" not in joined + "/":
+        return joined
+    prefix, _, path = joined.partition("://")
+    head, _, key = path.partition("/")
+    return f"{prefix}://{head}/{posixpath.normpath(key).lstrip('/')}"
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
