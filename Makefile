@@ -32,8 +32,9 @@ $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
 	mkdir -p $(AIRFLOW_HOME)
 	$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
 
+# make run [DATE=YYYY-MM-DD] [PARAMS='{...}']: one DAG run for that logical date (default: now, UTC).
 run: $(AIRFLOW_HOME)/airflow.db
-	$(BIN)/python -m admm_jobs.run_pipeline --params '$(PARAMS)'
+	$(BIN)/python -m admm_jobs.run_pipeline --params '$(PARAMS)' $(if $(DATE),--logical-date '$(DATE)')
 
 # Airflow UI + scheduler + dag-processor + triggerer (airflow standalone) on this machine.
 # Log in with AIRFLOW_USER / AIRFLOW_PASSWORD (SimpleAuthManager; development only).
