@@ -236,13 +236,15 @@ def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarr
 
 def forward_state(weights: list[np.ndarray], a0: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The network's forward pass, kept: z_l = W_l [a_{l-1}, 1] for l = 1..L and a_l = relu(z_l) for l < L."""
-    activations, preactivations = [], []
-    activation = a0
-    for index, weight in enumerate(weights):
-        preactivations.append(affine(weight, activation).astype(np.float32, copy=False))
-        if index < len(weights) - 1:
-            activation = relu(preactivations[-1])
-            activations.append(activation)
+    return forward_from(affine(weights[0], a0).astype(np.float32, copy=False), weights[1:])
+
+
+def forward_from(z1: np.ndarray, upper_weights: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`forward_state` from a first pre-activation z_1 already computed, with the weights W_2..W_L."""
+    activations, preactivations = [], [z1]
+    for weight in upper_weights:
+        activations.append(relu(preactivations[-1]))
+        preactivations.append(affine(weight, activations[-1]).astype(np.float32, copy=False))
     return activations, preactivations
 
 

@@ -187,7 +187,12 @@ def _scores(logits: np.ndarray, loss: str, labels: np.ndarray, prefix: str) -> S
 def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """The first pass of an iteration: re-synchronise the per-sample variables with the network.
 
-    1. ``finish`` (W_1 new of the previous iteration): u_1 += z_1 - W_1 [a_0, 1];
+    1. m_1 = W_1 [a_0, 1] with ``input_weight``, W_1 new of the previous iteration (the
+       initial W_1 in the first): the pass's only product with the wide input. With
+       ``finish`` it completes that iteration's multiplier step, u_1 -= m_1 (the sweep
+       already added z_1). The extrapolated layer's pre-activation follows by linearity,
+       W_ext [a_0, 1] = m_1 + theta (m_1 - m_1'), where m_1' is the block's previous m_1:
+       one product with a_0 instead of two;
     2. a_l, z_l <- the forward pass of the current (extrapolated) ``weights``. Only the
        multipliers u_l carry over between iterations: every weight solve of the sweep
        then fits the inputs the network really produces, instead of auxiliary
@@ -198,12 +203,14 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
        this same forward pass) and on the block's evaluation splits.
     """
     started = time.perf_counter()
-    weights, mean = params["weights"], params["mean"]
+    weights, mean, theta = params["weights"], params["mean"], params["theta"]
     a0 = scaled_input(block["pixels"], mean)
     u = list(block["u"])
-    if params.get("finish") is not None and params["multiplier_updates"]:
-        u[0] = admm.update_multiplier(u[0], block["z"][0], admm.affine(params["finish"], a0))
-    a, z = admm.forward_state(weights, a0)
+    product = admm.affine(params["input_weight"], a0)
+    if params.get("finish"):
+        u[0] = (u[0] - product).astype(np.float32)
+    first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
+    a, z = admm.forward_from(first, weights[1:])
     last = len(weights)
     stats: Stats = {f"gram{layer}": admm.layer_gram(a[layer - 2]) for layer in range(2, last + 1)}
     stats[f"cross{last}"] = admm.layer_cross(z[-1] + u[-1], a[-1])
@@ -213,7 +220,7 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
             logits = admm.forward(weights, scaled_input(pixels, mean))
             stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
     # z_L is not kept: the output update starts from W_L new
-    return dict(block, a=a, z=z[:-1], u=u), _timed(stats, started)
+    return dict(block, a=a, z=z[:-1], u=u, input_product=product), _timed(stats, started)
 
 
 def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
@@ -228,7 +235,8 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
 
     ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations.
-    Between iterations a block keeps only z_1 (for the u_1 step) and the multipliers.
+    Between iterations a block keeps only the multipliers (u_1 with z_1 already added, see
+    ``forward_pass``) and its last product W_1 [a_0, 1].
     """
     started = time.perf_counter()
     layer, next_weight = params["layer"], params["next_weight"]
@@ -256,6 +264,11 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
+    if layer == 1:
+        # the first half of u_1 += z_1 - W_1 [a_0, 1]: the next forward pass subtracts the product with W_1 new
+        if multiplier_updates:
+            u[0] = u[0] + z[0]
+        return dict(block, a=[], z=[], u=u), _timed(stats, started)
     # keep only what the rest of the sweep reads: the inputs a_1..a_{l-1}, the forward z below l and the new z_l
     return dict(block, a=activations[:layer - 1], z=z[:layer], u=u), _timed(stats, started)
 
@@ -403,17 +416,19 @@ class AdmmTrainer:
         common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output}
 
         def finish_previous() -> dict[str, Any]:
-            """Params that finish (u_1 step) and score the previous iteration, if any."""
+            """Params that finish the previous iteration (u_1 step), score it, and restart from its network."""
             if state.new_weights is None:
-                return {}
-            return {"finish": state.new_weights[0], "score": True, "multiplier_updates": state.epoch > hp.warmup_epochs}
+                return {"weights": state.weights, "input_weight": state.weights[0], "theta": 0.0}
+            # W_ext = W_new + theta (W_new - W_new previous); iteration 1 had nothing to extrapolate from
+            theta = hp.extrapolation_at(state.epoch) if state.epoch > 1 else 0.0
+            return {"weights": state.weights, "input_weight": state.new_weights[0], "theta": theta, "score": True,
+                    "finish": state.epoch > hp.warmup_epochs}
 
         for epoch in range(state.epoch + 1, hp.epochs + 1):
             started = time.perf_counter()
             timers = {"solve": 0.0, "worker": 0.0}
             multiplier_updates = epoch > hp.warmup_epochs
-            sums = self._pass(forward_pass, {**common, "weights": state.weights, **finish_previous()},
-                              timers, "forward", epoch)
+            sums = self._pass(forward_pass, {**common, **finish_previous()}, timers, "forward", epoch)
             if "train_count" in sums:
                 stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
                 if stopped_early:
@@ -445,8 +460,7 @@ class AdmmTrainer:
                 self.checkpoints.save(self.backend, state)
         if not stopped_early and state.new_weights is not None:
             tail: dict[str, float] = {}
-            sums = self._pass(forward_pass, {**common, "weights": state.weights, **finish_previous()},
-                              tail, "score", state.epoch, update=False)
+            sums = self._pass(forward_pass, {**common, **finish_previous()}, tail, "score", state.epoch, update=False)
             self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=tail["score"]))
         best = state.best_weights if state.best_weights is not None else state.weights
         return TrainingResult(admm.fold_input_mean(best, state.mean), state.best_epoch, history, stopped_early,
