@@ -44,7 +44,9 @@ os.environ.update({
 
 SMALL_TRAIN_ROWS = 1_200
 SMALL_TEST_ROWS = 400
-SMALL_VALIDATION_ROWS = 200
+SMALL_VALIDATION_FRACTION = 1 / 6  # about 200 of the 1,200 training images, drawn per image from its hash
+SMALL_VALIDATION_ROWS = int(ingest.validation_mask(
+    ingest.image_ids(read_vendored(TRAIN_IMAGES)[:SMALL_TRAIN_ROWS].reshape(-1, 784)), SMALL_VALIDATION_FRACTION).sum())
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +65,9 @@ def small_idx_source(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_dataset(small_idx_source, tmp_path_factory):
-    """``small_idx_source`` ingested into a fresh lake (validation_size=200): the ingest result dict."""
+    """``small_idx_source`` ingested into a fresh lake (a sixth held out for validation): the ingest result dict."""
     lake = tmp_path_factory.mktemp("lake")
-    return ingest.ingest_dataset(str(small_idx_source), str(lake), validation_size=SMALL_VALIDATION_ROWS)
+    return ingest.ingest_dataset(str(small_idx_source), str(lake), validation_fraction=SMALL_VALIDATION_FRACTION)
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from admm_jobs import dataset, ingest
+from admm_jobs import dataset, ingest, storage
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
 
@@ -24,14 +24,17 @@ def test_read_split_returns_the_idx_content(small_dataset):
 
 def test_read_split_limit_spans_part_files(small_idx_source, tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "ROWS_PER_FILE", 300)
-    uri = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_size=200)["dataset_uri"]
-    assert len(dataset.split_file_uris(uri, "train")) == 4  # 1,000 rows: 300 + 300 + 300 + 100
+    uri = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_fraction=1 / 6)["dataset_uri"]
+    train_rows = dataset.load_manifest(uri)["splits"]["train"]["rows"]
+    assert len(dataset.split_file_uris(uri, "train")) == 4  # about 1,000 rows: 300 + 300 + 300 + the rest
     pixels, labels = dataset.read_split(uri, "train", limit=450)
     assert pixels.shape == (450, 784)
-    np.testing.assert_array_equal(pixels, read_vendored(TRAIN_IMAGES)[:450].reshape(450, -1))
-    np.testing.assert_array_equal(labels, read_vendored(TRAIN_LABELS)[:450])
+    held_out = ingest.validation_mask(ingest.image_ids(read_vendored(TRAIN_IMAGES)[:1200].reshape(-1, 784)), 1 / 6)
+    kept = np.flatnonzero(~held_out)[:450]
+    np.testing.assert_array_equal(pixels, read_vendored(TRAIN_IMAGES)[kept].reshape(450, -1))
+    np.testing.assert_array_equal(labels, read_vendored(TRAIN_LABELS)[kept])
     full_pixels, _ = dataset.read_split(uri, "train")
-    assert full_pixels.shape == (1000, 784)
+    assert full_pixels.shape == (train_rows, 784) and train_rows == (~held_out).sum()
 
 
 def test_split_file_uris_follow_the_manifest(small_dataset):
@@ -39,7 +42,8 @@ def test_split_file_uris_follow_the_manifest(small_dataset):
     manifest = dataset.load_manifest(uri)
     for split in dataset.SPLITS:
         files = dataset.split_file_uris(uri, split)
-        assert files == [f"{uri}/{entry['path']}" for entry in manifest["splits"][split]["files"]]
+        assert files == [storage.join(uri, entry["path"]) for entry in manifest["splits"][split]["files"]]
+        assert all(storage.exists(path) for path in files)
         assert all(f"/split={split}/part-" in path for path in files)
     with pytest.raises(dataset.DatasetError, match="unknown split 'holdout'"):
         dataset.split_file_uris(uri, "holdout")
@@ -55,7 +59,7 @@ def test_directory_without_manifest_is_not_a_dataset(small_dataset, tmp_path):
 
 def test_manifest_of_another_format_is_rejected(tmp_path):
     (tmp_path / dataset.MANIFEST_FILE).write_text(json.dumps({"format": "csv/1", "splits": {}}))
-    with pytest.raises(dataset.DatasetError, match="not an idx-parquet/1 dataset manifest") as info:
+    with pytest.raises(dataset.DatasetError, match="not an idx-parquet/2 dataset manifest") as info:
         dataset.load_manifest(str(tmp_path))
     assert str(tmp_path / dataset.MANIFEST_FILE) in str(info.value)
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from admm_jobs import dataset, ingest, storage
+from admm_jobs.config import ConfigError
 from idx_files import (
     IDX_NAMES,
     REPO_ROOT,
@@ -65,6 +66,26 @@ def checksum_manifest(arrays):
     return {"format": ingest.CHECKSUMS_FORMAT, "files": files}
 
 
+def batch_files(root, date, images, labels):
+    """Land one dated batch under ``root/batches/<date>/`` (gzip IDX)."""
+    write_idx(root / "batches" / date / f"{TRAIN_IMAGES}.gz", images)
+    write_idx(root / "batches" / date / f"{TRAIN_LABELS}.gz", labels)
+
+
+def batched_source(root, dates, rows_per_batch=300, test_rows=400):
+    """A landing directory in the batched layout: the fixed test set plus one batch per date (disjoint MNIST slices)."""
+    write_idx(root / f"{TEST_IMAGES}.gz", read_vendored(TEST_IMAGES)[:test_rows])
+    write_idx(root / f"{TEST_LABELS}.gz", read_vendored(TEST_LABELS)[:test_rows])
+    images, labels = read_vendored(TRAIN_IMAGES), read_vendored(TRAIN_LABELS)
+    for index, date in enumerate(dates):
+        rows = slice(index * rows_per_batch, (index + 1) * rows_per_batch)
+        batch_files(root, date, images[rows], labels[rows])
+    return root
+
+
+WEEKS = ["2026-01-04", "2026-01-11", "2026-01-18", "2026-01-25", "2026-02-01", "2026-02-08"]
+
+
 # ---------------------------------------------------------------- round trip
 
 
@@ -72,63 +93,58 @@ def test_small_round_trip_matches_the_idx_content(small_dataset, small_idx_sourc
     root = storage.local_path(small_dataset["dataset_uri"])
     manifest = json.loads((root / dataset.MANIFEST_FILE).read_text())
     arrays = small_arrays()
-    assert small_dataset["rows"] == {"train": 1000, "validation": 200, "test": 400}
+    rows = small_dataset["rows"]
+    assert rows["train"] + rows["validation"] == 1200 and rows["test"] == 400
+    assert 100 <= rows["validation"] <= 300  # a sixth held out, drawn per image
     assert manifest["version"] == small_dataset["dataset_version"] == root.name
-    assert manifest["format"] == "idx-parquet/1" and manifest["image_shape"] == [28, 28]
-
-    for role, (name, _) in ingest.SOURCE_FILES.items():
-        source = manifest["sources"][role]
+    assert manifest["format"] == "idx-parquet/2" and manifest["image_shape"] == [28, 28]
+    [batch] = manifest["batches"]
+    assert batch["id"].startswith("undated-") and batch["date"] is None and small_dataset["batches"] == [batch["id"]]
+    assert batch["rows"] == {"train": rows["train"], "validation": rows["validation"]}
+    for role in ("test_images", "test_labels"):
+        source = manifest["test_set"]["sources"][role]
+        name = ingest.SOURCE_FILES[role][0]
         assert source["uri"] == str(small_idx_source / f"{name}.gz")
         assert source["sha256"] == hashlib.sha256(idx_bytes(arrays[name])).hexdigest()
-        assert source["records"] == len(arrays[name])
 
-    expected = {
-        "train": (TRAIN_IMAGES, TRAIN_LABELS, 0, 1000),
-        "validation": (TRAIN_IMAGES, TRAIN_LABELS, 1000, 1200),
-        "test": (TEST_IMAGES, TEST_LABELS, 0, 400),
-    }
     ids = {}
-    for split, (images_name, labels_name, start, stop) in expected.items():
+    for split in dataset.SPLITS:
+        pixels, labels = dataset.read_split(small_dataset["dataset_uri"], split)
         entry = manifest["splits"][split]
-        labels = arrays[labels_name][start:stop]
-        assert entry["rows"] == stop - start
+        assert entry["rows"] == len(labels) == sum(file["rows"] for file in entry["files"])
         assert entry["class_counts"] == np.bincount(labels, minlength=10).tolist()
-        for file in entry["files"]:
-            assert hashlib.sha256((root / file["path"]).read_bytes()).hexdigest() == file["sha256"]
-        table = pq.read_table(root / entry["files"][0]["path"])
-        assert table.schema.equals(dataset.PARQUET_SCHEMA)
-        assert len(table) == file["rows"] == stop - start
-        pixels = np.array(table.column("pixels").to_pylist(), dtype=np.uint8)
-        np.testing.assert_array_equal(pixels, arrays[images_name][start:stop].reshape(-1, 784))
-        np.testing.assert_array_equal(table.column("label").to_numpy(), labels)
-        assert set(table.column("source_file").to_pylist()) == {images_name}
-        assert table.column("source_index").to_pylist() == list(range(start, stop))
-        ids[split] = table.column("image_id").to_pylist()
+        tables = [pq.read_table(uri) for uri in dataset.split_file_uris(small_dataset["dataset_uri"], split)]
+        for file, uri in zip(entry["files"], dataset.split_file_uris(small_dataset["dataset_uri"], split)):
+            assert hashlib.sha256(storage.read_bytes(uri)).hexdigest() == file["sha256"]
+        assert all(table.schema.equals(dataset.PARQUET_SCHEMA) for table in tables)
+        source_index = np.concatenate([table.column("source_index").to_numpy() for table in tables])
+        images_name, labels_name = (TEST_IMAGES, TEST_LABELS) if split == "test" else (TRAIN_IMAGES, TRAIN_LABELS)
+        np.testing.assert_array_equal(pixels, arrays[images_name][source_index].reshape(-1, 784))
+        np.testing.assert_array_equal(labels, arrays[labels_name][source_index])
+        ids[split] = [i for table in tables for i in table.column("image_id").to_pylist()]
         assert ids[split][0] == hashlib.sha256(pixels[0].tobytes()).hexdigest()[:16]
-        assert len(set(ids[split])) == len(ids[split])
+        held_out = ingest.validation_mask(ids[split], 1 / 6)
+        assert held_out.all() if split == "validation" else split == "test" or not held_out.any()
+    assert sorted(np.concatenate([ids["train"], ids["validation"]])) == sorted(
+        ingest.image_ids(arrays[TRAIN_IMAGES].reshape(-1, 784)))
     assert not set(ids["train"]) & set(ids["validation"])
-    assert not set(ids["train"]) & set(ids["test"])
 
 
 def test_splits_are_written_as_several_part_files(small_idx_source, tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "ROWS_PER_FILE", 300)
-    result = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_size=200)
+    result = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_fraction=1 / 6)
     files = dataset.load_manifest(result["dataset_uri"])["splits"]["train"]["files"]
-    assert [(f["path"], f["rows"]) for f in files] == [
-        ("split=train/part-00000.parquet", 300),
-        ("split=train/part-00001.parquet", 300),
-        ("split=train/part-00002.parquet", 300),
-        ("split=train/part-00003.parquet", 100),
-    ]
-    last = pq.read_table(storage.join(result["dataset_uri"], files[-1]["path"]))
-    assert last.column("source_index").to_pylist() == list(range(900, 1000))
+    assert [f["rows"] for f in files] == [300, 300, 300, result["rows"]["train"] - 900]
+    assert [f["path"].rsplit("/", 2)[-2:] for f in files] == [
+        ["split=train", f"part-{part:05d}.parquet"] for part in range(4)]
+    assert all(f["path"].startswith("../batches/undated-") for f in files)
 
 
 def test_rerun_reuses_the_dataset_untouched(small_idx_source, tmp_path):
     lake = tmp_path / "lake"
-    first = ingest.ingest_dataset(str(small_idx_source), str(lake), validation_size=200)
+    first = ingest.ingest_dataset(str(small_idx_source), str(lake))
     before = file_state(lake)
-    second = ingest.ingest_dataset(str(small_idx_source), str(lake), validation_size=200)
+    second = ingest.ingest_dataset(str(small_idx_source), str(lake))
     assert not first["reused"] and second["reused"]
     assert second["dataset_version"] == first["dataset_version"]
     assert file_state(lake) == before  # same bytes and same mtimes: nothing rewritten
@@ -138,34 +154,34 @@ def test_rerun_reuses_the_dataset_untouched(small_idx_source, tmp_path):
     for name, array in small_arrays().items():
         write_idx(raw_source / name, array, gzip=False)
     other_lake = tmp_path / "other-lake"
-    third = ingest.ingest_dataset(str(raw_source), str(other_lake), validation_size=200)
+    third = ingest.ingest_dataset(str(raw_source), str(other_lake))
     assert third["dataset_version"] == first["dataset_version"] and not third["reused"]
     parquet = {path: sha for path, (sha, _) in file_state(lake).items() if path.endswith(".parquet")}
     other_parquet = {path: sha for path, (sha, _) in file_state(other_lake).items() if path.endswith(".parquet")}
     assert parquet == other_parquet
 
 
-def test_version_follows_content_and_validation_size(small_idx_source, small_dataset, tmp_path):
-    other_split = ingest.ingest_dataset(str(small_idx_source), str(tmp_path / "a"), validation_size=300)
+def test_version_follows_content_and_validation_fraction(small_idx_source, small_dataset, tmp_path):
+    other_split = ingest.ingest_dataset(str(small_idx_source), str(tmp_path / "a"), validation_fraction=0.25)
     assert other_split["dataset_version"] != small_dataset["dataset_version"]
-    assert other_split["rows"] == {"train": 900, "validation": 300, "test": 400}
+    assert other_split["rows"]["validation"] > small_dataset["rows"]["validation"]
 
     changed = tmp_path / "changed"
     shutil.copytree(small_idx_source, changed)
     images = small_arrays()[TEST_IMAGES].copy()
     images[0, 0, 0] ^= 1
     write_idx(changed / f"{TEST_IMAGES}.gz", images)
-    changed_result = ingest.ingest_dataset(str(changed), str(tmp_path / "b"), validation_size=200)
+    changed_result = ingest.ingest_dataset(str(changed), str(tmp_path / "b"), validation_fraction=1 / 6)
     assert changed_result["dataset_version"] not in (small_dataset["dataset_version"], other_split["dataset_version"])
 
 
 def test_damaged_copy_is_rewritten(small_idx_source, tmp_path):
-    result = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_size=200)
-    root = storage.local_path(result["dataset_uri"])
-    part = root / "split=test" / "part-00000.parquet"
+    result = ingest.ingest_dataset(str(small_idx_source), str(tmp_path))
+    [part] = dataset.split_file_uris(result["dataset_uri"], "test")
+    part = storage.local_path(part)
     original = part.read_bytes()
     part.write_bytes(original[:-10])
-    again = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_size=200)
+    again = ingest.ingest_dataset(str(small_idx_source), str(tmp_path))
     assert not again["reused"] and again["dataset_version"] == result["dataset_version"]
     assert part.read_bytes() == original
 
@@ -175,17 +191,101 @@ def test_gzip_is_detected_by_content_not_by_name(small_idx_source, small_dataset
     shutil.copytree(small_idx_source, source)
     for name in IDX_NAMES:  # gzip bytes under the plain names
         (source / f"{name}.gz").rename(source / name)
-    result = ingest.ingest_dataset(str(source), str(tmp_path / "lake"), validation_size=200)
+    result = ingest.ingest_dataset(str(source), str(tmp_path / "lake"), validation_fraction=1 / 6)
     assert result["dataset_version"] == small_dataset["dataset_version"]
 
 
 def test_main_prints_the_result_as_last_line(small_idx_source, tmp_path, capsys):
     lake = tmp_path / "lake"
-    result = ingest.main(["--source", f"file://{small_idx_source}", "--lake", str(lake), "--validation-size", "200"])
+    result = ingest.main(["--source", f"file://{small_idx_source}", "--lake", str(lake),
+                          "--validation-fraction", "0.1"])
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last_line) == result
-    assert set(result) == {"dataset_uri", "dataset_version", "rows", "reused"}
+    assert set(result) == {"dataset_uri", "dataset_version", "rows", "reused", "batches", "quarantined"}
     assert (storage.local_path(result["dataset_uri"]) / dataset.MANIFEST_FILE).is_file()
+
+
+# ---------------------------------------------------------------- dated batches
+
+
+def test_point_in_time_datasets_from_dated_batches(tmp_path):
+    """The run for a date sees the batches dated on or before it, whatever landed since; versions are stable."""
+    source, lake = batched_source(tmp_path / "landing", WEEKS[:3]), tmp_path / "lake"
+    week3 = ingest.ingest_dataset(str(source), str(lake), as_of="2026-01-18")
+    assert week3["batches"] == WEEKS[:3] and week3["rows"]["train"] + week3["rows"]["validation"] == 900
+    batched_source(source, WEEKS)  # weeks 4-6 land later (same content for weeks 1-3)
+    before = file_state(lake)
+    backfill = ingest.ingest_dataset(str(source), str(lake), as_of="2026-01-20T00:00:00+00:00")
+    assert backfill == {**week3, "reused": True}
+    assert file_state(lake) == before  # re-ingest is a no-op: nothing rewritten
+    week6 = ingest.ingest_dataset(str(source), str(lake), as_of="2026-02-08")
+    assert week6["batches"] == WEEKS and week6["dataset_version"] != week3["dataset_version"]
+    assert ingest.ingest_dataset(str(source), str(lake))["dataset_version"] == week6["dataset_version"]
+    windowed = ingest.ingest_dataset(str(source), str(lake), as_of="2026-02-08", window=2)
+    assert windowed["batches"] == WEEKS[-2:]
+
+    # each image's split is decided by its own content: adding batches moves no image between splits
+    def split_ids(result, split):
+        return {i for uri in dataset.split_file_uris(result["dataset_uri"], split)
+                for i in pq.read_table(uri, columns=["image_id"]).column("image_id").to_pylist()}
+    assert split_ids(week3, "validation") <= split_ids(week6, "validation")
+    assert split_ids(week3, "train") <= split_ids(week6, "train")
+    manifest = dataset.load_manifest(week6["dataset_uri"])
+    assert [batch["id"] for batch in manifest["batches"]] == WEEKS and manifest["as_of"] == WEEKS[-1]
+    assert dataset.newest_batch(manifest)["id"] == WEEKS[-1]
+    pixels, labels = dataset.read_batch(week6["dataset_uri"], WEEKS[-1])
+    np.testing.assert_array_equal(np.sort(labels), np.sort(read_vendored(TRAIN_LABELS)[1500:1800]))
+    assert pixels.shape == (300, 784)
+    with pytest.raises(ingest.IngestError, match="no batch dated on or before 2025-12-31"):
+        ingest.ingest_dataset(str(source), str(lake), as_of="2025-12-31")
+
+
+def test_changed_batch_under_the_same_date_is_refused(tmp_path):
+    source, lake = batched_source(tmp_path / "landing", WEEKS[:2]), tmp_path / "lake"
+    ingest.ingest_dataset(str(source), str(lake))
+    images = read_vendored(TRAIN_IMAGES)[300:600].copy()
+    images[3, 10, 10] ^= 0xFF
+    batch_files(source, WEEKS[1], images, read_vendored(TRAIN_LABELS)[300:600])
+    with pytest.raises(ingest.IngestError, match=f"batch {WEEKS[1]} changed after it was ingested") as info:
+        ingest.ingest_dataset(str(source), str(lake))
+    assert str(source / "batches" / WEEKS[1] / f"{TRAIN_IMAGES}.gz") in str(info.value)
+    assert "land corrected data under a new date" in str(info.value)
+    # the batch before it is still usable on its own
+    assert ingest.ingest_dataset(str(source), str(lake), as_of=WEEKS[0])["batches"] == [WEEKS[0]]
+
+
+def test_quarantined_batches_are_left_out(tmp_path):
+    source, lake = batched_source(tmp_path / "landing", WEEKS[:3]), tmp_path / "lake"
+    storage.write_json(ingest.quarantine_uri(str(lake / "mnist"), WEEKS[1]), {"batch": WEEKS[1]})
+    result = ingest.ingest_dataset(str(source), str(lake))
+    assert result["batches"] == [WEEKS[0], WEEKS[2]] and result["quarantined"] == [WEEKS[1]]
+
+
+@pytest.mark.parametrize("layout, problem", [
+    ("bad-name", "batch directories are named YYYY-MM-DD"),
+    ("impossible-date", "batch directories are named YYYY-MM-DD"),
+    ("training-files-beside-batches", "land training data as dated batches only"),
+])
+def test_bad_landing_layout_names_the_path(layout, problem, tmp_path):
+    source = batched_source(tmp_path / "landing", WEEKS[:1])
+    bad = {"bad-name": source / "batches" / "week-2", "impossible-date": source / "batches" / "2026-02-30",
+           "training-files-beside-batches": source / f"{TRAIN_IMAGES}.gz"}[layout]
+    if layout == "training-files-beside-batches":
+        write_idx(bad, read_vendored(TRAIN_IMAGES)[:10])
+    else:
+        batch_files(source, bad.name, read_vendored(TRAIN_IMAGES)[:10], read_vendored(TRAIN_LABELS)[:10])
+    with pytest.raises(ingest.IngestError, match=problem) as info:
+        ingest.ingest_dataset(str(source), str(tmp_path / "lake"))
+    assert str(bad) in str(info.value)
+
+
+def test_bad_batch_file_names_the_batch_file(tmp_path):
+    source = batched_source(tmp_path / "landing", WEEKS[:2])
+    labels = source / "batches" / WEEKS[1] / f"{TRAIN_LABELS}.gz"
+    write_idx(labels, read_vendored(TRAIN_LABELS)[300:599])
+    with pytest.raises(ingest.IngestError, match="299 labels but") as info:
+        ingest.ingest_dataset(str(source), str(tmp_path / "lake"))
+    assert str(labels) in str(info.value)
 
 
 def test_command_line_fails_on_bad_input(tmp_path):
@@ -200,6 +300,17 @@ def test_command_line_fails_on_bad_input(tmp_path):
     assert "IngestError" in completed.stderr and "missing file" in completed.stderr
 
 
+def committed_directories_only(lake):
+    """Every lake file belongs to a directory committed by its record; no staging directory is left."""
+    records = {ingest.SPLITS_RECORD, ingest.TEST_SET_RECORD, dataset.MANIFEST_FILE, ingest.BATCH_RECORD}
+    for path in lake_files(lake):
+        assert not any(part.startswith(".") for part in path.parts), path
+        directory = lake / path.parent
+        while directory.name.startswith("split="):
+            directory = directory.parent
+        assert any((directory / record).is_file() for record in records), path
+
+
 def test_failure_while_writing_leaves_nothing_visible(small_idx_source, tmp_path, monkeypatch):
     real_parquet_bytes = ingest.parquet_bytes
     calls = []
@@ -212,9 +323,12 @@ def test_failure_while_writing_leaves_nothing_visible(small_idx_source, tmp_path
 
     monkeypatch.setattr(ingest, "parquet_bytes", fail_on_second_file)
     with pytest.raises(OSError, match="disk full"):
-        ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_size=200)
-    assert lake_files(tmp_path) == []
-    assert [p.name for p in (tmp_path / "mnist").iterdir()] == []  # no staging directory left behind
+        ingest.ingest_dataset(str(small_idx_source), str(tmp_path))
+    committed_directories_only(tmp_path)
+    assert not list((tmp_path / "mnist").glob("*/" + dataset.MANIFEST_FILE))  # no dataset
+    assert not list((tmp_path / "mnist").glob("batches/*/" + ingest.BATCH_RECORD))  # the batch is not ingested
+    monkeypatch.setattr(ingest, "parquet_bytes", real_parquet_bytes)
+    assert ingest.ingest_dataset(str(small_idx_source), str(tmp_path))["rows"]["test"] == 400
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -314,7 +428,7 @@ def test_bad_input_names_file_and_problem(case, small_idx_source, tmp_path):
     bad_file = mutate(source)
     lake = tmp_path / "lake"
     with pytest.raises(ingest.IngestError) as info:
-        ingest.ingest_dataset(str(source), str(lake), validation_size=200)
+        ingest.ingest_dataset(str(source), str(lake))
     message = str(info.value)
     assert str(bad_file) in message
     assert problem in message
@@ -325,7 +439,7 @@ def test_checksum_manifest_accepts_good_files_and_is_found_by_default(small_idx_
     source = tmp_path / "source"
     shutil.copytree(small_idx_source, source)
     (source / ingest.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
-    result = ingest.ingest_dataset(str(source), str(tmp_path / "lake"), validation_size=200)
+    result = ingest.ingest_dataset(str(source), str(tmp_path / "lake"), validation_fraction=1 / 6)
     assert result["dataset_version"] == small_dataset["dataset_version"]
 
     wrong_records = checksum_manifest(small_arrays())
@@ -333,18 +447,19 @@ def test_checksum_manifest_accepts_good_files_and_is_found_by_default(small_idx_
     explicit = tmp_path / "explicit.json"
     explicit.write_text(json.dumps(wrong_records))
     with pytest.raises(ingest.IngestError, match=f"1200 records, {explicit} expects 60000"):
-        ingest.ingest_dataset(str(source), str(tmp_path / "lake2"), validation_size=200, checksums=str(explicit))
+        ingest.ingest_dataset(str(source), str(tmp_path / "lake2"), checksums=str(explicit))
 
     explicit.write_text(json.dumps([wrong_records]))
     with pytest.raises(ingest.IngestError, match=f"{explicit}: not an idx-checksums/1 checksum manifest"):
-        ingest.ingest_dataset(str(source), str(tmp_path / "lake2"), validation_size=200, checksums=str(explicit))
+        ingest.ingest_dataset(str(source), str(tmp_path / "lake2"), checksums=str(explicit))
     assert lake_files(tmp_path / "lake2") == []
 
 
-def test_validation_split_must_leave_training_rows(small_idx_source, tmp_path):
-    with pytest.raises(ingest.IngestError, match="1200 records leave no training rows") as info:
-        ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_size=1200)
-    assert str(small_idx_source / f"{TRAIN_IMAGES}.gz") in str(info.value)
+def test_validation_fraction_is_bounded(small_idx_source, tmp_path):
+    with pytest.raises(SystemExit):
+        ingest.main(["--source", str(small_idx_source), "--lake", str(tmp_path), "--validation-fraction", "0.9"])
+    with pytest.raises(ConfigError, match="--as-of '2026-13-01': expected a date YYYY-MM-DD"):
+        ingest.IngestConfig(source="s", lake="l", as_of="2026-13-01")
 
 
 @pytest.fixture
@@ -372,40 +487,46 @@ def test_http_source_requires_checksums(http_source, small_dataset, tmp_path):
     served, url = http_source
     lake = tmp_path / "lake"
     with pytest.raises(ingest.IngestError, match="checksums are mandatory for http") as info:
-        ingest.ingest_dataset(url, str(lake), validation_size=200)
+        ingest.ingest_dataset(url, str(lake))
     assert f"{url}/{ingest.CHECKSUMS_FILE}" in str(info.value)
     assert lake_files(lake) == []
 
     (served / ingest.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
-    result = ingest.ingest_dataset(url, str(lake), validation_size=200)
+    result = ingest.ingest_dataset(url, str(lake), validation_fraction=1 / 6)
     assert result["dataset_version"] == small_dataset["dataset_version"]
     manifest = dataset.load_manifest(result["dataset_uri"])
-    assert manifest["sources"]["test_images"]["uri"] == f"{url}/{TEST_IMAGES}.gz"
+    assert manifest["test_set"]["sources"]["test_images"]["uri"] == f"{url}/{TEST_IMAGES}.gz"
 
 
 # ---------------------------------------------------------------- S3 (moto server)
 
 
-def test_s3_round_trip(s3_env, small_idx_source):
+def test_s3_round_trip(s3_env, tmp_path):
+    """Landing directory and lake on the S3 server: dated batches, point in time, reuse."""
     bucket = s3_env
     client = boto3.client("s3")
-    for path in small_idx_source.iterdir():
-        client.put_object(Bucket=bucket, Key=f"raw/mnist/{path.name}", Body=path.read_bytes())
-    result = ingest.ingest_dataset(f"s3://{bucket}/raw/mnist", f"s3://{bucket}/lake", validation_size=200)
+    source = batched_source(tmp_path / "landing", WEEKS[:3])
+    for path in source.rglob("*.gz"):
+        client.put_object(Bucket=bucket, Key=f"raw/mnist/{path.relative_to(source)}", Body=path.read_bytes())
+    local = ingest.ingest_dataset(str(source), str(tmp_path / "lake"), as_of=WEEKS[1])
+    result = ingest.ingest_dataset(f"s3://{bucket}/raw/mnist", f"s3://{bucket}/lake", as_of=WEEKS[1])
     assert result["dataset_uri"] == f"s3://{bucket}/lake/mnist/{result['dataset_version']}"
-    assert result["rows"] == {"train": 1000, "validation": 200, "test": 400}
+    assert result["dataset_version"] == local["dataset_version"] and result["batches"] == WEEKS[:2]
+    assert result["rows"] == local["rows"]
 
-    arrays = small_arrays()
-    pixels, labels = dataset.read_split(result["dataset_uri"], "validation")
-    np.testing.assert_array_equal(pixels, arrays[TRAIN_IMAGES][1000:1200].reshape(200, 784))
-    np.testing.assert_array_equal(labels, arrays[TRAIN_LABELS][1000:1200])
+    for split in dataset.SPLITS:
+        for got, expected in zip(dataset.read_split(result["dataset_uri"], split),
+                                 dataset.read_split(local["dataset_uri"], split)):
+            np.testing.assert_array_equal(got, expected)
     manifest = dataset.load_manifest(result["dataset_uri"])
-    for entry in manifest["splits"]["test"]["files"]:
-        body = client.get_object(Bucket=bucket, Key=f"lake/mnist/{result['dataset_version']}/{entry['path']}")["Body"]
-        assert hashlib.sha256(body.read()).hexdigest() == entry["sha256"]
+    for entry, uri in zip(manifest["splits"]["test"]["files"], dataset.split_file_uris(result["dataset_uri"], "test")):
+        key = uri.removeprefix(f"s3://{bucket}/")
+        assert key.startswith("lake/mnist/test-sets/")
+        assert hashlib.sha256(client.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest() == entry["sha256"]
 
-    again = ingest.ingest_dataset(f"s3://{bucket}/raw/mnist", f"s3://{bucket}/lake", validation_size=200)
+    again = ingest.ingest_dataset(f"s3://{bucket}/raw/mnist", f"s3://{bucket}/lake", as_of=WEEKS[1])
     assert again["reused"] and again["dataset_version"] == result["dataset_version"]
+    assert ingest.ingest_dataset(f"s3://{bucket}/raw/mnist", f"s3://{bucket}/lake")["batches"] == WEEKS[:3]
 
 
 def test_s3_failure_leaves_no_objects(s3_env, small_idx_source, monkeypatch):
@@ -424,10 +545,13 @@ def test_s3_failure_leaves_no_objects(s3_env, small_idx_source, monkeypatch):
 
     monkeypatch.setattr(ingest, "parquet_bytes", fail_on_third_file)
     with pytest.raises(OSError, match="connection reset"):
-        ingest.ingest_dataset(f"s3://{bucket}/raw", f"s3://{bucket}/lake", validation_size=200)
-    # pyarrow may leave empty "directory" markers (keys ending in "/"); no data object may remain.
+        ingest.ingest_dataset(f"s3://{bucket}/raw", f"s3://{bucket}/lake")
+    # pyarrow may leave empty "directory" markers (keys ending in "/"); the failed batch left no data object,
+    # only the test set (written before it, committed by its record) remains.
     keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="lake/").get("Contents", [])]
-    assert [key for key in keys if not key.endswith("/")] == []
+    data = [key for key in keys if not key.endswith("/")]
+    assert data and all(key.startswith("lake/mnist/test-sets/") for key in data)
+    assert any(key.endswith(ingest.TEST_SET_RECORD) for key in data)
 
 
 # ---------------------------------------------------------------- full MNIST
@@ -435,7 +559,9 @@ def test_s3_failure_leaves_no_objects(s3_env, small_idx_source, monkeypatch):
 
 def test_full_vendored_mnist(tmp_path):
     result = ingest.ingest_dataset(str(VENDORED_MNIST), str(tmp_path))  # verifies data/mnist/checksums.json
-    assert result["rows"] == {"train": 55000, "validation": 5000, "test": 10000}
+    rows = result["rows"]
+    assert rows["train"] + rows["validation"] == 60000 and rows["test"] == 10000
+    assert abs(rows["validation"] - 5000) < 300  # a twelfth, drawn per image
     manifest = dataset.load_manifest(result["dataset_uri"])
     splits = manifest["splits"]
     train_counts = np.add(splits["train"]["class_counts"], splits["validation"]["class_counts"])
@@ -444,11 +570,10 @@ def test_full_vendored_mnist(tmp_path):
     assert all(file["rows"] <= 10_000 for split in splits.values() for file in split["files"])
     assert len(splits["train"]["files"]) == 6
     readme = (VENDORED_MNIST / "README.md").read_text()
-    assert all(source["sha256"] in readme for source in manifest["sources"].values())
-
-    pixels, labels = dataset.read_split(result["dataset_uri"], "validation")
-    np.testing.assert_array_equal(pixels, read_vendored(TRAIN_IMAGES)[55000:].reshape(5000, 784))
-    np.testing.assert_array_equal(labels, read_vendored(TRAIN_LABELS)[55000:])
+    batch_sources = storage.read_json(storage.join(str(tmp_path), "mnist", "batches", result["batches"][0],
+                                                   ingest.BATCH_RECORD))["sources"]
+    assert all(source["sha256"] in readme for source in [*manifest["test_set"]["sources"].values(),
+                                                         *batch_sources.values()])
     all_ids = [
         image_id
         for split in dataset.SPLITS
