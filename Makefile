@@ -36,6 +36,13 @@ $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
 run: $(AIRFLOW_HOME)/airflow.db
 	$(BIN)/python -m admm_jobs.run_pipeline --params '$(PARAMS)' $(if $(DATE),--logical-date '$(DATE)')
 
+# MNIST cut into 6 weekly batches, backfilled through a real Airflow (api-server, scheduler, dag-processor with
+# their own AIRFLOW_HOME, var/demo/airflow); prints the week-by-week table, writes var/demo/weeks.{md,json,png}.
+# PARAMS='{"epochs": 10}' overrides DAG params of every run; DEMO_ARGS='--weeks 3' (python -m admm_jobs.demo --help).
+.PHONY: demo-retraining
+demo-retraining: $(VENV)/.installed
+	$(BIN)/python -m admm_jobs.demo --params '$(PARAMS)' $(DEMO_ARGS)
+
 # Airflow UI + scheduler + dag-processor + triggerer (airflow standalone) on this machine.
 # Log in with AIRFLOW_USER / AIRFLOW_PASSWORD (SimpleAuthManager; development only).
 AIRFLOW_HOST ?= 127.0.0.1
