@@ -1,14 +1,24 @@
-"""Score a trained model on the test split and write the evaluation of a run.
+"""Score a trained model (the challenger) and the published one (the champion); write the evaluation.
+
+Both models are scored on the dataset's fixed test split and, when the dataset
+manifest lists batches, on every row of the newest batch. The champion is the
+model the registry pointer names when the evaluation runs (``--registry-uri``);
+its version is recorded, so that publish can tell when the pointer moved since.
 
 Outputs (``--output-uri``, normally ``RUN/evaluation``), committed together
 through :func:`storage.staged_directory`, ``metrics.json`` last:
 
-* ``metrics.json``: test accuracy, per-class precision/recall/F1/support,
-  the confusion matrix (rows: true class, columns: predicted class), the
-  dataset version and the model's metadata, and the comparison with the
-  published model when ``--registry-uri`` is given.
+* ``metrics.json``: the challenger's test accuracy, per-class
+  precision/recall/F1/support and confusion matrix (rows: true class,
+  columns: predicted class) at the top level; ``newest_batch``: the same on
+  the newest batch (with its id and date; null without batches); ``champion``:
+  the champion's version, pointer and scores on both sets (null when nothing
+  is published); ``comparison``: challenger minus champion per set (accuracy,
+  macro F1, per-class deltas, and the examples only one of them gets right);
+  the dataset (version, batch ids, as-of date) and the model's metadata.
 * ``accuracy.png``, ``loss.png``: per-epoch curves from ``metrics.jsonl``
-  (train/validation/test, warm-up epochs shaded); ``confusion_matrix.png``.
+  (train/validation/test, warm-up epochs shaded); ``confusion_matrix.png``;
+  ``champion_vs_challenger.png`` when there is a champion.
 * ``report.html``: all of the above in one self-contained page.
 """
 
@@ -21,13 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from admm_jobs import dataset, publish, report, storage
+from admm_jobs import dataset, registry, report, storage
 from admm_jobs import model as model_io
 from admm_jobs.config import parse_config, setting, validate_fields
 
-EVALUATION_FORMAT = "admm-evaluation/1"
-METRICS_FILE = publish.EVALUATION_METRICS_FILE
-REPORT_FILE = "report.html"
+EVALUATION_FORMAT = "admm-evaluation/2"
+METRICS_FILE = registry.EVALUATION_METRICS_FILE
+REPORT_FILE = registry.REPORT_FILE
+COMPARISON_PLOT = "champion_vs_challenger.png"
+NEWEST_BATCH = "newest_batch"
+CLASS_SCORES = ("precision", "recall", "f1")
 ACCURACY_PLOT = "accuracy.png"
 LOSS_PLOT = "loss.png"
 CONFUSION_PLOT = "confusion_matrix.png"
@@ -46,7 +59,7 @@ class EvaluateConfig:
     metrics_uri: str = setting(help="the run's per-epoch metrics.jsonl", minLength=1)
     output_uri: str = setting(help="directory to write the evaluation into", minLength=1)
     registry_uri: str | None = setting(None, "model registry, to compare with the published model")
-    model_name: str = setting(publish.DEFAULT_MODEL_NAME, "registry entry name")
+    model_name: str = setting(registry.DEFAULT_MODEL_NAME, "registry entry name")
     batch_size: int = setting(4096, "test rows scored per forward pass", minimum=1)
 
     def __post_init__(self) -> None:
@@ -102,36 +115,14 @@ def read_epoch_metrics(uri: str) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: record["epoch"])
 
 
-def compare_with_published(registry_uri: str, model_name: str, test_accuracy: float) -> dict[str, Any] | None:
-    """The published model's pointer plus ``delta`` = this accuracy - published accuracy; None if none."""
-    pointer = publish.read_pointer(registry_uri, model_name)
-    if pointer is None:
-        return None
-    return {
-        **pointer,
-        "registry_uri": registry_uri,
-        "model_name": model_name,
-        "delta": test_accuracy - float(pointer["test_accuracy"]),
-    }
-
-
-def score_model(model: model_io.Model, dataset_uri: str, batch_size: int) -> dict[str, Any]:
-    """Accuracy, confusion matrix and per-class scores of ``model`` on the test split."""
-    pixels, labels = dataset.read_split(dataset_uri, "test")
-    classes = model.layer_sizes[-1]
-    if len(labels) == 0:
-        raise EvaluationError(f"{dataset_uri}: the test split is empty")
-    if labels.min() < 0 or labels.max() >= classes:
-        raise EvaluationError(
-            f"{dataset_uri}: test labels span [{labels.min()}, {labels.max()}], "
-            f"the model has {classes} classes"
-        )
-    confusion = confusion_matrix(labels, predict(model, pixels, batch_size), classes)
+def score_predictions(labels: np.ndarray, predictions: np.ndarray, classes: int) -> dict[str, Any]:
+    """Accuracy ``#{yhat_n = y_n} / N``, macro F1, per-class scores and the confusion matrix."""
+    confusion = confusion_matrix(labels, predictions, classes)
     scores = class_scores(confusion)
     correct = int(np.trace(confusion))
     return {
-        "test_accuracy": correct / len(labels),
-        "test_examples": len(labels),
+        "accuracy": correct / len(labels),
+        "examples": len(labels),
         "correct": correct,
         "macro_f1": float(scores["f1"].mean()),
         "per_class": [
@@ -148,29 +139,145 @@ def score_model(model: model_io.Model, dataset_uri: str, batch_size: int) -> dic
     }
 
 
+def check_labels(model: model_io.Model, labels: np.ndarray, source: str) -> None:
+    """Raise unless there are labels and every one is a class of ``model``."""
+    classes = model.layer_sizes[-1]
+    if len(labels) == 0:
+        raise EvaluationError(f"{source}: no examples to score")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise EvaluationError(
+            f"{source}: labels span [{labels.min()}, {labels.max()}], the model has {classes} classes"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A labelled set the models are scored on: the test split or the newest batch."""
+
+    name: str  # "test" or "newest_batch"
+    source: str  # for error messages: the dataset URI and what was read
+    pixels: np.ndarray
+    labels: np.ndarray
+    batch: dict[str, Any] | None = None  # the manifest entry of the newest batch
+
+
+def evaluation_sets(dataset_uri: str, manifest: dict[str, Any]) -> list[Examples]:
+    """The fixed test split and, when the manifest lists batches, every row of the newest batch."""
+    pixels, labels = dataset.read_split(dataset_uri, "test")
+    sets = [Examples("test", f"{dataset_uri} (test split)", pixels, labels)]
+    if manifest.get("batches"):
+        batch = dataset.newest_batch(manifest)
+        pixels, labels = dataset.read_batch(dataset_uri, batch["id"])
+        sets.append(Examples(NEWEST_BATCH, f"{dataset_uri} (batch {batch['id']})", pixels, labels, batch))
+    return sets
+
+
+def score_sets(model: model_io.Model, sets: list[Examples], batch_size: int) -> dict[str, tuple[dict, np.ndarray]]:
+    """Per set name: the scores of ``model`` and its predictions."""
+    scored = {}
+    for examples in sets:
+        check_labels(model, examples.labels, examples.source)
+        predictions = predict(model, examples.pixels, batch_size)
+        scored[examples.name] = (score_predictions(examples.labels, predictions, model.layer_sizes[-1]), predictions)
+    return scored
+
+
+def score_deltas(
+    challenger: dict[str, Any],
+    champion: dict[str, Any],
+    labels: np.ndarray,
+    challenger_predictions: np.ndarray,
+    champion_predictions: np.ndarray,
+) -> dict[str, Any]:
+    """Challenger minus champion: accuracy, macro F1 and per-class precision/recall/F1 deltas,
+    plus the discordant pairs (examples only one of the two models gets right).
+    """
+    challenger_right = challenger_predictions == labels
+    champion_right = champion_predictions == labels
+    return {
+        "accuracy": challenger["accuracy"] - champion["accuracy"],
+        "macro_f1": challenger["macro_f1"] - champion["macro_f1"],
+        "per_class": [
+            {"class": mine["class"], **{key: mine[key] - theirs[key] for key in CLASS_SCORES}}
+            for mine, theirs in zip(challenger["per_class"], champion["per_class"])
+        ],
+        "challenger_only_correct": int(np.sum(challenger_right & ~champion_right)),
+        "champion_only_correct": int(np.sum(champion_right & ~challenger_right)),
+    }
+
+
+def champion_of(registry_uri: str | None, model_name: str) -> tuple[dict[str, Any], model_io.Model] | None:
+    """The published model (pointer and loaded weights) at this moment; None if nothing is published."""
+    if not registry_uri:
+        return None
+    pointer = registry.read_pointer(registry_uri, model_name)
+    if pointer is None:
+        return None
+    model_uri = storage.join(registry.version_uri(registry_uri, pointer["version"], model_name), registry.MODEL_DIR)
+    return {**pointer, "model_uri": model_uri, "registry_uri": registry_uri, "model_name": model_name}, (
+        model_io.load_model(model_uri)
+    )
+
+
+def score_champion(champion_model_uri: str, dataset_uri: str, batch_size: int = 4096) -> dict[str, Any]:
+    """A champion's scores on the test split and the newest batch (None without batches), as in ``metrics.json``.
+
+    For publish, when the published model changed after the evaluation.
+    """
+    model = model_io.load_model(champion_model_uri)
+    scored = score_sets(model, evaluation_sets(dataset_uri, dataset.load_manifest(dataset_uri)), batch_size)
+    return {name: scored[name][0] if name in scored else None for name in ("test", NEWEST_BATCH)}
+
+
 def evaluate_run(
     model_uri: str,
     dataset_uri: str,
     metrics_uri: str,
     output_uri: str,
     registry_uri: str | None = None,
-    model_name: str = publish.DEFAULT_MODEL_NAME,
+    model_name: str = registry.DEFAULT_MODEL_NAME,
     batch_size: int = 4096,
 ) -> dict[str, Any]:
-    """Score the model, draw the plots, write ``output_uri``; returns the ``metrics.json`` dict."""
+    """Score the model (and the published one), draw the plots, write ``output_uri``; returns ``metrics.json``."""
     model = model_io.load_model(model_uri)
     manifest = dataset.load_manifest(dataset_uri)
     epochs = read_epoch_metrics(metrics_uri)
-    scores = score_model(model, dataset_uri, batch_size)
+    sets = evaluation_sets(dataset_uri, manifest)
+    scored = score_sets(model, sets, batch_size)
+    test_scores = scored["test"][0]
+    newest = next((examples for examples in sets if examples.name == NEWEST_BATCH), None)
+    champion = champion_of(registry_uri, model_name)
+    champion_section = comparison = None
+    if champion is not None:
+        pointer, champion_model = champion
+        champion_scored = score_sets(champion_model, sets, batch_size)
+        champion_section = {"version": pointer["version"], "pointer": pointer, "test": None, NEWEST_BATCH: None}
+        comparison = {"test": None, NEWEST_BATCH: None}
+        for examples in sets:
+            (mine, my_predictions), (theirs, their_predictions) = scored[examples.name], champion_scored[examples.name]
+            champion_section[examples.name] = theirs
+            comparison[examples.name] = score_deltas(mine, theirs, examples.labels, my_predictions, their_predictions)
     metadata = model.metadata
     evaluation = {
         "format": EVALUATION_FORMAT,
         "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **scores,
-        "dataset": {"uri": dataset_uri, "version": manifest["version"]},
+        "test_accuracy": test_scores["accuracy"],
+        "test_examples": test_scores["examples"],
+        **{key: test_scores[key] for key in ("correct", "macro_f1", "per_class", "confusion_matrix")},
+        "newest_batch": (
+            {"id": newest.batch["id"], "date": newest.batch.get("date"), **scored[NEWEST_BATCH][0]}
+            if newest
+            else None
+        ),
+        "dataset": {
+            "uri": dataset_uri,
+            "version": manifest["version"],
+            "as_of": manifest.get("as_of"),
+            "batches": [batch["id"] for batch in manifest.get("batches", [])],
+        },
         "model": {
             "uri": model_uri,
-            "version": publish.model_version(metadata["weights_sha256"]),
+            "version": registry.model_version(metadata["weights_sha256"]),
             "weights_sha256": metadata["weights_sha256"],
             "layer_sizes": model.layer_sizes,
             "hyperparameters": metadata.get("hyperparameters", {}),
@@ -184,19 +291,18 @@ def evaluate_run(
             "epochs": len(epochs),
             "warmup_epochs": sum(record.get("phase") == report.WARMUP_PHASE for record in epochs),
         },
-        "published_model": (
-            compare_with_published(registry_uri, model_name, scores["test_accuracy"])
-            if registry_uri
-            else None
-        ),
-        "files": {"report": REPORT_FILE, "plots": [ACCURACY_PLOT, LOSS_PLOT, CONFUSION_PLOT]},
+        "champion": champion_section,
+        "comparison": comparison,
     }
     best_epoch = metadata.get("best_epoch")
     images = {
         ACCURACY_PLOT: report.curve_png(epochs, "accuracy", best_epoch),
         LOSS_PLOT: report.curve_png(epochs, "loss", best_epoch),
-        CONFUSION_PLOT: report.confusion_matrix_png(np.array(scores["confusion_matrix"])),
+        CONFUSION_PLOT: report.confusion_matrix_png(np.array(test_scores["confusion_matrix"])),
     }
+    if champion_section is not None:
+        images[COMPARISON_PLOT] = report.comparison_png(evaluation)
+    evaluation["files"] = {"report": REPORT_FILE, "plots": list(images)}
     with storage.staged_directory(output_uri) as staging:
         for name, png in images.items():
             storage.write_bytes(storage.join(staging, name), png)
@@ -205,6 +311,11 @@ def evaluate_run(
         )
         storage.write_json(storage.join(staging, METRICS_FILE), evaluation)
     return evaluation
+
+
+def _accuracy_delta(comparison: dict[str, Any] | None, name: str) -> float | None:
+    deltas = (comparison or {}).get(name)
+    return deltas["accuracy"] if deltas else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -218,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name=config.model_name,
         batch_size=config.batch_size,
     )
-    published = evaluation["published_model"]
+    champion, comparison, newest = evaluation["champion"], evaluation["comparison"], evaluation["newest_batch"]
     result = {
         "test_accuracy": evaluation["test_accuracy"],
         "macro_f1": evaluation["macro_f1"],
@@ -227,8 +338,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "output_uri": config.output_uri,
         "metrics_uri": storage.join(config.output_uri, METRICS_FILE),
         "report_uri": storage.join(config.output_uri, REPORT_FILE),
-        "published_version": published["version"] if published else None,
-        "delta_vs_published": published["delta"] if published else None,
+        "newest_batch": newest["id"] if newest else None,
+        "newest_batch_accuracy": newest["accuracy"] if newest else None,
+        "published_version": champion["version"] if champion else None,
+        "delta_vs_published": _accuracy_delta(comparison, "test"),
+        "batch_delta_vs_published": _accuracy_delta(comparison, NEWEST_BATCH),
     }
     print(json.dumps(result, sort_keys=True))
     return result

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from admm_jobs import dataset, publish, storage
+from admm_jobs import dataset, registry, storage
 from admm_jobs import model as model_io
 from admm_jobs.config import parse_config, setting, validate_fields
 from admm_jobs.predict import load_image_model
@@ -66,7 +66,7 @@ class ExportConfig:
     input_type: str = setting(
         "uint8", f"element type of the graph input, one of {', '.join(INPUT_TYPES)}", enum=list(INPUT_TYPES)
     )
-    model_name: str = setting(publish.DEFAULT_MODEL_NAME, "registry entry name when --model-uri is a root")
+    model_name: str = setting(registry.DEFAULT_MODEL_NAME, "registry entry name when --model-uri is a root")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -77,7 +77,7 @@ def model_metadata(model: model_io.Model) -> dict[str, str]:
     sha256 = model.metadata.get("weights_sha256") or hashlib.sha256(model_io.weights_bytes(model)).hexdigest()
     return {
         "format": model_io.MODEL_FORMAT,
-        "model_version": publish.model_version(sha256),
+        "model_version": registry.model_version(sha256),
         "weights_sha256": sha256,
         "layer_sizes": json.dumps(model.layer_sizes),
         "input_scale": repr(model.input_scale),
@@ -184,7 +184,7 @@ def verified_onnx(model: model_io.Model, input_type: str = "uint8") -> tuple[byt
 
 
 def export_model(
-    model_uri: str, output_uri: str, input_type: str = "uint8", model_name: str = publish.DEFAULT_MODEL_NAME
+    model_uri: str, output_uri: str, input_type: str = "uint8", model_name: str = registry.DEFAULT_MODEL_NAME
 ) -> dict[str, Any]:
     """Export the model ``model_uri`` designates to ``output_uri`` after checking it; returns a summary."""
     model, resolved_model_uri = load_image_model(model_uri, model_name)

@@ -61,7 +61,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from admm_jobs import dataset, ingest, publish, storage
+from admm_jobs import dataset, ingest, registry, storage
 from admm_jobs import model as model_io
 from admm_jobs.config import configure_logging, parse_config, require, setting, validate_fields
 
@@ -96,7 +96,7 @@ class PredictConfig:
     format: str = setting("auto", f"input format, one of {', '.join(INPUT_FORMATS)}", enum=list(INPUT_FORMATS))
     split: str = setting("test", "split to read when --input is a dataset directory", enum=list(dataset.SPLITS))
     invert: bool = setting(False, "use 255 - g for every grey level g (dark digits on light paper)")
-    model_name: str = setting(publish.DEFAULT_MODEL_NAME, "registry entry name when --model-uri is a root")
+    model_name: str = setting(registry.DEFAULT_MODEL_NAME, "registry entry name when --model-uri is a root")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -118,29 +118,29 @@ class Images:
 # --- the model --------------------------------------------------------------------------------
 
 
-def resolve_model_uri(uri: str, model_name: str = publish.DEFAULT_MODEL_NAME) -> str:
+def resolve_model_uri(uri: str, model_name: str = registry.DEFAULT_MODEL_NAME) -> str:
     """The model directory that ``uri`` designates (see the module docstring for the forms)."""
     if storage.scheme(uri) in storage.HTTP_SCHEMES:
         return uri  # no listing over HTTP: only a model directory can be named
     if storage.exists(storage.join(uri, model_io.METADATA_FILE)):
         return uri
-    if storage.exists(storage.join(uri, publish.MODEL_DIR, model_io.METADATA_FILE)):
-        return storage.join(uri, publish.MODEL_DIR)
+    if storage.exists(storage.join(uri, registry.MODEL_DIR, model_io.METADATA_FILE)):
+        return storage.join(uri, registry.MODEL_DIR)
     for entry in (uri, storage.join(uri, model_name)):
-        pointer_uri = storage.join(entry, publish.POINTER_FILE)
+        pointer_uri = storage.join(entry, registry.POINTER_FILE)
         if storage.exists(pointer_uri):
-            pointer = publish.parse_pointer(storage.read_bytes(pointer_uri), pointer_uri)
-            return storage.join(entry, pointer["version"], publish.MODEL_DIR)
+            pointer = registry.parse_pointer(storage.read_bytes(pointer_uri), pointer_uri)
+            return storage.join(entry, pointer["version"], registry.MODEL_DIR)
     looked_for = [
         model_io.METADATA_FILE,
-        f"{publish.MODEL_DIR}/{model_io.METADATA_FILE}",
-        publish.POINTER_FILE,
-        f"{model_name}/{publish.POINTER_FILE}",
+        f"{registry.MODEL_DIR}/{model_io.METADATA_FILE}",
+        registry.POINTER_FILE,
+        f"{model_name}/{registry.POINTER_FILE}",
     ]
     raise PredictError(f"{uri}: no model found (looked for {', '.join(looked_for)})")
 
 
-def load_image_model(uri: str, model_name: str = publish.DEFAULT_MODEL_NAME) -> tuple[model_io.Model, str]:
+def load_image_model(uri: str, model_name: str = registry.DEFAULT_MODEL_NAME) -> tuple[model_io.Model, str]:
     """The model ``uri`` designates, checked to take 28 x 28 images, and its directory."""
     model_uri = resolve_model_uri(uri, model_name)
     model = model_io.load_model(model_uri)
@@ -323,7 +323,7 @@ def predict(
     input_format: str = "auto",
     split: str = "test",
     invert: bool = False,
-    model_name: str = publish.DEFAULT_MODEL_NAME,
+    model_name: str = registry.DEFAULT_MODEL_NAME,
 ) -> dict[str, Any]:
     """Classify every image of ``input_uri``; write the rows to ``output_uri`` (None: stdout); summarise."""
     model, resolved_model_uri = load_image_model(model_uri, model_name)
@@ -356,7 +356,7 @@ def predict(
         "light_background": int(light.sum()),
         "output_uri": output_uri,
         "model_uri": resolved_model_uri,
-        "model_version": publish.model_version(model.metadata["weights_sha256"]),
+        "model_version": registry.model_version(model.metadata["weights_sha256"]),
         "predicted_class_counts": np.bincount(labels, minlength=model.layer_sizes[-1]).tolist(),
     }
 

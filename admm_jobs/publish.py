@@ -1,76 +1,64 @@
-"""Publish a trained, evaluated model to the registry, behind a quality gate.
+"""Publish a trained, evaluated model (the challenger) to the registry, behind a quality gate.
 
-Registry layout (``REG`` = ``--registry-uri``, ``NAME`` = ``--model-name``)::
+The registry's layout, pointer, versions and history are :mod:`admm_jobs.registry`'s.
 
-    REG/NAME/<model_version>/model/...          copy of RUN/model
-    REG/NAME/<model_version>/evaluation/...     copy of RUN/evaluation
-    REG/NAME/<model_version>/metrics.jsonl      copy of RUN/metrics.jsonl
-    REG/NAME/<model_version>/manifest.json      sha256 of every file above; written LAST
-    REG/NAME/current.json                       pointer to the published version
-    REG/NAME/history.jsonl                      one line per publish decision
+Quality gate (:func:`quality_gate`). The champion is the published model. The challenger is
+accepted iff
 
-``model_version`` is the first 16 hex digits of the sha256 of ``model.npz``
-(the ``weights_sha256`` that ``model.json`` records and ``load_model``
-verifies), the same length as a dataset version. It depends only on the
-weights, so publishing the same run again yields the same version and adds
-no second copy; a version directory, once complete, is never rewritten.
+* its test accuracy is at least ``min_accuracy``, and, when there is a champion,
+* test accuracy >= champion's test accuracy - ``max_regression``, and
+* accuracy on the dataset's newest batch >= champion's on it - ``max_batch_regression``
+  (when the evaluation scored a newest batch).
 
-Quality gate: the candidate's test accuracy (``RUN/evaluation/metrics.json``)
-must reach ``min_accuracy`` and must not be more than ``max_regression`` below
-the published model's. A rejection leaves the pointer and the versions alone
-and is a normal outcome (exit 0); a missing or corrupt artifact raises.
+The scores come from ``RUN/evaluation/metrics.json``, where evaluate scored both models on the
+same test split and newest batch. If the pointer has moved since (another model was published
+in between), the gate is run against the new champion: it is scored here on the same data
+(an evaluation without batches, written before champion scoring existed, falls back to the
+test accuracy the pointer records). A rejection leaves the pointer and the versions alone and
+is a normal outcome (exit 0); a missing or corrupt artifact raises.
 
-Concurrent publishes: the read-pointer / gate / switch-pointer sequence is
-serialised by an ``fcntl`` lock file next to the pointer on local disk. Object
-stores have no locks, so there the pointer is replaced with a conditional PUT
-(``If-Match`` its ETag, or ``If-None-Match: *`` when there is none yet) and the
-gate is re-run against the new pointer when another publisher got there first.
+Every decision is appended to the registry history (:func:`admm_jobs.registry.record_decision`)
+with the training key and logical date the DAG passes, the dataset version and batch ids, both
+models' scores and the reasons.
+
+Concurrent publishes: the read-pointer / gate / switch-pointer sequence runs under
+:func:`admm_jobs.registry.locked` on local disk; on object stores the pointer switch is a
+conditional PUT and the gate is re-run against the new pointer when another publisher got
+there first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import fcntl
-import hashlib
 import json
 import logging
-import posixpath
-import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
-import botocore.exceptions
-
+from admm_jobs import evaluate, registry, storage
 from admm_jobs import model as model_io
-from admm_jobs import storage
 from admm_jobs.config import configure_logging, parse_config, require, setting, validate_fields
+from admm_jobs.onnx_export import verified_onnx
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
 
-DEFAULT_MODEL_NAME = "mnist-admm"
-POINTER_FILE = "current.json"
-HISTORY_FILE = "history.jsonl"
-VERSION_MANIFEST_FILE = "manifest.json"
-LOCK_FILE = ".publish.lock"
-VERSION_MANIFEST_FORMAT = "admm-model-version/1"
-MODEL_DIR = "model"
-ONNX_FILE = "model.onnx"  # an ONNX export of the published weights, checked against numpy
-EVALUATION_DIR = "evaluation"
-EVALUATION_METRICS_FILE = "metrics.json"
-EPOCH_METRICS_FILE = "metrics.jsonl"
-REPORT_FILE = "report.html"
-VERSION_HEX_DIGITS = 16
-# Conditional writes that lose a race re-read and retry; this many losses in a row is an error.
-MAX_ATTEMPTS = 10
-# S3 error codes meaning "the object changed since you read it".
-CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409")
+# Re-exported: the DAG and older callers name these through publish.
+DEFAULT_MODEL_NAME = registry.DEFAULT_MODEL_NAME
+NEWEST_BATCH = evaluate.NEWEST_BATCH
+# Accuracies are ratios of counts; this keeps a drop of exactly the allowed size from failing by rounding.
+TOLERANCE = 1e-12
 
 
-class PublishError(RuntimeError):
-    """A run's artifacts or the registry are unusable; the message names the URI."""
+class PublishError(registry.RegistryError):
+    """A run's artifacts are unusable; the message names the URI."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSettings:
+    """The gate's thresholds (defaults: see the README, "Quality gate")."""
+
+    min_accuracy: float = 0.85
+    max_regression: float = 0.002
+    max_batch_regression: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +67,24 @@ class PublishConfig:
 
     run_uri: str = setting(help="run directory holding model/, evaluation/ and metrics.jsonl", minLength=1)
     registry_uri: str = setting(help="root of the model registry", minLength=1)
-    min_accuracy: float = setting(0.85, "publish only at or above this test accuracy", minimum=0, maximum=1)
+    min_accuracy: float = setting(GateSettings.min_accuracy, "publish only at or above this test accuracy", minimum=0, maximum=1)
     max_regression: float = setting(
-        0.005, "publish only if test accuracy is at most this much below the published model", minimum=0, maximum=1
+        GateSettings.max_regression,
+        "publish only if test accuracy is at most this much below the published model's",
+        minimum=0,
+        maximum=1,
+    )
+    max_batch_regression: float = setting(
+        GateSettings.max_batch_regression,
+        "publish only if accuracy on the newest batch is at most this much below the published model's",
+        minimum=0,
+        maximum=1,
     )
     model_name: str = setting(DEFAULT_MODEL_NAME, "registry entry name")
+    training_key: str | None = setting(
+        None, "identity of what was trained (dataset version, code version, training params), for the history"
+    )
+    logical_date: str | None = setting(None, "logical date of the run (ISO), for the history")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -94,66 +95,52 @@ class PublishConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Scores:
+    """A model's accuracy on the test split and on the newest batch (None: not scored there)."""
+
+    test_accuracy: float
+    batch_accuracy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Candidate:
-    """What the gate needs to know about a run's model."""
+    """What the gate and the history need to know about a run's model (the challenger)."""
 
     run_uri: str
     version: str
-    test_accuracy: float
+    scores: Scores
+    dataset_uri: str | None
     dataset_version: str | None
+    batches: list[str]
+    newest_batch: str | None
+    evaluation: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
     outcome: str  # "accepted" (switch the pointer), "rejected", or "unchanged" (already current)
-    reason: str
+    reasons: list[str]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
 
 
-def model_version(weights_sha256: str) -> str:
-    """The registry version of a model: a prefix of its weights' sha256 (see the module docstring)."""
-    return weights_sha256[:VERSION_HEX_DIGITS]
+# Re-exported for callers of the older API.
+model_version = registry.model_version
 
 
-def model_root(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
-    return storage.join(registry_uri, model_name)
-
-
-def pointer_uri(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
-    return storage.join(model_root(registry_uri, model_name), POINTER_FILE)
-
-
-def parse_pointer(raw: bytes | None, uri: str) -> dict[str, Any] | None:
-    """The pointer object, ``None`` if there is none yet; raises if it is corrupt."""
-    if raw is None:
-        return None
-    try:
-        pointer = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise PublishError(f"{uri}: registry pointer is not valid JSON: {exc}") from exc
-    if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
-        raise PublishError(f"{uri}: registry pointer lacks a 'version'")
-    if not _is_accuracy(pointer.get("test_accuracy")):
-        raise PublishError(f"{uri}: registry pointer has no valid 'test_accuracy'")
-    return pointer
-
-
-def read_pointer(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> dict[str, Any] | None:
-    """The currently published model's pointer, or ``None`` if nothing is published."""
-    uri = pointer_uri(registry_uri, model_name)
-    return parse_pointer(read_versioned(uri)[0], uri)
-
-
-def _is_accuracy(value: Any) -> bool:
+def _accuracy(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def load_candidate(run_uri: str) -> Candidate:
     """Check a run's model, evaluation and epoch log, and summarise them for the gate."""
-    model_uri = storage.join(run_uri, MODEL_DIR)
+    model_uri = storage.join(run_uri, registry.MODEL_DIR)
     weights_sha256 = model_io.load_model(model_uri).metadata["weights_sha256"]
-    metrics_uri = storage.join(run_uri, EVALUATION_DIR, EVALUATION_METRICS_FILE)
+    metrics_uri = storage.join(run_uri, registry.EVALUATION_DIR, registry.EVALUATION_METRICS_FILE)
     evaluation = storage.read_json(metrics_uri)
-    if not isinstance(evaluation, dict) or not _is_accuracy(evaluation.get("test_accuracy")):
+    if not isinstance(evaluation, dict) or not _accuracy(evaluation.get("test_accuracy")):
         raise PublishError(f"{metrics_uri}: no valid 'test_accuracy' (expected a number in [0, 1])")
     evaluated_sha256 = (evaluation.get("model") or {}).get("weights_sha256")
     if evaluated_sha256 != weights_sha256:
@@ -161,265 +148,220 @@ def load_candidate(run_uri: str) -> Candidate:
             f"{metrics_uri}: evaluates model weights {evaluated_sha256!r}, "
             f"but {model_uri} holds {weights_sha256!r}"
         )
-    epoch_metrics_uri = storage.join(run_uri, EPOCH_METRICS_FILE)
+    epoch_metrics_uri = storage.join(run_uri, registry.EPOCH_METRICS_FILE)
     if not storage.exists(epoch_metrics_uri):
         raise PublishError(
             f"{epoch_metrics_uri}: no such file (the training log is published with the model)"
         )
+    newest = evaluation.get(NEWEST_BATCH)
+    if newest is not None and not _accuracy(newest.get("accuracy")):
+        raise PublishError(f"{metrics_uri}: '{NEWEST_BATCH}' has no valid 'accuracy'")
+    evaluated_dataset = evaluation.get("dataset") or {}
     return Candidate(
         run_uri=run_uri,
-        version=model_version(weights_sha256),
-        test_accuracy=float(evaluation["test_accuracy"]),
-        dataset_version=(evaluation.get("dataset") or {}).get("version"),
+        version=registry.model_version(weights_sha256),
+        scores=Scores(float(evaluation["test_accuracy"]), float(newest["accuracy"]) if newest else None),
+        dataset_uri=evaluated_dataset.get("uri"),
+        dataset_version=evaluated_dataset.get("version"),
+        batches=list(evaluated_dataset.get("batches") or []),
+        newest_batch=newest["id"] if newest else None,
+        evaluation=evaluation,
+    )
+
+
+def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri: str, model_name: str) -> Scores:
+    """The published model's scores on the data the challenger was evaluated on.
+
+    Taken from the evaluation when it scored this very champion; otherwise the champion is
+    scored now (an evaluation written before champion scoring existed has no dataset to
+    score on: the pointer's recorded test accuracy stands in, and the batch check is skipped).
+    """
+    evaluated = candidate.evaluation.get("champion")
+    if evaluated and evaluated.get("version") == pointer["version"]:
+        batch = evaluated.get(NEWEST_BATCH)
+        return Scores(float(evaluated["test"]["accuracy"]), batch["accuracy"] if batch else None)
+    if candidate.evaluation.get("format") != evaluate.EVALUATION_FORMAT or not candidate.dataset_uri:
+        return Scores(float(pointer["test_accuracy"]))
+    log.info(
+        "the published model is %s, not the %s the evaluation compared with: scoring it on %s",
+        pointer["version"],
+        evaluated.get("version") if evaluated else "none",
+        candidate.dataset_uri,
+    )
+    model_uri = storage.join(registry.version_uri(registry_uri, pointer["version"], model_name), registry.MODEL_DIR)
+    scored = evaluate.score_champion(model_uri, candidate.dataset_uri)
+    batch = scored[NEWEST_BATCH]
+    return Scores(scored["test"]["accuracy"], batch["accuracy"] if batch else None)
+
+
+def _comparison(what: str, mine: float, theirs: float, allowed: float, champion_version: str) -> tuple[bool, str]:
+    """Whether ``mine >= theirs - allowed``, and the sentence saying so."""
+    delta = mine - theirs
+    passed = delta + TOLERANCE >= -allowed
+    verdict = f"a drop of up to {allowed:.4f} is allowed" if passed else f"more than the allowed drop of {allowed:.4f}"
+    return passed, (
+        f"{what} {mine:.4f} vs {theirs:.4f} for the published version {champion_version} ({delta:+.4f}; {verdict})"
     )
 
 
 def quality_gate(
-    candidate: Candidate, current: dict[str, Any] | None, min_accuracy: float, max_regression: float
+    candidate: Candidate, current: dict[str, Any] | None, champion: Scores | None, settings: GateSettings
 ) -> Decision:
-    """Accept iff  acc >= min_accuracy  and  acc >= acc_published - max_regression.
+    """Accept iff the challenger reaches ``min_accuracy`` and, against a champion, regresses by no more
+    than ``max_regression`` on the test set and ``max_batch_regression`` on the newest batch.
 
-    Accuracies are ratios of counts; the tolerance keeps a drop of exactly
-    ``max_regression`` from being rejected through float rounding.
+    ``current`` is the registry pointer (None: nothing published), ``champion`` its scores.
+    Every check's outcome is a reason; a rejection lists the failed checks first.
     """
-    tolerance = 1e-12
-    accuracy = candidate.test_accuracy
+    scores = candidate.scores
     if current is not None and current["version"] == candidate.version:
-        return Decision("unchanged", f"version {candidate.version} is already the published model")
-    if accuracy + tolerance < min_accuracy:
-        return Decision("rejected", f"test accuracy {accuracy:.4f} is below the minimum {min_accuracy:.4f}")
-    if current is None:
-        return Decision(
-            "accepted", f"test accuracy {accuracy:.4f} >= minimum {min_accuracy:.4f}; first published model"
+        return Decision("unchanged", [f"version {candidate.version} is already the published model"])
+    floor_passed = scores.test_accuracy + TOLERANCE >= settings.min_accuracy
+    checks = [
+        (
+            floor_passed,
+            f"test accuracy {scores.test_accuracy:.4f} "
+            f"{'>=' if floor_passed else 'is below'} the minimum {settings.min_accuracy:.4f}",
         )
-    published = float(current["test_accuracy"])
-    delta = accuracy - published
-    if delta + tolerance < -max_regression:
-        return Decision(
-            "rejected",
-            f"test accuracy {accuracy:.4f} is {-delta:.4f} below the published version {current['version']} "
-            f"({published:.4f}); at most {max_regression:.4f} is allowed",
-        )
-    return Decision(
-        "accepted",
-        f"test accuracy {accuracy:.4f} >= minimum {min_accuracy:.4f}; "
-        f"{delta:+.4f} against the published version {current['version']} ({published:.4f})",
-    )
-
-
-# --- conditional writes -----------------------------------------------------------------------
-
-
-def _s3_location(uri: str) -> tuple[str, str]:
-    parsed = urllib.parse.urlparse(uri)
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
-def _s3_client():
-    # A fresh session per call: boto3's default session is not safe to share between threads.
-    return boto3.session.Session().client("s3")
-
-
-def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
-    """The content of ``uri`` (``None`` if absent) and a token for :func:`write_if_unchanged`.
-
-    The token is the S3 ETag; local files have none (callers hold :func:`registry_lock`).
-    """
-    if storage.is_local(uri):
-        return (storage.read_bytes(uri) if storage.exists(uri) else None), None
-    if storage.scheme(uri) != "s3":
-        raise PublishError(f"{uri}: the registry supports local paths and s3:// only")
-    bucket, key = _s3_location(uri)
-    try:
-        response = _s3_client().get_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None, None
-        raise PublishError(f"{uri}: cannot read: {exc}") from exc
-    return response["Body"].read(), response["ETag"]
-
-
-def write_if_unchanged(uri: str, data: bytes, token: str | None) -> bool:
-    """Replace ``uri`` by ``data`` unless it changed since :func:`read_versioned` returned ``token``.
-
-    S3: ``PutObject`` with ``IfMatch=token`` (``IfNoneMatch="*"`` when the
-    object did not exist); returns False when S3 refuses because another writer
-    came first. Local: an atomic replace; the caller's lock excludes other writers.
-    """
-    if storage.is_local(uri):
-        storage.write_bytes(uri, data)
-        return True
-    bucket, key = _s3_location(uri)
-    condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
-    try:
-        _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in CONFLICT_CODES:
-            return False
-        raise PublishError(f"{uri}: cannot write: {exc}") from exc
-    return True
-
-
-@contextlib.contextmanager
-def registry_lock(root_uri: str) -> Iterator[None]:
-    """Exclusive lock over one registry entry on local disk; a no-op on object stores."""
-    if not storage.is_local(root_uri):
-        yield
-        return
-    path = storage.local_path(root_uri) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # flock binds to the open file description, so this excludes threads as well as processes.
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-def append_history(uri: str, entry: dict[str, Any]) -> None:
-    """Append one JSON line to the decision log without losing a concurrent writer's line.
-
-    S3: a conditional rewrite, retried; local: callers hold :func:`registry_lock`.
-    """
-    line = json.dumps(entry, sort_keys=True).encode() + b"\n"
-    for _ in range(MAX_ATTEMPTS):
-        previous, token = read_versioned(uri)
-        if write_if_unchanged(uri, (previous or b"") + line, token):
-            return
-    raise PublishError(f"{uri}: gave up appending after {MAX_ATTEMPTS} concurrent modifications")
-
-
-# --- publishing -------------------------------------------------------------------------------
-
-
-def _relative_path(file_uri: str, root_uri: str) -> str:
-    return posixpath.relpath(storage.filesystem(file_uri)[1], storage.filesystem(root_uri)[1])
-
-
-def store_version(run_uri: str, version_uri: str, now: str) -> bool:
-    """Copy the run's artifacts and an ONNX export of the model to ``version_uri``, ``manifest.json`` last.
-
-    Returns False if the version is already complete.
-    """
-    # imported here: onnx_export resolves registry URIs through this module
-    from admm_jobs.onnx_export import verified_onnx
-
-    if storage.exists(storage.join(version_uri, VERSION_MANIFEST_FILE)):
-        return False
-    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(run_uri, MODEL_DIR)))
-    sources = [
-        *storage.list_files(storage.join(run_uri, MODEL_DIR)),
-        *storage.list_files(storage.join(run_uri, EVALUATION_DIR)),
-        storage.join(run_uri, EPOCH_METRICS_FILE),
     ]
-    with storage.staged_directory(version_uri) as staging:
-        files = []
-        for source in sources:
-            relative = _relative_path(source, run_uri)
-            data = storage.read_bytes(source)
-            storage.write_bytes(storage.join(staging, relative), data)
-            files.append({"path": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
-        onnx_path = f"{MODEL_DIR}/{ONNX_FILE}"
-        storage.write_bytes(storage.join(staging, onnx_path), onnx_bytes)
-        files.append({"path": onnx_path, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)})
-        manifest = {
-            "format": VERSION_MANIFEST_FORMAT,
-            "version": posixpath.basename(version_uri.rstrip("/")),
-            "run": run_uri,
-            "created_at": now,
-            "files": files,
-        }
-        storage.write_json(storage.join(staging, VERSION_MANIFEST_FILE), manifest)
-    return True
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if current is None:
+        checks.append((True, "no published model to compare with"))
+    else:
+        checks.append(
+            _comparison("test accuracy", scores.test_accuracy, champion.test_accuracy, settings.max_regression,
+                        current["version"])
+        )
+        if scores.batch_accuracy is not None and champion.batch_accuracy is not None:
+            checks.append(
+                _comparison(f"accuracy on the newest batch {candidate.newest_batch}", scores.batch_accuracy,
+                            champion.batch_accuracy, settings.max_batch_regression, current["version"])
+            )
+        elif scores.batch_accuracy is None:
+            checks.append((True, "no newest batch scored: the batch check does not apply"))
+    failed = [reason for passed, reason in checks if not passed]
+    if failed:
+        return Decision("rejected", failed + [reason for passed, reason in checks if passed])
+    return Decision("accepted", [reason for _, reason in checks])
 
 
 def publish_run(
     run_uri: str,
     registry_uri: str,
     model_name: str = DEFAULT_MODEL_NAME,
-    min_accuracy: float = 0.85,
-    max_regression: float = 0.005,
+    min_accuracy: float = GateSettings.min_accuracy,
+    max_regression: float = GateSettings.max_regression,
+    max_batch_regression: float = GateSettings.max_batch_regression,
+    training_key: str | None = None,
+    logical_date: str | None = None,
 ) -> dict[str, Any]:
     """Gate the run's model against the published one and, if accepted, make it current."""
+    settings = GateSettings(min_accuracy, max_regression, max_batch_regression)
     candidate = load_candidate(run_uri)
-    root = model_root(registry_uri, model_name)
-    current_uri = storage.join(root, POINTER_FILE)
-    version_uri = storage.join(root, candidate.version)
+    version_uri = registry.version_uri(registry_uri, candidate.version, model_name)
     created_version = False
-    for _ in range(MAX_ATTEMPTS):
-        with registry_lock(root):
-            raw, token = read_versioned(current_uri)
-            current = parse_pointer(raw, current_uri)
-            decision = quality_gate(candidate, current, min_accuracy, max_regression)
-            now = _utc_now()
+    for _ in range(registry.MAX_ATTEMPTS):
+        with registry.locked(registry_uri, model_name):
+            current, token = registry.read_pointer_versioned(registry_uri, model_name)
+            champion = champion_scores(candidate, current, registry_uri, model_name) if current else None
+            decision = quality_gate(candidate, current, champion, settings)
             if decision.outcome == "accepted":
-                created_version |= store_version(run_uri, version_uri, now)
+                if not registry.version_exists(registry_uri, candidate.version, model_name):
+                    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(run_uri, registry.MODEL_DIR)))
+                    extra = {f"{registry.MODEL_DIR}/{registry.ONNX_FILE}": onnx_bytes}
+                    created_version |= registry.store_version(
+                        run_uri, registry_uri, candidate.version, extra, model_name
+                    )
                 new_pointer = {
                     "version": candidate.version,
-                    "test_accuracy": candidate.test_accuracy,
+                    "test_accuracy": candidate.scores.test_accuracy,
                     "dataset_version": candidate.dataset_version,
-                    "published_at": now,
+                    "published_at": registry.utc_now(),
                     "run": run_uri,
                 }
-                if not write_if_unchanged(current_uri, _json_bytes(new_pointer), token):
-                    log.info(
-                        "%s changed while publishing %s; re-running the gate", current_uri, candidate.version
-                    )
+                if not registry.switch_pointer(registry_uri, new_pointer, token, model_name):
+                    log.info("the pointer changed while publishing %s; re-running the gate", candidate.version)
                     continue
                 current_after = new_pointer
             else:
                 current_after = current
                 if decision.outcome == "rejected" and created_version:
                     # Copied on an attempt that lost the pointer race: a rejected model leaves no trace.
-                    storage.delete_tree(version_uri)
-            append_history(
-                storage.join(root, HISTORY_FILE),
-                {
-                    "at": now,
-                    "decision": decision.outcome,
-                    "reason": decision.reason,
-                    "model_version": candidate.version,
-                    "test_accuracy": candidate.test_accuracy,
-                    "dataset_version": candidate.dataset_version,
-                    "run": run_uri,
-                    "previous_version": current["version"] if current else None,
-                    "min_accuracy": min_accuracy,
-                    "max_regression": max_regression,
-                },
+                    registry.delete_version(registry_uri, candidate.version, model_name)
+            published = decision.outcome != "rejected"
+            report_uri = (
+                registry.version_report_uri(registry_uri, candidate.version, model_name)
+                if published
+                else storage.join(run_uri, registry.EVALUATION_DIR, registry.REPORT_FILE)
             )
-        published = decision.outcome != "rejected"
-        if published:
-            log.info(
-                "%s model %s from %s: %s",
-                decision.outcome.upper(),
-                candidate.version,
-                run_uri,
-                decision.reason,
+            entry = registry.record_decision(
+                registry_uri,
+                history_entry(candidate, decision, current, champion, settings, report_uri,
+                              training_key=training_key, logical_date=logical_date),
+                model_name,
             )
-        else:
-            log.warning("REJECTED model %s from %s: %s", candidate.version, run_uri, decision.reason)
+        log_decision(candidate, decision)
         return {
             "published": published,
             "decision": decision.outcome,
             "reason": decision.reason,
+            "reasons": decision.reasons,
             "model_version": candidate.version,
-            "test_accuracy": candidate.test_accuracy,
+            "test_accuracy": candidate.scores.test_accuracy,
+            "batch_accuracy": candidate.scores.batch_accuracy,
             "model_name": model_name,
-            "model_uri": storage.join(version_uri, MODEL_DIR) if published else None,
+            "model_uri": storage.join(version_uri, registry.MODEL_DIR) if published else None,
             # The registry's copy once published, else the run's own (the UI links it).
-            "report_uri": storage.join(version_uri if published else run_uri, EVALUATION_DIR, REPORT_FILE),
+            "report_uri": report_uri,
             "current": current_after,
+            "history_entry": entry,
         }
-    raise PublishError(f"{current_uri}: gave up after {MAX_ATTEMPTS} concurrent pointer changes")
+    raise PublishError(
+        f"{registry.pointer_uri(registry_uri, model_name)}: gave up after {registry.MAX_ATTEMPTS} "
+        "concurrent pointer changes"
+    )
+
+
+def history_entry(
+    candidate: Candidate,
+    decision: Decision,
+    current: dict[str, Any] | None,
+    champion: Scores | None,
+    settings: GateSettings,
+    report_uri: str,
+    training_key: str | None,
+    logical_date: str | None,
+) -> dict[str, Any]:
+    """The registry history line of a gate decision (see :func:`admm_jobs.registry.record_decision`)."""
+    return {
+        # "unchanged" is an acceptance that leaves the pointer where it is.
+        "decision": registry.REJECTED if decision.outcome == "rejected" else registry.ACCEPTED,
+        "pointer_changed": decision.outcome == "accepted",
+        "logical_date": logical_date,
+        "run_uri": candidate.run_uri,
+        "dataset_version": candidate.dataset_version,
+        "batches": candidate.batches,
+        "newest_batch": candidate.newest_batch,
+        "training_key": training_key,
+        "reasons": decision.reasons,
+        "test_accuracy": candidate.scores.test_accuracy,
+        "batch_accuracy": candidate.scores.batch_accuracy,
+        "version": candidate.version,
+        "report_uri": report_uri,
+        "previous_version": current["version"] if current else None,
+        "champion": (
+            {"version": current["version"], **dataclasses.asdict(champion)} if current and champion else None
+        ),
+        "gate": dataclasses.asdict(settings),
+    }
+
+
+def log_decision(candidate: Candidate, decision: Decision) -> None:
+    if decision.outcome == "rejected":
+        log.warning("REJECTED model %s from %s: %s", candidate.version, candidate.run_uri, decision.reason)
+    else:
+        log.info(
+            "%s model %s from %s: %s", decision.outcome.upper(), candidate.version, candidate.run_uri, decision.reason
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -431,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name=config.model_name,
         min_accuracy=config.min_accuracy,
         max_regression=config.max_regression,
+        max_batch_regression=config.max_batch_regression,
+        training_key=config.training_key,
+        logical_date=config.logical_date,
     )
     print(json.dumps(result, sort_keys=True))
     return result

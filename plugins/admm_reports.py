@@ -9,8 +9,11 @@ Served by the API server under ``/admm-reports`` (an Airflow 3 plugin FastAPI ap
   disk a symlink may not lead out of its root.
 * ``runs/<dag_id>/<run_id>``: redirects to the report of a DAG run (the ``report_uri``
   its ``evaluate`` task returned); the "Evaluation report" tab of DAG runs shows it.
-* ``/`` (the "Model registry" navigation entry): the published model of every root
-  holding a registry, with links to its report.
+* ``/`` (the "Model registry" navigation entry): for every root holding a registry, the
+  published model, a plot of test accuracy by logical date (accepted and rejected models,
+  skipped runs and quarantined batches marked) and the whole decision history, newest first:
+  decision, version, accuracies, dataset version, batch ids, reasons, and links to each
+  model's report and metrics.
 
 Tasks whose return value carries ``report_uri`` (``evaluate``, ``publish``) get the
 "Evaluation report" extra link to ``files/...``. Every route needs a signed-in Airflow
@@ -238,30 +241,120 @@ def may_read_dag_runs(dag_id: str, user: Any = Depends(authenticated_user)) -> N
 def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     document = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em 1em;text-align:left}</style>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em 1em;text-align:left;vertical-align:top}"
+        "table{border-collapse:collapse}tr{border-bottom:1px solid #ddd}img{max-width:100%}"
+        ".accepted{color:#17692a}.rejected{color:#a11}.quarantined{color:#b45f06}.skipped{color:#666}</style>"
         f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
     return HTMLResponse(document, status_code=status_code, headers=REPORT_HEADERS)
 
 
-def _published_rows(roots: dict[str, str]) -> list[str]:
-    """One table row per root holding a published model (its registry pointer), linking to its report."""
-    from admm_jobs import publish, storage
+def _link(label: str, uri: str | None, roots: dict[str, str]) -> str:
+    """An HTML link to the app's route for ``uri``; "" when no root serves it."""
+    location = artifact_location(uri, roots) if uri else None
+    if location is None:
+        return ""
+    return f"<a href='{html.escape(artifact_route(*location))}'>{html.escape(label)}</a>"
 
-    rows = []
-    for name, root_uri in roots.items():
-        if not storage.exists(publish.pointer_uri(root_uri)):
-            continue
-        pointer = publish.read_pointer(root_uri)
-        evaluation = posixpath.join(publish.DEFAULT_MODEL_NAME, pointer["version"], publish.EVALUATION_DIR)
-        links = " ".join(
-            f"<a href='{html.escape(artifact_route(name, posixpath.join(evaluation, file)))}'>{label}</a>"
-            for label, file in (("report", "report.html"), ("metrics", publish.EVALUATION_METRICS_FILE))
+
+def _entry_report_uri(entry: dict[str, Any], root_uri: str) -> str | None:
+    """The report of a history entry: the one it names, else (older lines) the registry's copy of an
+    accepted version or the run's own report."""
+    from admm_jobs import registry, storage
+
+    if entry.get("report_uri"):
+        return entry["report_uri"]
+    if entry["decision"] == registry.ACCEPTED and entry.get("version"):
+        return registry.version_report_uri(root_uri, entry["version"])
+    if entry["decision"] == registry.REJECTED and entry.get("run_uri"):
+        return storage.join(entry["run_uri"], registry.EVALUATION_DIR, registry.REPORT_FILE)
+    return None
+
+
+def _links(report_uri: str | None, roots: dict[str, str]) -> str:
+    """Links to a report and to the metrics.json next to it."""
+    from admm_jobs import registry
+
+    if not report_uri:
+        return ""
+    metrics_uri = posixpath.join(posixpath.dirname(report_uri), registry.EVALUATION_METRICS_FILE)
+    return " ".join(filter(None, (_link("report", report_uri, roots), _link("metrics", metrics_uri, roots))))
+
+
+def _accuracy(value: Any) -> str:
+    return "" if value is None else f"{float(value):.4f}"
+
+
+def _details(entry: dict[str, Any]) -> str:
+    """What a decision was about beyond its reasons: the quarantined batch's check, or the champion."""
+    from admm_jobs import registry
+
+    parts = []
+    if entry["decision"] == registry.QUARANTINED and entry.get("check"):
+        parts.append(f"batch {entry.get('batch')}: {entry['check']} observed {entry.get('observed')}, "
+                     f"threshold {entry.get('threshold')}")
+    champion = entry.get("champion")
+    if isinstance(champion, dict) and champion.get("version"):
+        scores = [f"test {_accuracy(champion.get('test_accuracy'))}"]
+        if champion.get("batch_accuracy") is not None:
+            scores.append(f"newest batch {_accuracy(champion['batch_accuracy'])}")
+        parts.append(f"champion {champion['version']}: {', '.join(scores)}")
+    parts += [str(reason) for reason in entry.get("reasons") or []]
+    return "<br>".join(html.escape(part) for part in parts)
+
+
+HISTORY_COLUMNS = ("recorded at", "logical date", "decision", "version", "test accuracy", "newest batch accuracy",
+                   "dataset", "batches", "details", "")
+
+
+def _history_row(entry: dict[str, Any], root_uri: str, roots: dict[str, str]) -> str:
+    batches = entry.get("batches") or ([entry["batch"]] if entry.get("batch") else [])
+    cells = [
+        html.escape(str(entry.get("recorded_at") or "")),
+        html.escape(str(entry.get("logical_date") or "")),
+        f"<span class='{html.escape(str(entry['decision']))}'>{html.escape(str(entry['decision']))}</span>",
+        html.escape(str(entry.get("version") or "")),
+        _accuracy(entry.get("test_accuracy")),
+        _accuracy(entry.get("batch_accuracy")),
+        html.escape(str(entry.get("dataset_version") or "")),
+        html.escape(", ".join(map(str, batches))),
+        _details(entry),
+        _links(_entry_report_uri(entry, root_uri), roots),
+    ]
+    return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+
+
+def _registry_section(name: str, root_uri: str, roots: dict[str, str]) -> str | None:
+    """The published model, the accuracy plot and the whole history (newest first) of one root; None
+    when the root holds no registry."""
+    import base64
+
+    from admm_jobs import registry, report, storage
+
+    if not (storage.exists(registry.pointer_uri(root_uri)) or storage.exists(registry.history_uri(root_uri))):
+        return None
+    title = f"<h2>{html.escape(name)}: {html.escape(registry.DEFAULT_MODEL_NAME)}</h2>"
+    try:
+        pointer = registry.read_pointer(root_uri)
+        history = registry.read_history(root_uri)
+    except registry.RegistryError as exc:
+        return f"{title}<p class='rejected'>{html.escape(str(exc))}</p>"
+    if pointer is None:
+        published = "<p>No model published yet.</p>"
+    else:
+        report_uri = registry.version_report_uri(root_uri, pointer["version"])
+        published = (
+            f"<p>Published: <strong>{html.escape(pointer['version'])}</strong>, test accuracy "
+            f"{_accuracy(pointer['test_accuracy'])}, dataset {html.escape(str(pointer.get('dataset_version')))}, "
+            f"published at {html.escape(str(pointer.get('published_at')))} {_links(report_uri, roots)}</p>"
         )
-        cells = [name, pointer["version"], f"{float(pointer['test_accuracy']):.4f}",
-                 str(pointer.get("dataset_version")), str(pointer.get("published_at")), str(pointer.get("run"))]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + f"<td>{links}</td></tr>")
-    return rows
+    png = report.history_png(history)
+    plot = (f"<img alt='test accuracy by logical date' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+            if png else "")
+    header = "".join(f"<th>{column}</th>" for column in HISTORY_COLUMNS)
+    rows = "".join(_history_row(entry, root_uri, roots) for entry in reversed(history))
+    table = f"<table><tr>{header}</tr>{rows}</table>" if history else "<p>No decisions recorded yet.</p>"
+    return f"{title}{published}{plot}<h3>History ({len(history)} decisions, newest first)</h3>{table}"
 
 
 def create_app(roots: dict[str, str] | None = None, lookup: TaskResultLookup = task_result) -> FastAPI:
@@ -296,13 +389,11 @@ def create_app(roots: dict[str, str] | None = None, lookup: TaskResultLookup = t
 
     @app.get("/", dependencies=[Depends(authenticated_user)])
     def index() -> HTMLResponse:
-        rows = _published_rows(served_roots())
-        header = "".join(f"<th>{column}</th>" for column in
-                         ("root", "version", "test accuracy", "dataset", "published at", "run", ""))
-        table = f"<table><tr>{header}</tr>{''.join(rows)}</table>" if rows else "<p>No model published yet.</p>"
-        served = "".join(f"<li>{html.escape(name)}: {html.escape(uri)}</li>"
-                         for name, uri in served_roots().items())
-        return _page("Published models", f"{table}<h2>Served roots</h2><ul>{served}</ul>")
+        roots = served_roots()
+        sections = [section for name, uri in roots.items() if (section := _registry_section(name, uri, roots))]
+        served = "".join(f"<li>{html.escape(name)}: {html.escape(uri)}</li>" for name, uri in roots.items())
+        body = "".join(sections) or "<p>No model published yet.</p>"
+        return _page("Model registry", f"{body}<h2>Served roots</h2><ul>{served}</ul>")
 
     return app
 

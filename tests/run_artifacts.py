@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from admm_jobs import publish, storage
+from admm_jobs import registry, storage
 from admm_jobs.model import Model, save_model
 
 HYPERPARAMETERS = {"beta": 1.0, "gamma": 10.0, "epochs": 6, "warmup_epochs": 2, "note": "<b>not bold</b>"}
@@ -64,8 +64,11 @@ def make_trained_run(run_uri: str, seed: int, constant_class: int | None = None)
     return model
 
 
-def make_evaluated_run(run_uri: str, seed: int, test_accuracy: float, dataset_version: str = "d" * 16) -> str:
-    """A trained run plus a minimal evaluation/metrics.json claiming ``test_accuracy``.
+def make_evaluated_run(
+    run_uri: str, seed: int, test_accuracy: float, dataset_version: str = "d" * 16, batches: list[str] = ()
+) -> str:
+    """A trained run plus a minimal evaluation/metrics.json claiming ``test_accuracy``
+    (no champion, no newest batch: the gate compares with the pointer's recorded accuracy).
 
     Returns the run's model version.
     """
@@ -73,9 +76,9 @@ def make_evaluated_run(run_uri: str, seed: int, test_accuracy: float, dataset_ve
     sha256 = model.metadata["weights_sha256"]
     evaluation = {
         "test_accuracy": test_accuracy,
-        "dataset": {"uri": "lake", "version": dataset_version},
-        "model": {"weights_sha256": sha256, "version": publish.model_version(sha256)},
+        "dataset": {"uri": "lake", "version": dataset_version, "batches": list(batches)},
+        "model": {"weights_sha256": sha256, "version": registry.model_version(sha256)},
     }
     storage.write_json(storage.join(run_uri, "evaluation", "metrics.json"), evaluation)
     storage.write_bytes(storage.join(run_uri, "evaluation", "report.html"), b"<html></html>")
-    return publish.model_version(sha256)
+    return registry.model_version(sha256)

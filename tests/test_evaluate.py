@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from admm_jobs import dataset, evaluate, publish, storage
+from admm_jobs import dataset, evaluate, publish, registry, storage
 from run_artifacts import HYPERPARAMETERS, make_trained_run, write_epoch_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -62,7 +62,7 @@ def test_constant_model_scores_the_class_fraction(small_dataset, tmp_path):
     assert written["test_accuracy"] == result["test_accuracy"]
     assert written["dataset"]["version"] == small_dataset["dataset_version"]
     assert written["model"]["hyperparameters"]["beta"] == HYPERPARAMETERS["beta"]
-    assert written["model"]["version"] == publish.model_version(written["model"]["weights_sha256"])
+    assert written["model"]["version"] == registry.model_version(written["model"]["weights_sha256"])
     assert written["training"] == {
         "metrics_uri": str(tmp_path / "metrics.jsonl"),
         "epochs": 6,
@@ -109,24 +109,52 @@ def test_plots_and_self_contained_report(small_dataset, tmp_path):
     assert "trained on dataset version 0000000000000000, not on the evaluated" in page
 
 
-def test_report_compares_with_the_published_model(small_dataset, tmp_path):
-    registry = str(tmp_path / "registry")
+def test_champion_and_challenger_are_scored_side_by_side(small_dataset, tmp_path):
+    registry_uri = str(tmp_path / "registry")
     published_run, candidate_run = tmp_path / "run-a", tmp_path / "run-b"
     make_trained_run(str(published_run), seed=0, constant_class=1)
     published_eval = run_evaluation(published_run, small_dataset["dataset_uri"])
-    outcome = publish.publish_run(str(published_run), registry, min_accuracy=0.0)
+    outcome = publish.publish_run(str(published_run), registry_uri, min_accuracy=0.0)
     assert outcome["published"]
 
     make_trained_run(str(candidate_run), seed=0, constant_class=7)
-    result = run_evaluation(candidate_run, small_dataset["dataset_uri"], registry_uri=registry)
+    result = run_evaluation(candidate_run, small_dataset["dataset_uri"], registry_uri=registry_uri)
 
-    comparison = result["published_model"]
-    assert comparison["version"] == outcome["model_version"]
-    assert comparison["test_accuracy"] == published_eval["test_accuracy"]
-    assert comparison["delta"] == pytest.approx(result["test_accuracy"] - published_eval["test_accuracy"])
-    page = (candidate_run / "evaluation" / "report.html").read_text()
+    class_counts = dataset.load_manifest(small_dataset["dataset_uri"])["splits"]["test"]["class_counts"]
+    champion = result["champion"]
+    assert champion["version"] == outcome["model_version"] == champion["pointer"]["version"]
+    assert champion["test"]["accuracy"] == published_eval["test_accuracy"] == class_counts[1] / sum(class_counts)
+    deltas = result["comparison"]["test"]
+    assert deltas["accuracy"] == pytest.approx(result["test_accuracy"] - published_eval["test_accuracy"])
+    # The champion always says 1, the challenger always 7: recall moves by one on those two classes only.
+    per_class = {entry["class"]: entry for entry in deltas["per_class"]}
+    assert per_class[1]["recall"] == -1.0 and per_class[7]["recall"] == 1.0
+    assert all(per_class[k]["recall"] == per_class[k]["f1"] == 0.0 for k in range(10) if k not in (1, 7))
+    assert (deltas["challenger_only_correct"], deltas["champion_only_correct"]) == (class_counts[7], class_counts[1])
+    # The fixture's source is one undated batch: every train and validation row.
+    manifest = dataset.load_manifest(small_dataset["dataset_uri"])
+    newest = result["newest_batch"]
+    assert newest["id"] == manifest["batches"][-1]["id"] == result["dataset"]["batches"][-1]
+    _, batch_labels = dataset.read_batch(small_dataset["dataset_uri"], newest["id"])
+    batch_counts = np.bincount(batch_labels, minlength=10)
+    assert newest["examples"] == len(batch_labels) == sum(manifest["batches"][-1]["rows"].values())
+    assert newest["accuracy"] == batch_counts[7] / len(batch_labels)
+    assert champion["newest_batch"]["accuracy"] == batch_counts[1] / len(batch_labels)
+    batch_deltas = result["comparison"]["newest_batch"]
+    assert (batch_deltas["challenger_only_correct"], batch_deltas["champion_only_correct"]) == (
+        batch_counts[7],
+        batch_counts[1],
+    )
+
+    output = candidate_run / "evaluation"
+    assert (output / evaluate.COMPARISON_PLOT).read_bytes().startswith(PNG_MAGIC)
+    assert evaluate.COMPARISON_PLOT in result["files"]["plots"]
+    page = (output / "report.html").read_text()
     assert outcome["model_version"] in page
-    assert f"{comparison['delta']:+.4f}" in page
+    assert f"{deltas['accuracy']:+.4f}" in page
+    assert '<td class="bad">-1.0000</td>' in page and '<td class="good">+1.0000</td>' in page
+    embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert (output / evaluate.COMPARISON_PLOT).read_bytes() in embedded
 
 
 def test_corrupt_epoch_metrics_fail_without_touching_the_previous_evaluation(small_dataset, tmp_path):

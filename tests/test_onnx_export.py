@@ -10,7 +10,7 @@ import onnx
 import onnxruntime
 import pytest
 
-from admm_jobs import onnx_export, predict, publish
+from admm_jobs import onnx_export, predict, registry
 from admm_jobs import model as model_io
 from fitted_model import fitted_model, mnist_test_digits
 from run_artifacts import random_model
@@ -37,7 +37,7 @@ def test_graph_passes_the_checker_and_declares_its_interface():
     properties = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(properties["layer_sizes"]) == [784, 256, 10]
     sha256 = hashlib.sha256(model_io.weights_bytes(model)).hexdigest()
-    assert properties["weights_sha256"] == sha256 and properties["model_version"] == publish.model_version(
+    assert properties["weights_sha256"] == sha256 and properties["model_version"] == registry.model_version(
         sha256
     )
 
@@ -93,7 +93,7 @@ def test_main_writes_the_checked_file(tmp_path, capsys):
     data = output.read_bytes()
     assert result["sha256"] == hashlib.sha256(data).hexdigest() and result["bytes"] == len(data)
     assert result["model_uri"] == model_dir
-    assert result["model_version"] == publish.model_version(metadata["weights_sha256"])
+    assert result["model_version"] == registry.model_version(metadata["weights_sha256"])
     assert result["max_abs_logit_diff"] < 1e-4
     logits, _ = onnx_export.run_onnx(data, mnist_pixels())
     assert np.array_equal(np.argmax(logits, axis=1), fitted_model().predict(mnist_pixels()))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from admm_jobs import publish, storage, validate
+from admm_jobs import publish, registry, storage, validate
 from run_artifacts import make_evaluated_run
 
 PLUGINS_FOLDER = Path(__file__).resolve().parents[1] / "plugins"
@@ -23,7 +25,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
 @pytest.fixture
 def roots(tmp_path):
     """A runs root with one evaluated run (plus files that must not be served) and an empty registry root."""
-    runs, registry = tmp_path / "runs", tmp_path / "registry"
+    runs, registry_root = tmp_path / "runs", tmp_path / "registry"
     evaluation = runs / RUN_KEY / "evaluation"
     evaluation.mkdir(parents=True)
     (evaluation / "report.html").write_text("<html><body>report of the run</body></html>")
@@ -34,9 +36,9 @@ def roots(tmp_path):
     (runs / RUN_KEY / "model" / "model.npz").write_bytes(b"weights")
     (runs / RUN_KEY / ".staging-evaluation").mkdir()
     (runs / RUN_KEY / ".staging-evaluation" / "report.html").write_text("half-written")
-    registry.mkdir()
+    registry_root.mkdir()
     (tmp_path / "report.html").write_text("outside every root")
-    return {"runs": str(runs), "registry": str(registry)}
+    return {"runs": str(runs), "registry": str(registry_root)}
 
 
 def client_for(roots, lookup=lambda dag_id, run_id, task_id: None, signed_in=True) -> TestClient:
@@ -99,15 +101,85 @@ def test_a_run_redirects_to_the_report_its_evaluate_task_returned(roots):
 
 
 def test_index_lists_the_published_model_with_a_working_report_link(tmp_path):
-    run, registry = str(tmp_path / "runs" / RUN_KEY), str(tmp_path / "registry")
+    run, registry_uri = str(tmp_path / "runs" / RUN_KEY), str(tmp_path / "registry")
     make_evaluated_run(run, seed=1, test_accuracy=0.91)
-    result = publish.publish_run(run, registry, min_accuracy=0.5)
-    client = client_for({"runs": str(tmp_path / "runs"), "registry": registry})
+    result = publish.publish_run(run, registry_uri, min_accuracy=0.5)
+    client = client_for({"runs": str(tmp_path / "runs"), "registry": registry_uri})
     page = client.get("/")
     assert page.status_code == 200 and result["model_version"] in page.text and "0.9100" in page.text
     href = page.text.split("href='")[1].split("'")[0]
     assert href == f"files/registry/mnist-admm/{result['model_version']}/evaluation/report.html"
     assert client.get("/" + href).status_code == 200
+
+
+@pytest.fixture
+def registry_of_every_kind(tmp_path):
+    """A registry whose history holds each decision kind (and a line in the format before them), newest last."""
+    runs, registry_uri = tmp_path / "runs", str(tmp_path / "registry")
+    make_evaluated_run(str(runs / "20260105T000000"), seed=1, test_accuracy=0.91, dataset_version="a" * 16,
+                       batches=["2026-01-05"])
+    make_evaluated_run(str(runs / "20260112T000000"), seed=2, test_accuracy=0.82, dataset_version="b" * 16,
+                       batches=["2026-01-05", "2026-01-12"])
+    old_line = {"at": "2026-01-01T00:00:00+00:00", "decision": "rejected", "reason": "from before the kinds",
+                "model_version": "0123456789abcdef", "test_accuracy": 0.7, "dataset_version": "c" * 16,
+                "run": str(runs / "old")}
+    history = Path(registry.history_uri(registry_uri))
+    history.parent.mkdir(parents=True)
+    history.write_text(json.dumps(old_line) + "\n")
+    accepted = publish.publish_run(str(runs / "20260105T000000"), registry_uri, min_accuracy=0.85,
+                                   training_key="key-a", logical_date="2026-01-05")
+    rejected = publish.publish_run(str(runs / "20260112T000000"), registry_uri, min_accuracy=0.85,
+                                   training_key="key-b", logical_date="2026-01-12")
+    registry.record_decision(registry_uri, {
+        "decision": "skipped", "logical_date": "2026-01-19", "training_key": "key-a", "dataset_version": "a" * 16,
+        "batches": ["2026-01-05"], "reasons": ["model version already judged for this training key"]})
+    registry.record_decision(registry_uri, {
+        "decision": "quarantined", "logical_date": "2026-01-26", "batch": "2026-01-26", "check": "class_proportions",
+        "observed": 0.41, "threshold": 0.25, "batches": ["2026-01-26"], "reasons": ["class 3 is 41% of the batch"]})
+    return {"runs": str(runs), "registry": registry_uri, "accepted": accepted, "rejected": rejected}
+
+
+def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(registry_of_every_kind):
+    kinds = registry_of_every_kind
+    client = client_for({"runs": kinds["runs"], "registry": kinds["registry"]})
+    page = client.get("/")
+    assert page.status_code == 200
+    text = page.text
+    decisions = re.findall(r"<td><span class='(\w+)'>", text)
+    assert decisions == ["quarantined", "skipped", "rejected", "accepted", "rejected"]  # newest first
+
+    accepted, rejected = kinds["accepted"], kinds["rejected"]
+    rows = text.split("<tr>")[2:]  # after the header row
+    quarantined, skipped, rejected_row, accepted_row, old_row = rows
+    assert "2026-01-26" in quarantined and "class_proportions observed 0.41, threshold 0.25" in quarantined
+    assert "href" not in quarantined and "model version already judged" in skipped
+    assert accepted["model_version"] in accepted_row and "0.9100" in accepted_row and "a" * 16 in accepted_row
+    assert ">2026-01-05<" in accepted_row.replace("<td>", ">").replace("</td>", "<")
+    assert "2026-01-05, 2026-01-12" in rejected_row and "0.8200" in rejected_row
+    assert f"champion {accepted['model_version']}: test 0.9100" in rejected_row
+    assert "from before the kinds" in old_row and "0.7000" in old_row
+
+    # Reports: the registry's copy for the accepted model, the run's own for the rejected one.
+    accepted_links = re.findall(r"href='([^']+)'", accepted_row)
+    assert accepted_links == [
+        f"files/registry/mnist-admm/{accepted['model_version']}/evaluation/report.html",
+        f"files/registry/mnist-admm/{accepted['model_version']}/evaluation/metrics.json",
+    ]
+    rejected_links = re.findall(r"href='([^']+)'", rejected_row)
+    assert rejected_links[0] == "files/runs/20260112T000000/evaluation/report.html"
+    for link in accepted_links + rejected_links:
+        assert client.get("/" + link).status_code == 200, link
+
+    plots = re.findall(r"src='data:image/png;base64,([^']+)'", text)
+    assert len(plots) == 1 and base64.b64decode(plots[0]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_registry_page_reports_a_corrupt_history_instead_of_failing(tmp_path):
+    registry_uri = str(tmp_path / "registry")
+    registry.record_decision(registry_uri, {"decision": "skipped"})
+    Path(registry.history_uri(registry_uri)).write_text("{broken\n")
+    page = client_for({"registry": registry_uri}).get("/")
+    assert page.status_code == 200 and "line 1 is not valid JSON" in page.text
 
 
 def test_report_link_points_at_the_route_serving_the_report(roots, monkeypatch):
@@ -185,11 +257,11 @@ def test_the_dag_declares_its_assets(serialized_dag):
 def test_publish_emits_the_model_asset_event_only_for_an_accepted_model(tmp_path):
     from airflow.sdk.execution_time.context import OutletEventAccessors
 
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
 
     def events_of(run_uri: str, min_accuracy: float):
         outlet_events = OutletEventAccessors()
-        result = publish.airflow_task(["--run-uri", run_uri, "--registry-uri", registry,
+        result = publish.airflow_task(["--run-uri", run_uri, "--registry-uri", registry_uri,
                                        "--min-accuracy", str(min_accuracy)], outlet_events=outlet_events)
         return result, outlet_events[publish.publications_alias()].asset_alias_events
 
@@ -201,7 +273,7 @@ def test_publish_emits_the_model_asset_event_only_for_an_accepted_model(tmp_path
     assert events[0].dest_asset_key.name == publish.published_model_asset().name
     assert events[0].extra["version"] == result["model_version"]
     assert events[0].extra["model_uri"] == result["model_uri"]
-    assert result["report_uri"] == storage.join(registry, "mnist-admm", result["model_version"], "evaluation",
+    assert result["report_uri"] == storage.join(registry_uri, "mnist-admm", result["model_version"], "evaluation",
                                                 "report.html")
     result, events = events_of(bad, 0.85)
     assert result["decision"] == "rejected" and events == []

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from admm_jobs import dataset, ingest, predict, publish, storage
+from admm_jobs import dataset, ingest, predict, publish, registry, storage
 from admm_jobs import model as model_io
 from fitted_model import fitted_model, mnist_test_digits
 from idx_files import write_idx
@@ -83,7 +83,7 @@ def test_idx_images_file(model_dir, tmp_path, gzip):
     assert accuracy > 0.7
     assert summary["count"] == 300 and summary["input_format"] == "idx"
     assert summary["output_uri"] == output and summary["model_uri"] == model_dir
-    assert summary["model_version"] == publish.model_version(model.metadata["weights_sha256"])
+    assert summary["model_version"] == registry.model_version(model.metadata["weights_sha256"])
     assert (
         summary["predicted_class_counts"]
         == np.bincount(model.predict(images[:300].reshape(300, -1)), minlength=10).tolist()
@@ -170,10 +170,11 @@ def test_parquet_dataset_split_directory_and_part_file(model_dir, small_dataset,
         assert summary["count"] == len(pixels) and summary["input_format"] == "parquet"
         assert_rows_match(read_rows(output), ids, model, pixels)
 
-    pixels, _ = dataset.read_split(dataset_uri, "test")
-    split_directory = storage.join(dataset_uri, dataset.split_directory("test"))
-    predict.predict(model_dir, split_directory, str(tmp_path / "dir.jsonl"))
     part_file = dataset.split_file_uris(dataset_uri, "test")[0]
+    # The directory holding the test split's part files (shared by dataset versions, outside this one's).
+    split_directory = str(Path(part_file).parent)
+    assert Path(split_directory).name == dataset.split_directory("test")
+    predict.predict(model_dir, split_directory, str(tmp_path / "dir.jsonl"))
     predict.predict(model_dir, part_file, str(tmp_path / "file.jsonl"), input_format="parquet")
     rows_from_directory = read_rows(str(tmp_path / "dir.jsonl"))
     assert rows_from_directory == read_rows(str(tmp_path / "test.jsonl"))
@@ -181,22 +182,22 @@ def test_parquet_dataset_split_directory_and_part_file(model_dir, small_dataset,
     assert part_rows == rows_from_directory[: len(part_rows)]
 
 
-def publish_two_runs(tmp_path: Path, registry: str) -> tuple[str, str, str]:
+def publish_two_runs(tmp_path: Path, registry_uri: str) -> tuple[str, str, str]:
     """Publish run-a then a better run-b; returns (run-a, version a, version b)."""
     first = make_evaluated_run(str(tmp_path / "run-a"), seed=1, test_accuracy=0.9)
     second = make_evaluated_run(str(tmp_path / "run-b"), seed=2, test_accuracy=0.95)
     for run in ("run-a", "run-b"):
-        assert publish.publish_run(str(tmp_path / run), registry)["published"]
+        assert publish.publish_run(str(tmp_path / run), registry_uri)["published"]
     return str(tmp_path / "run-a"), first, second
 
 
 def test_model_uri_forms_resolve_to_the_right_model(tmp_path):
-    registry = str(tmp_path / "registry")
-    run_a, version_a, version_b = publish_two_runs(tmp_path, registry)
-    entry = storage.join(registry, publish.DEFAULT_MODEL_NAME)
-    current_model = storage.join(entry, version_b, publish.MODEL_DIR)
+    registry_uri = str(tmp_path / "registry")
+    run_a, version_a, version_b = publish_two_runs(tmp_path, registry_uri)
+    entry = storage.join(registry_uri, registry.DEFAULT_MODEL_NAME)
+    current_model = storage.join(entry, version_b, registry.MODEL_DIR)
 
-    assert predict.resolve_model_uri(registry) == current_model
+    assert predict.resolve_model_uri(registry_uri) == current_model
     assert predict.resolve_model_uri(entry) == current_model
     assert predict.resolve_model_uri(storage.join(entry, version_a)) == storage.join(
         entry, version_a, "model"
@@ -206,7 +207,7 @@ def test_model_uri_forms_resolve_to_the_right_model(tmp_path):
 
     images, _ = mnist_test_digits()
     source = write_idx(tmp_path / "images.gz", images[:50])
-    summary = predict.predict(registry, str(source), str(tmp_path / "out.jsonl"))
+    summary = predict.predict(registry_uri, str(source), str(tmp_path / "out.jsonl"))
     assert summary["model_version"] == version_b
     assert_rows_match(
         read_rows(str(tmp_path / "out.jsonl")),
@@ -218,10 +219,10 @@ def test_model_uri_forms_resolve_to_the_right_model(tmp_path):
 
 def test_s3_registry_inputs_and_output(s3_env, tmp_path):
     bucket = f"s3://{s3_env}"
-    registry = f"{bucket}/registry"
+    registry_uri = f"{bucket}/registry"
     run = str(tmp_path / "run")
     version = make_evaluated_run(run, seed=4, test_accuracy=0.9)
-    publish.publish_run(run, registry)
+    publish.publish_run(run, registry_uri)
     images, _ = mnist_test_digits()
     model = model_io.load_model(storage.join(run, "model"))
 
@@ -231,14 +232,14 @@ def test_s3_registry_inputs_and_output(s3_env, tmp_path):
         Key="inputs/images.gz",
         Body=write_idx(tmp_path / "images.gz", images[:40]).read_bytes(),
     )
-    summary = predict.predict(registry, f"{bucket}/inputs/images.gz", f"{bucket}/out/idx.jsonl")
+    summary = predict.predict(registry_uri, f"{bucket}/inputs/images.gz", f"{bucket}/out/idx.jsonl")
     assert summary["model_version"] == version
-    assert summary["model_uri"] == f"{registry}/{publish.DEFAULT_MODEL_NAME}/{version}/model"
+    assert summary["model_uri"] == f"{registry_uri}/{registry.DEFAULT_MODEL_NAME}/{version}/model"
     assert_rows_match(read_rows(f"{bucket}/out/idx.jsonl"), [str(i) for i in range(40)], model, images[:40])
 
     for index in range(3):
         storage.write_bytes(f"{bucket}/inputs/pngs/d{index}.png", png_bytes(images[index]))
-    predict.predict(registry, f"{bucket}/inputs/pngs", f"{bucket}/out/png.jsonl")
+    predict.predict(registry_uri, f"{bucket}/inputs/pngs", f"{bucket}/out/png.jsonl")
     assert_rows_match(read_rows(f"{bucket}/out/png.jsonl"), ["d0.png", "d1.png", "d2.png"], model, images[:3])
 
 
@@ -298,10 +299,10 @@ def test_model_uri_without_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(predict.PredictError, match=r"empty: no model found .*current\.json"):
         predict.resolve_model_uri(str(tmp_path / "empty"))
-    entry = tmp_path / "registry" / publish.DEFAULT_MODEL_NAME
+    entry = tmp_path / "registry" / registry.DEFAULT_MODEL_NAME
     entry.mkdir(parents=True)
-    (entry / publish.POINTER_FILE).write_text("{not json")
-    with pytest.raises(publish.PublishError, match=r"current\.json: registry pointer is not valid JSON"):
+    (entry / registry.POINTER_FILE).write_text("{not json")
+    with pytest.raises(registry.RegistryError, match=r"current\.json: registry pointer is not valid JSON"):
         predict.resolve_model_uri(str(tmp_path / "registry"))
 
 

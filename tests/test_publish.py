@@ -15,42 +15,41 @@ from pathlib import Path
 import pytest
 
 from admm_jobs import model as model_io
-from admm_jobs import publish, storage
+from admm_jobs import publish, registry, storage
 from run_artifacts import make_evaluated_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POINTER_KEYS = {"version", "test_accuracy", "dataset_version", "published_at", "run"}
 
 
-def entry(registry: str) -> str:
-    return storage.join(registry, publish.DEFAULT_MODEL_NAME)
+def entry(registry_uri: str) -> str:
+    return storage.join(registry_uri, registry.DEFAULT_MODEL_NAME)
 
 
-def read_history(registry: str) -> list[dict]:
-    uri = storage.join(entry(registry), publish.HISTORY_FILE)
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
+def read_history(registry_uri: str) -> list[dict]:
+    return registry.read_history(registry_uri)
 
 
-def version_names(registry: str) -> set[str]:
+def version_names(registry_uri: str) -> set[str]:
     """The version directories that hold a committed manifest."""
-    root = entry(registry)
+    root = entry(registry_uri)
     return {
         uri[len(root) :].strip("/").split("/")[0]
         for uri in storage.list_files(root)
-        if uri.endswith("/" + publish.VERSION_MANIFEST_FILE)
+        if uri.endswith("/" + registry.VERSION_MANIFEST_FILE)
     }
 
 
 def test_first_model_is_published_with_a_complete_version(tmp_path):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     run = str(tmp_path / "run-a")
     version = make_evaluated_run(run, seed=1, test_accuracy=0.9)
 
-    result = publish.publish_run(run, registry)
+    result = publish.publish_run(run, registry_uri)
 
     assert result["published"] and result["decision"] == "accepted"
     assert result["model_version"] == version
-    pointer = storage.read_json(publish.pointer_uri(registry))
+    pointer = storage.read_json(registry.pointer_uri(registry_uri))
     assert set(pointer) == POINTER_KEYS
     assert pointer["version"] == version and pointer["test_accuracy"] == 0.9 and pointer["run"] == run
     assert result["current"] == pointer
@@ -68,7 +67,7 @@ def test_first_model_is_published_with_a_complete_version(tmp_path):
     for file in manifest["files"]:
         assert hashlib.sha256((version_dir / file["path"]).read_bytes()).hexdigest() == file["sha256"]
     assert model_io.load_model(result["model_uri"]).metadata["weights_sha256"].startswith(version)
-    assert [h["decision"] for h in read_history(registry)] == ["accepted"]
+    assert [h["decision"] for h in read_history(registry_uri)] == ["accepted"]
 
 
 @pytest.mark.parametrize(
@@ -76,79 +75,86 @@ def test_first_model_is_published_with_a_complete_version(tmp_path):
     [(0.93, "accepted"), (0.896, "accepted"), (0.895, "accepted"), (0.8949, "rejected"), (0.5, "rejected")],
 )
 def test_gate_against_the_published_model(tmp_path, accuracy, outcome):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     first = make_evaluated_run(str(tmp_path / "run-a"), seed=1, test_accuracy=0.9)
-    publish.publish_run(str(tmp_path / "run-a"), registry, min_accuracy=0.85, max_regression=0.005)
-    pointer_before = Path(publish.pointer_uri(registry)).read_bytes()
+    publish.publish_run(str(tmp_path / "run-a"), registry_uri, min_accuracy=0.85, max_regression=0.005)
+    pointer_before = Path(registry.pointer_uri(registry_uri)).read_bytes()
 
     second = make_evaluated_run(str(tmp_path / "run-b"), seed=2, test_accuracy=accuracy)
-    result = publish.publish_run(str(tmp_path / "run-b"), registry, min_accuracy=0.85, max_regression=0.005)
+    result = publish.publish_run(str(tmp_path / "run-b"), registry_uri, min_accuracy=0.85, max_regression=0.005)
 
     assert result["decision"] == outcome
-    history = read_history(registry)
-    assert [h["model_version"] for h in history] == [first, second]
+    history = read_history(registry_uri)
+    assert [h["version"] for h in history] == [first, second]
     assert history[1]["decision"] == outcome and history[1]["previous_version"] == first
-    assert history[1]["reason"] == result["reason"]
+    assert history[1]["reasons"] == result["reasons"] and result["reason"] == "; ".join(result["reasons"])
+    assert history[1]["champion"] == {"version": first, "test_accuracy": 0.9, "batch_accuracy": None}
     if outcome == "accepted":
-        assert storage.read_json(publish.pointer_uri(registry))["version"] == second
-        assert version_names(registry) == {first, second}
+        assert storage.read_json(registry.pointer_uri(registry_uri))["version"] == second
+        assert version_names(registry_uri) == {first, second}
     else:
         assert not result["published"] and result["model_uri"] is None
-        assert Path(publish.pointer_uri(registry)).read_bytes() == pointer_before
-        assert version_names(registry) == {first}
+        assert Path(registry.pointer_uri(registry_uri)).read_bytes() == pointer_before
+        assert version_names(registry_uri) == {first}
         assert not (tmp_path / "registry" / "mnist-admm" / second).exists()
-        expected = "below the minimum 0.8500" if accuracy < 0.85 else f"below the published version {first}"
-        assert expected in result["reason"]
+        expected = (
+            "below the minimum 0.8500"
+            if accuracy < 0.85
+            else f"published version {first} ({accuracy - 0.9:+.4f}; more than the allowed drop of 0.0050)"
+        )
+        assert expected in result["reasons"][0]
 
 
 def test_model_below_the_floor_is_rejected_with_an_empty_registry(tmp_path, caplog):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     make_evaluated_run(str(tmp_path / "run"), seed=1, test_accuracy=0.8)
 
-    result = publish.publish_run(str(tmp_path / "run"), registry, min_accuracy=0.85)
+    result = publish.publish_run(str(tmp_path / "run"), registry_uri, min_accuracy=0.85)
 
     assert result == {**result, "published": False, "decision": "rejected", "current": None}
-    assert "test accuracy 0.8000 is below the minimum 0.8500" == result["reason"]
-    assert not storage.exists(publish.pointer_uri(registry))
-    assert version_names(registry) == set()
-    assert read_history(registry)[0]["reason"] == result["reason"]
+    assert result["reasons"] == ["test accuracy 0.8000 is below the minimum 0.8500", "no published model to compare with"]
+    assert not storage.exists(registry.pointer_uri(registry_uri))
+    assert version_names(registry_uri) == set()
+    assert read_history(registry_uri)[0]["reasons"] == result["reasons"]
     assert any(
         "REJECTED" in record.message and result["reason"] in record.message for record in caplog.records
     )
 
 
 def test_republishing_the_same_run_is_idempotent(tmp_path):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     run = str(tmp_path / "run")
     version = make_evaluated_run(run, seed=1, test_accuracy=0.9)
-    first = publish.publish_run(run, registry)
-    pointer_before = Path(publish.pointer_uri(registry)).read_bytes()
-    files_before = storage.list_files(entry(registry))
+    first = publish.publish_run(run, registry_uri)
+    pointer_before = Path(registry.pointer_uri(registry_uri)).read_bytes()
+    files_before = storage.list_files(entry(registry_uri))
 
-    again = publish.publish_run(run, registry)
+    again = publish.publish_run(run, registry_uri)
 
     assert again["published"] and again["decision"] == "unchanged"
     assert again["model_version"] == first["model_version"] == version
-    assert Path(publish.pointer_uri(registry)).read_bytes() == pointer_before
-    assert storage.list_files(entry(registry)) == files_before  # no second copy, only the history grew
-    assert [h["decision"] for h in read_history(registry)] == ["accepted", "unchanged"]
+    assert Path(registry.pointer_uri(registry_uri)).read_bytes() == pointer_before
+    assert storage.list_files(entry(registry_uri)) == files_before  # no second copy, only the history grew
+    # Already the published model: accepted again, the pointer left as it was.
+    history = read_history(registry_uri)
+    assert [(h["decision"], h["pointer_changed"]) for h in history] == [("accepted", True), ("accepted", False)]
 
 
 def test_an_older_version_can_be_published_again_without_copying_it(tmp_path):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     old = make_evaluated_run(str(tmp_path / "old"), seed=1, test_accuracy=0.9)
     new = make_evaluated_run(str(tmp_path / "new"), seed=2, test_accuracy=0.9)
-    publish.publish_run(str(tmp_path / "old"), registry)
-    manifest = Path(registry, "mnist-admm", old, "manifest.json")
+    publish.publish_run(str(tmp_path / "old"), registry_uri)
+    manifest = Path(registry_uri, "mnist-admm", old, "manifest.json")
     written = manifest.stat().st_mtime_ns
-    publish.publish_run(str(tmp_path / "new"), registry)
+    publish.publish_run(str(tmp_path / "new"), registry_uri)
 
-    result = publish.publish_run(str(tmp_path / "old"), registry)
+    result = publish.publish_run(str(tmp_path / "old"), registry_uri)
 
     assert result["decision"] == "accepted"
-    assert storage.read_json(publish.pointer_uri(registry))["version"] == old
+    assert storage.read_json(registry.pointer_uri(registry_uri))["version"] == old
     assert manifest.stat().st_mtime_ns == written
-    assert version_names(registry) == {old, new}
+    assert version_names(registry_uri) == {old, new}
 
 
 @pytest.mark.parametrize(
@@ -156,7 +162,7 @@ def test_an_older_version_can_be_published_again_without_copying_it(tmp_path):
     [("{not json", "not valid JSON"), ('{"test_accuracy": "high"}', "no valid 'test_accuracy'")],
 )
 def test_corrupt_evaluation_is_an_error_naming_the_file(tmp_path, content, message):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     run = tmp_path / "run"
     make_evaluated_run(str(run), seed=1, test_accuracy=0.9)
     metrics = run / "evaluation" / "metrics.json"
@@ -165,7 +171,7 @@ def test_corrupt_evaluation_is_an_error_naming_the_file(tmp_path, content, messa
     with pytest.raises(
         (storage.StorageError, publish.PublishError), match=re.escape(str(metrics)) + ".*" + message
     ):
-        publish.publish_run(str(run), registry)
+        publish.publish_run(str(run), registry_uri)
     assert not (tmp_path / "registry").exists()
 
 
@@ -181,17 +187,17 @@ def test_evaluation_of_another_model_is_an_error(tmp_path):
 
 
 def test_missing_model_and_corrupt_pointer_are_errors(tmp_path):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     run = tmp_path / "run"
     make_evaluated_run(str(run), seed=1, test_accuracy=0.9)
-    Path(publish.pointer_uri(registry)).parent.mkdir(parents=True)
-    Path(publish.pointer_uri(registry)).write_text("[]")
-    with pytest.raises(publish.PublishError, match=re.escape(publish.pointer_uri(registry))):
-        publish.publish_run(str(run), registry)
+    Path(registry.pointer_uri(registry_uri)).parent.mkdir(parents=True)
+    Path(registry.pointer_uri(registry_uri)).write_text("[]")
+    with pytest.raises(registry.RegistryError, match=re.escape(registry.pointer_uri(registry_uri))):
+        publish.publish_run(str(run), registry_uri)
 
     (run / "model" / "model.npz").unlink()
     with pytest.raises(model_io.ModelError, match="model.npz"):
-        publish.publish_run(str(run), registry)
+        publish.publish_run(str(run), registry_uri)
 
 
 def assert_serialised(history: list[dict], pointer: dict, accuracies: dict[str, float]) -> None:
@@ -200,14 +206,14 @@ def assert_serialised(history: list[dict], pointer: dict, accuracies: dict[str, 
     for line in history:
         assert line["previous_version"] == current
         if line["decision"] == "accepted":
-            assert current is None or accuracies[line["model_version"]] >= accuracies[current]
-            current = line["model_version"]
+            assert current is None or accuracies[line["version"]] >= accuracies[current]
+            current = line["version"]
     assert pointer["version"] == current
     assert pointer["test_accuracy"] == accuracies[current]
 
 
 def test_concurrent_publishes_in_threads_leave_a_consistent_pointer(tmp_path):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     accuracies = [0.90 + 0.005 * i for i in range(8)]
     random.Random(0).shuffle(accuracies)
     runs = {}
@@ -217,23 +223,23 @@ def test_concurrent_publishes_in_threads_leave_a_consistent_pointer(tmp_path):
 
     def publish_after_barrier(seed: int) -> dict:
         start.wait()
-        return publish.publish_run(str(tmp_path / f"run-{seed}"), registry, max_regression=0.0)
+        return publish.publish_run(str(tmp_path / f"run-{seed}"), registry_uri, max_regression=0.0)
 
     with ThreadPoolExecutor(len(runs)) as pool:
         results = list(pool.map(publish_after_barrier, range(len(runs))))
 
     best = max(runs, key=runs.get)
-    pointer = storage.read_json(publish.pointer_uri(registry))
+    pointer = storage.read_json(registry.pointer_uri(registry_uri))
     assert pointer["version"] == best  # the best model is never rejected with max_regression=0
-    history = read_history(registry)
+    history = read_history(registry_uri)
     assert len(history) == len(runs)
     assert_serialised(history, pointer, runs)
     accepted = {r["model_version"] for r in results if r["decision"] == "accepted"}
-    assert version_names(registry) == accepted
+    assert version_names(registry_uri) == accepted
 
 
 def test_concurrent_publish_processes(tmp_path):
-    registry = str(tmp_path / "registry")
+    registry_uri = str(tmp_path / "registry")
     accuracies = {}
     for seed, accuracy in enumerate([0.91, 0.95, 0.80, 0.93]):
         accuracies[make_evaluated_run(str(tmp_path / f"run-{seed}"), seed=seed, test_accuracy=accuracy)] = (
@@ -248,7 +254,7 @@ def test_concurrent_publish_processes(tmp_path):
                 "--run-uri",
                 str(tmp_path / f"run-{seed}"),
                 "--registry-uri",
-                registry,
+                registry_uri,
                 "--min-accuracy",
                 "0.85",
                 "--max-regression",
@@ -268,47 +274,51 @@ def test_concurrent_publish_processes(tmp_path):
     assert {"published", "reason", "model_version", "model_uri", "current"} <= set(results[0])
     assert results[2]["published"] is False and "below the minimum" in results[2]["reason"]
     assert "REJECTED" in outputs[2][1]
-    pointer = storage.read_json(publish.pointer_uri(registry))
+    pointer = storage.read_json(registry.pointer_uri(registry_uri))
     assert accuracies[pointer["version"]] == 0.95
-    assert_serialised(read_history(registry), pointer, accuracies)
+    assert_serialised(read_history(registry_uri), pointer, accuracies)
 
 
 def test_publish_to_s3(s3_env, tmp_path):
-    registry = f"s3://{s3_env}/registry"
+    registry_uri = f"s3://{s3_env}/registry"
     good = make_evaluated_run(str(tmp_path / "good"), seed=1, test_accuracy=0.9)
     worse = make_evaluated_run(str(tmp_path / "worse"), seed=2, test_accuracy=0.88)
 
-    accepted = publish.publish_run(str(tmp_path / "good"), registry)
-    rejected = publish.publish_run(str(tmp_path / "worse"), registry)
-    again = publish.publish_run(str(tmp_path / "good"), registry)
+    accepted = publish.publish_run(str(tmp_path / "good"), registry_uri)
+    rejected = publish.publish_run(str(tmp_path / "worse"), registry_uri)
+    again = publish.publish_run(str(tmp_path / "good"), registry_uri)
 
     assert [accepted["decision"], rejected["decision"], again["decision"]] == [
         "accepted",
         "rejected",
         "unchanged",
     ]
-    pointer = storage.read_json(publish.pointer_uri(registry))
+    pointer = storage.read_json(registry.pointer_uri(registry_uri))
     assert pointer["version"] == good and set(pointer) == POINTER_KEYS
-    assert version_names(registry) == {good}
-    assert worse not in "".join(storage.list_files(entry(registry)))
+    assert version_names(registry_uri) == {good}
+    assert worse not in "".join(storage.list_files(entry(registry_uri)))
     assert model_io.load_model(accepted["model_uri"]).metadata["weights_sha256"].startswith(good)
-    assert [h["decision"] for h in read_history(registry)] == ["accepted", "rejected", "unchanged"]
+    assert [(h["decision"], h["pointer_changed"]) for h in read_history(registry_uri)] == [
+        ("accepted", True),
+        ("rejected", False),
+        ("accepted", False),
+    ]
 
 
 def test_s3_conditional_write_refuses_stale_tokens(s3_env):
     uri = f"s3://{s3_env}/registry/object.json"
-    assert publish.read_versioned(uri) == (None, None)
-    assert publish.write_if_unchanged(uri, b"one", None)
-    assert not publish.write_if_unchanged(uri, b"two", None)  # it exists now
-    content, token = publish.read_versioned(uri)
+    assert registry.read_versioned(uri) == (None, None)
+    assert registry.write_if_unchanged(uri, b"one", None)
+    assert not registry.write_if_unchanged(uri, b"two", None)  # it exists now
+    content, token = registry.read_versioned(uri)
     assert content == b"one"
-    assert publish.write_if_unchanged(uri, b"three", token)
-    assert not publish.write_if_unchanged(uri, b"four", token)  # token is stale
+    assert registry.write_if_unchanged(uri, b"three", token)
+    assert not registry.write_if_unchanged(uri, b"four", token)  # token is stale
     assert storage.read_bytes(uri) == b"three"
 
 
 def test_s3_pointer_race_reruns_the_gate(s3_env, tmp_path, monkeypatch):
-    registry = f"s3://{s3_env}/registry"
+    registry_uri = f"s3://{s3_env}/registry"
     slow = make_evaluated_run(str(tmp_path / "slow"), seed=1, test_accuracy=0.90)
     fast = make_evaluated_run(str(tmp_path / "fast"), seed=2, test_accuracy=0.95)
     real_gate = publish.quality_gate
@@ -317,20 +327,114 @@ def test_s3_pointer_race_reruns_the_gate(s3_env, tmp_path, monkeypatch):
     def gate_while_another_publisher_wins(candidate, current, *args):
         seen.append((candidate.version, current and current["version"]))
         if len(seen) == 1:  # another publisher switches the pointer after this one read it
-            publish.publish_run(str(tmp_path / "fast"), registry)
+            publish.publish_run(str(tmp_path / "fast"), registry_uri)
         return real_gate(candidate, current, *args)
 
     monkeypatch.setattr(publish, "quality_gate", gate_while_another_publisher_wins)
-    result = publish.publish_run(str(tmp_path / "slow"), registry)
+    result = publish.publish_run(str(tmp_path / "slow"), registry_uri)
 
     assert seen == [(slow, None), (fast, None), (slow, fast)]
-    assert result["decision"] == "rejected" and f"published version {fast}" in result["reason"]
-    assert storage.read_json(publish.pointer_uri(registry))["version"] == fast
-    assert [(h["model_version"], h["decision"]) for h in read_history(registry)] == [
+    assert result["decision"] == "rejected" and f"published version {fast}" in result["reasons"][0]
+    assert storage.read_json(registry.pointer_uri(registry_uri))["version"] == fast
+    assert [(h["version"], h["decision"]) for h in read_history(registry_uri)] == [
         (fast, "accepted"),
         (slow, "rejected"),
     ]
-    assert version_names(registry) == {fast}
+    assert version_names(registry_uri) == {fast}
     assert slow not in "".join(
-        storage.list_files(entry(registry))
+        storage.list_files(entry(registry_uri))
     )  # the copy made before losing the race is gone
+
+
+def gate(candidate_scores: publish.Scores, champion: publish.Scores | None, **settings) -> publish.Decision:
+    candidate = publish.Candidate(
+        run_uri="run", version="new", scores=candidate_scores, dataset_uri=None, dataset_version=None,
+        batches=["2026-01-05"], newest_batch="2026-01-05", evaluation={},
+    )
+    current = None if champion is None else {"version": "old", "test_accuracy": champion.test_accuracy}
+    return publish.quality_gate(candidate, current, champion, publish.GateSettings(**settings))
+
+
+def test_gate_decides_on_the_test_set_and_the_newest_batch():
+    champion = publish.Scores(test_accuracy=0.94, batch_accuracy=0.85)
+    worse_on_batch = gate(publish.Scores(0.95, 0.80), champion)
+    assert worse_on_batch.outcome == "rejected"
+    assert worse_on_batch.reasons[0] == (
+        "accuracy on the newest batch 2026-01-05 0.8000 vs 0.8500 for the published version old "
+        "(-0.0500; more than the allowed drop of 0.0000)"
+    )
+    assert gate(publish.Scores(0.95, 0.80), champion, max_batch_regression=0.05).outcome == "accepted"
+    assert gate(publish.Scores(0.9375, 0.90), champion, max_regression=0.002).outcome == "rejected"
+    assert gate(publish.Scores(0.9380, 0.90), champion, max_regression=0.002).outcome == "accepted"
+    # No champion: the floor alone decides; no batch scored: only the test-set checks apply.
+    assert gate(publish.Scores(0.86, 0.10), None, min_accuracy=0.85).outcome == "accepted"
+    assert gate(publish.Scores(0.84, 0.99), None, min_accuracy=0.85).outcome == "rejected"
+    no_batch = gate(publish.Scores(0.95), champion)
+    assert no_batch.outcome == "accepted" and "the batch check does not apply" in no_batch.reasons[-1]
+
+
+def evaluated_constant_run(run: Path, dataset_uri: str, predicted_class: int, seed: int, registry_uri=None) -> dict:
+    from admm_jobs import evaluate
+    from run_artifacts import make_trained_run
+
+    make_trained_run(str(run), seed=seed, constant_class=predicted_class)
+    return evaluate.evaluate_run(str(run / "model"), dataset_uri, str(run / "metrics.jsonl"),
+                                 str(run / "evaluation"), registry_uri=registry_uri)
+
+
+def test_decision_records_champion_scores_dataset_batches_and_training_key(small_dataset, tmp_path):
+    from admm_jobs import dataset
+
+    dataset_uri, registry_uri = small_dataset["dataset_uri"], str(tmp_path / "registry")
+    evaluated_constant_run(tmp_path / "a", dataset_uri, predicted_class=7, seed=1)
+    first = publish.main(["--run-uri", str(tmp_path / "a"), "--registry-uri", registry_uri, "--min-accuracy", "0",
+                          "--training-key", "key-a", "--logical-date", "2026-01-05"])
+    evaluation = evaluated_constant_run(tmp_path / "b", dataset_uri, predicted_class=1, seed=2,
+                                        registry_uri=registry_uri)
+    assert evaluation["champion"]["version"] == first["model_version"]
+
+    result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
+                                 max_batch_regression=1.0, training_key="key-b", logical_date="2026-01-12")
+
+    entry = registry.find_decision(registry_uri, "key-b")
+    assert entry == result["history_entry"] == registry.read_history(registry_uri)[-1]
+    manifest = dataset.load_manifest(dataset_uri)
+    assert entry["decision"] == "accepted" and entry["logical_date"] == "2026-01-12"
+    assert entry["batches"] == [batch["id"] for batch in manifest["batches"]]
+    assert entry["dataset_version"] == manifest["version"] and entry["newest_batch"] == manifest["batches"][-1]["id"]
+    assert entry["test_accuracy"] == evaluation["test_accuracy"]
+    assert entry["batch_accuracy"] == evaluation["newest_batch"]["accuracy"]
+    assert entry["champion"] == {
+        "version": first["model_version"],
+        "test_accuracy": evaluation["champion"]["test"]["accuracy"],
+        "batch_accuracy": evaluation["champion"]["newest_batch"]["accuracy"],
+    }
+    assert entry["report_uri"] == registry.version_report_uri(registry_uri, result["model_version"])
+    assert entry["gate"] == {"min_accuracy": 0.0, "max_regression": 1.0, "max_batch_regression": 1.0}
+    assert registry.find_decision(registry_uri, "key-a")["version"] == first["model_version"]
+
+
+def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_dataset, tmp_path):
+    from admm_jobs import evaluate
+
+    dataset_uri, registry_uri = small_dataset["dataset_uri"], str(tmp_path / "registry")
+    evaluated_constant_run(tmp_path / "a", dataset_uri, predicted_class=7, seed=1)
+    publish.publish_run(str(tmp_path / "a"), registry_uri, min_accuracy=0.0)
+    evaluation = evaluated_constant_run(tmp_path / "b", dataset_uri, predicted_class=1, seed=2,
+                                        registry_uri=registry_uri)
+    # Another model is published between b's evaluation and b's publish.
+    evaluated_constant_run(tmp_path / "c", dataset_uri, predicted_class=3, seed=3)
+    newer = publish.publish_run(str(tmp_path / "c"), registry_uri, min_accuracy=0.0, max_regression=1.0,
+                                max_batch_regression=1.0)
+    assert newer["decision"] == "accepted" and evaluation["champion"]["version"] != newer["model_version"]
+
+    result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
+                                 max_batch_regression=1.0)
+
+    rescored = evaluate.score_champion(newer["model_uri"], dataset_uri)
+    assert result["history_entry"]["champion"] == {
+        "version": newer["model_version"],
+        "test_accuracy": rescored["test"]["accuracy"],
+        "batch_accuracy": rescored["newest_batch"]["accuracy"],
+    }
+    assert rescored["test"]["accuracy"] != evaluation["champion"]["test"]["accuracy"]  # c is not a

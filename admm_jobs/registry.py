@@ -1,0 +1,402 @@
+"""The model registry: published versions, the pointer to the current one, and the decision history.
+
+Layout (``REG`` = the registry URI, ``NAME`` = the model name, default :data:`DEFAULT_MODEL_NAME`)::
+
+    REG/NAME/<model_version>/model/...          copy of RUN/model, plus model/model.onnx
+    REG/NAME/<model_version>/evaluation/...     copy of RUN/evaluation
+    REG/NAME/<model_version>/metrics.jsonl      copy of RUN/metrics.jsonl
+    REG/NAME/<model_version>/manifest.json      sha256 of every file above; written LAST
+    REG/NAME/current.json                       pointer to the published version
+    REG/NAME/history.jsonl                      one line per decision, oldest first
+
+``model_version`` is the first 16 hex digits of the sha256 of ``model.npz`` (the
+``weights_sha256`` that ``model.json`` records and ``load_model`` verifies). It
+depends only on the weights, so storing the same model again adds no second
+copy; a version directory, once complete, is never rewritten.
+
+History: every decision about a model or a batch is one JSON line (see
+:data:`DECISIONS` and :func:`record_decision`). Lines written before the
+decision kinds existed (``at``, ``reason``, ``model_version``, ``run``, and the
+outcome ``unchanged``) are read back in the current form by :func:`read_history`.
+
+Concurrency: on local disk, writers hold an ``fcntl`` lock on a file next to the
+pointer (:func:`locked`). Object stores have no locks, so there the pointer and
+the history are replaced with conditional PUTs (``If-Match`` the ETag read, or
+``If-None-Match: *`` when there is no object yet), and a writer that loses the
+race reads again and retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import posixpath
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions
+
+from admm_jobs import storage
+
+DEFAULT_MODEL_NAME = "mnist-admm"
+POINTER_FILE = "current.json"
+HISTORY_FILE = "history.jsonl"
+VERSION_MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".publish.lock"
+VERSION_MANIFEST_FORMAT = "admm-model-version/1"
+MODEL_DIR = "model"
+ONNX_FILE = "model.onnx"  # an ONNX export of the published weights, checked against numpy
+EVALUATION_DIR = "evaluation"
+EVALUATION_METRICS_FILE = "metrics.json"
+EPOCH_METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.html"
+VERSION_HEX_DIGITS = 16
+# Conditional writes that lose a race re-read and retry; this many losses in a row is an error.
+MAX_ATTEMPTS = 10
+# S3 error codes meaning "the object changed since you read it".
+CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409")
+
+ACCEPTED, REJECTED, SKIPPED, QUARANTINED = "accepted", "rejected", "skipped", "quarantined"
+DECISIONS = (ACCEPTED, REJECTED, SKIPPED, QUARANTINED)
+# Decisions of the quality gate: a model with this training key has been judged.
+GATE_DECISIONS = (ACCEPTED, REJECTED)
+# Every history entry has these fields (None / [] when they do not apply), plus kind-specific extras.
+ENTRY_DEFAULTS: dict[str, Any] = {
+    "logical_date": None,
+    "run_uri": None,
+    "dataset_version": None,
+    "batches": [],
+    "training_key": None,
+    "reasons": [],
+    "test_accuracy": None,
+    "version": None,
+    "report_uri": None,
+}
+
+
+class RegistryError(RuntimeError):
+    """The registry or an artifact it is given is unusable; the message names the URI."""
+
+
+def model_version(weights_sha256: str) -> str:
+    """The registry version of a model: a prefix of its weights' sha256 (see the module docstring)."""
+    return weights_sha256[:VERSION_HEX_DIGITS]
+
+
+def model_root(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    return storage.join(registry_uri, model_name)
+
+
+def pointer_uri(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    return storage.join(model_root(registry_uri, model_name), POINTER_FILE)
+
+
+def history_uri(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    return storage.join(model_root(registry_uri, model_name), HISTORY_FILE)
+
+
+def version_uri(registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    return storage.join(model_root(registry_uri, model_name), version)
+
+
+def version_report_uri(registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    """Where a stored version keeps its evaluation report."""
+    return storage.join(version_uri(registry_uri, version, model_name), EVALUATION_DIR, REPORT_FILE)
+
+
+def _is_accuracy(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+# --- the pointer ------------------------------------------------------------------------------
+
+
+def parse_pointer(raw: bytes | None, uri: str) -> dict[str, Any] | None:
+    """The pointer object, ``None`` if there is none yet; raises if it is corrupt."""
+    if raw is None:
+        return None
+    try:
+        pointer = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{uri}: registry pointer is not valid JSON: {exc}") from exc
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
+        raise RegistryError(f"{uri}: registry pointer lacks a 'version'")
+    if not _is_accuracy(pointer.get("test_accuracy")):
+        raise RegistryError(f"{uri}: registry pointer has no valid 'test_accuracy'")
+    return pointer
+
+
+def read_pointer_versioned(
+    registry_uri: str, model_name: str = DEFAULT_MODEL_NAME
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The pointer (None if nothing is published) and the token :func:`switch_pointer` needs."""
+    uri = pointer_uri(registry_uri, model_name)
+    raw, token = read_versioned(uri)
+    return parse_pointer(raw, uri), token
+
+
+def read_pointer(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> dict[str, Any] | None:
+    """The currently published model's pointer, or ``None`` if nothing is published."""
+    return read_pointer_versioned(registry_uri, model_name)[0]
+
+
+def published_model_uri(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> str | None:
+    """The ``model/`` directory of the published version (for ``model.load_model``); None if none."""
+    pointer = read_pointer(registry_uri, model_name)
+    if pointer is None:
+        return None
+    return storage.join(version_uri(registry_uri, pointer["version"], model_name), MODEL_DIR)
+
+
+def switch_pointer(
+    registry_uri: str, pointer: dict[str, Any], token: str | None, model_name: str = DEFAULT_MODEL_NAME
+) -> bool:
+    """Make ``pointer`` current unless the pointer changed since it was read with ``token``.
+
+    Returns False when another writer got there first (read again, decide again).
+    Local callers hold :func:`locked`.
+    """
+    return write_if_unchanged(pointer_uri(registry_uri, model_name), _json_bytes(pointer), token)
+
+
+# --- conditional writes -----------------------------------------------------------------------
+
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _s3_client():
+    # A fresh session per call: boto3's default session is not safe to share between threads.
+    return boto3.session.Session().client("s3")
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The content of ``uri`` (``None`` if absent) and a token for :func:`write_if_unchanged`.
+
+    The token is the S3 ETag; local files have none (callers hold :func:`locked`).
+    """
+    if storage.is_local(uri):
+        return (storage.read_bytes(uri) if storage.exists(uri) else None), None
+    if storage.scheme(uri) != "s3":
+        raise RegistryError(f"{uri}: the registry supports local paths and s3:// only")
+    bucket, key = _s3_location(uri)
+    try:
+        response = _s3_client().get_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None, None
+        raise RegistryError(f"{uri}: cannot read: {exc}") from exc
+    return response["Body"].read(), response["ETag"]
+
+
+def write_if_unchanged(uri: str, data: bytes, token: str | None) -> bool:
+    """Replace ``uri`` by ``data`` unless it changed since :func:`read_versioned` returned ``token``.
+
+    S3: ``PutObject`` with ``IfMatch=token`` (``IfNoneMatch="*"`` when the
+    object did not exist); returns False when S3 refuses because another writer
+    came first. Local: an atomic replace; the caller's lock excludes other writers.
+    """
+    if storage.is_local(uri):
+        storage.write_bytes(uri, data)
+        return True
+    bucket, key = _s3_location(uri)
+    condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+    try:
+        _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in CONFLICT_CODES:
+            return False
+        raise RegistryError(f"{uri}: cannot write: {exc}") from exc
+    return True
+
+
+_held_locks = threading.local()
+
+
+@contextlib.contextmanager
+def locked(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> Iterator[None]:
+    """Exclusive lock over one registry entry on local disk; a no-op on object stores.
+
+    Re-entrant within a thread (so :func:`record_decision` works inside a held lock);
+    ``flock`` binds to the open file description, so it excludes other threads and processes.
+    """
+    root = model_root(registry_uri, model_name)
+    if not storage.is_local(root):
+        yield
+        return
+    path = storage.local_path(root) / LOCK_FILE
+    held = _held_locks.__dict__.setdefault("paths", set())
+    key = str(path.absolute())
+    if key in held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def append_line(uri: str, entry: dict[str, Any]) -> None:
+    """Append one JSON line to ``uri`` without losing a concurrent writer's line.
+
+    S3: a conditional rewrite, retried; local: callers hold :func:`locked`.
+    """
+    line = json.dumps(entry, sort_keys=True).encode() + b"\n"
+    for _ in range(MAX_ATTEMPTS):
+        previous, token = read_versioned(uri)
+        if write_if_unchanged(uri, (previous or b"") + line, token):
+            return
+    raise RegistryError(f"{uri}: gave up appending after {MAX_ATTEMPTS} concurrent modifications")
+
+
+# --- the history ------------------------------------------------------------------------------
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_entry(entry: dict[str, Any]) -> None:
+    if entry.get("decision") not in DECISIONS:
+        raise RegistryError(f"history entry: 'decision' must be one of {DECISIONS}, got {entry.get('decision')!r}")
+    for name in ("reasons", "batches"):
+        if not isinstance(entry[name], list) or not all(isinstance(item, str) for item in entry[name]):
+            raise RegistryError(f"history entry: {name!r} must be a list of strings, got {entry[name]!r}")
+    accuracy = entry["test_accuracy"]
+    if accuracy is not None and not _is_accuracy(accuracy):
+        raise RegistryError(f"history entry: 'test_accuracy' must be in [0, 1] or null, got {accuracy!r}")
+
+
+def record_decision(
+    registry_uri: str, entry: dict[str, Any], model_name: str = DEFAULT_MODEL_NAME
+) -> dict[str, Any]:
+    """Append one decision to the history; returns the stored entry (with ``recorded_at``, UTC ISO).
+
+    ``entry`` needs ``decision`` (one of :data:`DECISIONS`); the other fields of
+    :data:`ENTRY_DEFAULTS` default to null / empty, and any further keys are kept.
+    Safe under concurrent writers (see the module docstring).
+    """
+    stored = {**ENTRY_DEFAULTS, **entry, "recorded_at": utc_now()}
+    for name in ("batches", "reasons"):  # tuples are fine; a lone string is not a list of them
+        if isinstance(stored[name], tuple):
+            stored[name] = list(stored[name])
+    _check_entry(stored)
+    with locked(registry_uri, model_name):
+        append_line(history_uri(registry_uri, model_name), stored)
+    return stored
+
+
+def normalise_entry(raw: dict[str, Any]) -> dict[str, Any]:
+    """A history line in the current form; lines from before the decision kinds are translated.
+
+    Old lines: ``at`` -> ``recorded_at``, ``model_version`` -> ``version``, ``run`` ->
+    ``run_uri``, ``reason`` -> ``reasons``; the outcome ``unchanged`` (the model was
+    already the published one) becomes ``accepted`` with ``pointer_changed`` false.
+    """
+    entry = dict(raw)
+    renames = {"at": "recorded_at", "model_version": "version", "run": "run_uri"}
+    for old, new in renames.items():
+        if old in entry and new not in entry:
+            entry[new] = entry.pop(old)
+    if "reason" in entry and "reasons" not in entry:
+        entry["reasons"] = [entry.pop("reason")]
+    if entry.get("decision") == "unchanged":
+        entry.update(decision=ACCEPTED, pointer_changed=False)
+    return {**ENTRY_DEFAULTS, **entry}
+
+
+def read_history(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> list[dict[str, Any]]:
+    """Every recorded decision, oldest first, in the current form; [] when there is no history."""
+    uri = history_uri(registry_uri, model_name)
+    raw, _ = read_versioned(uri)
+    entries = []
+    for number, line in enumerate((raw or b"").decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{uri}: line {number} is not valid JSON: {exc}") from exc
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{uri}: line {number} is not a JSON object")
+        entries.append(normalise_entry(entry))
+    return entries
+
+
+def find_decision(
+    registry_uri: str, training_key: str, model_name: str = DEFAULT_MODEL_NAME
+) -> dict[str, Any] | None:
+    """The latest gate decision (accepted or rejected) about a model with ``training_key``; None if none."""
+    for entry in reversed(read_history(registry_uri, model_name)):
+        if entry["decision"] in GATE_DECISIONS and entry.get("training_key") == training_key:
+            return entry
+    return None
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+
+def _relative_path(file_uri: str, root_uri: str) -> str:
+    return posixpath.relpath(storage.filesystem(file_uri)[1], storage.filesystem(root_uri)[1])
+
+
+def version_exists(registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME) -> bool:
+    """Whether the version directory is complete (its manifest is written last)."""
+    return storage.exists(storage.join(version_uri(registry_uri, version, model_name), VERSION_MANIFEST_FILE))
+
+
+def store_version(
+    run_uri: str,
+    registry_uri: str,
+    version: str,
+    extra_files: dict[str, bytes],
+    model_name: str = DEFAULT_MODEL_NAME,
+) -> bool:
+    """Copy the run's model, evaluation and epoch log, plus ``extra_files`` (relative path -> bytes),
+    into the version directory, ``manifest.json`` last. Returns False if the version is already complete.
+    """
+    target = version_uri(registry_uri, version, model_name)
+    if version_exists(registry_uri, version, model_name):
+        return False
+    sources = [
+        *storage.list_files(storage.join(run_uri, MODEL_DIR)),
+        *storage.list_files(storage.join(run_uri, EVALUATION_DIR)),
+        storage.join(run_uri, EPOCH_METRICS_FILE),
+    ]
+    contents = {_relative_path(source, run_uri): storage.read_bytes(source) for source in sources}
+    contents.update(extra_files)
+    with storage.staged_directory(target) as staging:
+        files = []
+        for relative, data in contents.items():
+            storage.write_bytes(storage.join(staging, relative), data)
+            files.append({"path": relative, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+        manifest = {
+            "format": VERSION_MANIFEST_FORMAT,
+            "version": version,
+            "run": run_uri,
+            "created_at": utc_now(),
+            "files": files,
+        }
+        storage.write_json(storage.join(staging, VERSION_MANIFEST_FILE), manifest)
+    return True
+
+
+def delete_version(registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME) -> None:
+    storage.delete_tree(version_uri(registry_uri, version, model_name))
