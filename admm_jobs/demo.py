@@ -293,7 +293,10 @@ def backfill_and_wait(services: AirflowServices, dates: list[datetime.date], con
         for week, run in sorted(weeks.items()):
             if run["state"] in FINISHED_RUN_STATES and week not in reported:
                 reported.add(week)
-                log.info("week %s: run %s (%d of %d done)", week, run["state"], len(reported), len(dates))
+                instances = services.api("GET", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances")
+                run["failed_tasks"] = [ti["task_id"] for ti in instances["task_instances"] if ti["state"] == "failed"]
+                log.info("week %s: run %s%s (%d of %d done)", week, run["state"],
+                         f" at {', '.join(run['failed_tasks'])}" if run["failed_tasks"] else "", len(reported), len(dates))
         if reported == wanted:
             return weeks
         if time.monotonic() > deadline:
@@ -322,6 +325,7 @@ def week_record(conf: dict[str, Any], week: str, dag_run: dict[str, Any] | None 
     plan = storage.read_json(plan_uri) if storage.exists(plan_uri) else {}
     record: dict[str, Any] = {
         "week": week, "run_uri": run_uri, "state": dag_run["state"] if dag_run else None,
+        "failed_tasks": dag_run.get("failed_tasks", []) if dag_run else [],
         "run_seconds": _seconds_between(dag_run.get("start_date"), dag_run.get("end_date")) if dag_run else None,
         "retrained": plan.get("retrain"), "reason": plan.get("reason"), "batches": plan.get("batches") or [],
         "training_samples": None, "test_accuracy": None, "decision": None,
@@ -349,6 +353,13 @@ def _cell(value: Any, fmt: str = "{}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def _run_outcome(record: dict[str, Any]) -> str:
+    """What the table shows without a gate decision: the run's state and the tasks that failed."""
+    if not record["state"]:
+        return "–"
+    return f"run {record['state']}" + (f" ({', '.join(record['failed_tasks'])})" if record["failed_tasks"] else "")
+
+
 def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     """One row of :data:`TABLE_COLUMNS` per week."""
     return [[
@@ -356,7 +367,7 @@ def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
         _cell(len(record["batches"]) if record["batches"] else None),
         _cell(record["training_samples"], "{:,}"),
         _cell(record["test_accuracy"], "{:.4f}"),
-        record["decision"] or (f"run {record['state']}" if record["state"] else "–"),
+        record["decision"] or _run_outcome(record),
         _cell(record["iterations"]),
         _cell(record["train_seconds"], "{:.0f}"),
         _cell(record["run_seconds"], "{:.0f}"),
@@ -377,7 +388,7 @@ def plot_weeks(records: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    weeks = [record["week"] for record in records]
+    weeks = np.arange(len(records))
     figure, (accuracy_axis, seconds_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     accuracy = [record["test_accuracy"] if record["test_accuracy"] is not None else np.nan for record in records]
     accuracy_axis.plot(weeks, accuracy, marker="o")
@@ -393,6 +404,7 @@ def plot_weeks(records: list[dict[str, Any]], path: Path) -> None:
     seconds_axis.set_ylabel("training seconds")
     seconds_axis.legend(handles=[matplotlib.patches.Patch(color=colour, label=f"{kind} start")
                                  for kind, colour in colours.items()], loc="upper left")
+    seconds_axis.set_xticks(weeks, [record["week"] for record in records])
     seconds_axis.set_xlabel("week (logical date)")
     figure.autofmt_xdate()
     figure.tight_layout()
@@ -456,6 +468,7 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     configure_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     config = parse_config(DemoConfig, argv)
     try:
         records = run_demo(config)

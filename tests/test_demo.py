@@ -109,7 +109,7 @@ def test_week_table_from_real_run_artifacts(landing, tmp_path):
     # Week 4: failed before planning (no artifacts at all).
     dag_runs = {"2026-01-04": {"state": "success", "start_date": "2026-12-01T03:00:00Z",
                                "end_date": "2026-12-01T03:01:40.500000Z"},
-                "2026-01-25": {"state": "failed", "start_date": None, "end_date": None}}
+                "2026-01-25": {"state": "failed", "start_date": None, "end_date": None, "failed_tasks": ["ingest"]}}
     records = [demo.week_record(conf, week, dag_runs.get(week)) for week in runs]
 
     assert [record["batches"] for record in records[:3]] == [["2026-01-04"], ["2026-01-04", "2026-01-11"],
@@ -125,7 +125,7 @@ def test_week_table_from_real_run_artifacts(landing, tmp_path):
                        "cold"]
     assert rows[1][3:7] == ["0.8874", "rejected", "5", "12"] and rows[1][8] == "warm"
     assert rows[2][1] == "2" and rows[2][3:5] == ["–", "skipped"]
-    assert rows[3] == ["2026-01-25", "–", "–", "–", "run failed", "–", "–", "–", "–"]
+    assert rows[3] == ["2026-01-25", "–", "–", "–", "run failed (ingest)", "–", "–", "–", "–"]
 
     table = demo.write_results(records, tmp_path)
     assert table.splitlines()[0].startswith("| week | batches | training samples | test accuracy | decision")
