@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from admm_jobs import admm
 from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend, make_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,62 @@ def parse_value(text: str):
     return text
 
 
+def nesterov_with_restart(trainer: AdmmTrainer, cap: float):
+    """theta_k = (k - 1) / (k + 2) (capped), k counted since the last restart; a restart (theta 0, k = 1)
+    whenever the network's training loss went up from one iteration to the next."""
+    restarts = {"since": 0}
+    chosen: dict[int, float] = {}  # the trainer asks again for the theta it used, one pass later
+
+    def extrapolation_at(epoch: int) -> float:
+        if epoch not in chosen:
+            chosen[epoch] = choose(epoch)
+        return chosen[epoch]
+
+    def choose(epoch: int) -> float:
+        history = trainer.history
+        if len(history) >= 2 and history[-1].metrics["train_loss"] > history[-2].metrics["train_loss"]:
+            if restarts["since"] != len(history):
+                restarts["since"] = len(history)
+                return 0.0
+        k = epoch - restarts["since"]
+        return min(cap, (k - 1) / (k + 2)) if k > 0 else 0.0
+
+    return extrapolation_at
+
+
+def anderson_one(hp: Hyperparameters, cap: float):
+    """theta_t of type-II Anderson acceleration with memory 1 on the weights (a safeguarded, adaptive theta).
+
+    With the fixed-point map G (one iteration: W_ext(t-1) -> W_new(t)) and residuals
+    f_t = W_new(t) - W_ext(t-1), the mix W_ext(t) = (1 + theta) W_new(t) - theta W_new(t-1)
+    has the combined residual f_t + theta (f_t - f_{t-1}); its minimiser
+    theta = -<f_t, f_t - f_{t-1}> / ||f_t - f_{t-1}||^2 is clipped to [0, cap] (the safeguard).
+    Replaces admm.extrapolate in this process; returns the matching extrapolation_at.
+    """
+    memory = {"previous_residual": None, "previous_ext": None, "epoch": 0}
+    chosen: dict[int, float] = {}
+    plain = admm.extrapolate
+
+    def extrapolate(new, previous, theta):
+        memory["epoch"] += 1
+        residual = None if memory["previous_ext"] is None else [n - e for n, e in zip(new, memory["previous_ext"])]
+        theta = 0.0
+        if previous is not None and residual is not None and memory["previous_residual"] is not None:
+            diff = [r - p for r, p in zip(residual, memory["previous_residual"])]
+            denominator = sum(float((d.astype(np.float64) ** 2).sum()) for d in diff)
+            numerator = -sum(float((r.astype(np.float64) * d).sum()) for r, d in zip(residual, diff))
+            theta = float(np.clip(numerator / denominator, 0.0, cap)) if denominator > 0 else 0.0
+        elif previous is not None:
+            theta = hp.extrapolation
+        chosen[memory["epoch"]] = theta
+        result = plain(new, previous, theta)
+        memory["previous_residual"], memory["previous_ext"] = residual, result
+        return result
+
+    admm.extrapolate = extrapolate
+    return lambda epoch: chosen.get(epoch, 0.0)
+
+
 def run(args, splits) -> dict:
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
@@ -116,10 +173,17 @@ def run(args, splits) -> dict:
               f"val {m['validation_accuracy']:.4f}" + (f" test {m['test_accuracy']:.4f}" if "test_accuracy" in m else ""),
               flush=True)
 
-    AdmmTrainer(hp, LocalBackend(blocks(splits, args.train_limit, args.partitions, args.test)), record).fit()
+    trainer = AdmmTrainer(hp, LocalBackend(blocks(splits, args.train_limit, args.partitions, args.test)), record)
+    if args.variant.startswith("nesterov"):
+        cap = float(args.variant.split(":")[1]) if ":" in args.variant else 0.95
+        object.__setattr__(hp, "extrapolation_at", nesterov_with_restart(trainer, cap))
+    if args.variant.startswith("anderson"):
+        cap = float(args.variant.split(":")[1]) if ":" in args.variant else 0.95
+        object.__setattr__(hp, "extrapolation_at", anderson_one(hp, cap))
+    trainer.fit()
     best = max(curve, key=lambda p: p["validation_accuracy"])
     first97 = next((p["epoch"] for p in curve if p["validation_accuracy"] >= 0.97), None)
-    return {"data": args.data, "train_limit": args.train_limit, "hidden": hidden, "overrides": overrides,
+    return {"data": args.data, "train_limit": args.train_limit, "hidden": hidden, "overrides": overrides, "variant": args.variant,
             "epochs": args.epochs, "best_validation": best["validation_accuracy"], "best_epoch": best["epoch"],
             "final_validation": curve[-1]["validation_accuracy"], "final_train": curve[-1]["train_accuracy"],
             "first_epoch_val_97": first97, "seconds": curve[-1]["seconds"], "label": args.label,
@@ -135,6 +199,7 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--set", action="append", default=[], help="Hyperparameters field=value")
     parser.add_argument("--test", action="store_true", help="also score the test split (final defaults only)")
+    parser.add_argument("--variant", default="", help="nesterov[:cap]: theta (k-1)/(k+2), restart when the loss rises")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None, help="append the run's JSON record to this file")
     args = parser.parse_args()
