@@ -286,19 +286,19 @@ def backfill_and_wait(services: AirflowServices, dates: list[datetime.date], con
         "run_backwards": False, "max_active_runs": 1, "reprocess_behavior": "completed", "dag_run_conf": conf})
     log.info("backfill %s: %d weekly runs from %s to %s", backfill["id"], len(dates), first, last)
     wanted = {day.isoformat() for day in dates}
-    deadline, reported = time.monotonic() + timeout, set()
+    deadline, finished = time.monotonic() + timeout, {}
     while True:
         runs = services.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill", "limit": 100})["dag_runs"]
         weeks = {run["logical_date"][:10]: run for run in runs if (run.get("logical_date") or "")[:10] in wanted}
         for week, run in sorted(weeks.items()):
-            if run["state"] in FINISHED_RUN_STATES and week not in reported:
-                reported.add(week)
+            if run["state"] in FINISHED_RUN_STATES and week not in finished:
                 instances = services.api("GET", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances")
                 run["failed_tasks"] = [ti["task_id"] for ti in instances["task_instances"] if ti["state"] == "failed"]
+                finished[week] = run
                 log.info("week %s: run %s%s (%d of %d done)", week, run["state"],
-                         f" at {', '.join(run['failed_tasks'])}" if run["failed_tasks"] else "", len(reported), len(dates))
-        if reported == wanted:
-            return weeks
+                         f" at {', '.join(run['failed_tasks'])}" if run["failed_tasks"] else "", len(finished), len(dates))
+        if finished.keys() == wanted:
+            return finished
         if time.monotonic() > deadline:
             states = {week: run["state"] for week, run in sorted(weeks.items())}
             raise RuntimeError(f"runs did not end within {timeout:.0f} s: {states}\n{services.diagnostics()}")
@@ -455,8 +455,14 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
         log.info("Airflow is up: %s (user %s, password in %s); logs in %s", services.url, USER, passwords_file, logs)
         runs = backfill_and_wait(services, dates, conf, config.timeout)
     finally:
-        services.stop()
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        # A second Ctrl-C must not cut the clean-up short.
+        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            services.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
+            signal.signal(signal.SIGTERM, previous_sigterm)
     records = [week_record(conf, day.isoformat(), runs.get(day.isoformat())) for day in dates]
     table = write_results(records, workdir)
     print(table)
