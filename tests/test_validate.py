@@ -115,12 +115,17 @@ def test_small_dataset_passes_and_outputs_are_written_next_to_it(dataset_copy):
     assert result["result_uri"] == storage.join(dataset_copy, "validation", "result.json")
     assert result["data_docs_uri"] == storage.join(dataset_copy, "validation", "data_docs", "index.html")
     expectations = len(json.loads(Path(validate.DEFAULT_SUITE).read_text())["expectations"])
-    assert result["statistics"]["evaluated_expectations"] == 3 * expectations
+    batch_expectations = len(json.loads(Path(validate.BATCH_SUITE).read_text())["expectations"])
+    # nothing published: the one batch gets the checks that need no reference
+    [batch] = result["checked_batches"]
+    assert batch.startswith("undated-") and result["reference_dataset"] is None and result["refused_batches"] == {}
+    assert result["statistics"]["evaluated_expectations"] == 3 * expectations + batch_expectations
     assert result["statistics"]["unsuccessful_expectations"] == 0
 
     written = json.loads(Path(result["result_uri"]).read_text())
     assert written["success"] is True and written["dataset_uri"] == dataset_copy
-    assert set(written["results"]) == {"train", "validation", "test"}
+    assert set(written["results"]) == {"train", "validation", "test", f"batch={batch}"}
+    written["results"] = {split: written["results"][split] for split in ("train", "validation", "test")}
     row_counts = {
         split: next(
             r["result"]["observed_value"]
@@ -134,7 +139,7 @@ def test_small_dataset_passes_and_outputs_are_written_next_to_it(dataset_copy):
     docs = Path(result["data_docs_uri"]).parent
     assert "mnist_dataset" in Path(result["data_docs_uri"]).read_text()
     pages = sorted(page.name for page in (docs / "validations").rglob("*.html"))
-    assert pages == ["lake-test.html", "lake-train.html", "lake-validation.html"]
+    assert pages == [f"lake-batch={batch}.html", "lake-test.html", "lake-train.html", "lake-validation.html"]
 
 
 def test_main_prints_the_result_as_last_line_and_finds_the_suite_from_any_directory(
@@ -148,8 +153,9 @@ def test_main_prints_the_result_as_last_line_and_finds_the_suite_from_any_direct
 
 
 def test_validates_a_dataset_on_s3(dataset_copy, s3_env):
-    dataset_uri = f"s3://{s3_env}/lake/mnist/v1"
-    storage.copy_tree(dataset_copy, dataset_uri)
+    lake_dataset = dataset_copy.rsplit("/", 1)[0]
+    storage.copy_tree(lake_dataset, f"s3://{s3_env}/lake/mnist")
+    dataset_uri = f"s3://{s3_env}/lake/mnist/{dataset_copy.rsplit('/', 1)[1]}"
 
     result = validate.validate_dataset(dataset_uri)
 

@@ -1,0 +1,121 @@
+"""Drift and poison checks of new batches against the published model's data, and their quarantine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from admm_jobs import dataset, ingest, registry, storage, validate
+from admm_jobs.model import save_model
+from fitted_model import fitted_model
+from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
+from test_ingest import WEEKS, batch_files, batched_source
+
+ROWS = 400  # images per batch
+
+
+def publish_reference(registry_uri: str, dataset_uri: str) -> float:
+    """Publish a model that recognises digits (random features, about 80 %) as trained on ``dataset_uri``."""
+    model = fitted_model()
+    pixels, labels = dataset.read_split(dataset_uri, "test")
+    test_accuracy = float((model.predict(pixels) == labels).mean())
+    model.metadata = {"dataset": {"uri": dataset_uri, "version": dataset.load_manifest(dataset_uri)["version"]}}
+    version = "0123456789abcdef"
+    save_model(model, storage.join(registry.version_uri(registry_uri, version), registry.MODEL_DIR))
+    assert registry.switch_pointer(registry_uri, {"version": version, "test_accuracy": test_accuracy}, None)
+    return test_accuracy
+
+
+@pytest.fixture
+def landed(tmp_path):
+    """Weeks 1-2 landed and ingested, a model published on them; returns (source, lake, registry)."""
+    source, lake, registry_uri = tmp_path / "landing", tmp_path / "lake", str(tmp_path / "registry")
+    batched_source(source, WEEKS[:2], rows_per_batch=ROWS)
+    reference = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
+    publish_reference(registry_uri, reference["dataset_uri"])
+    return source, lake, registry_uri
+
+
+def week3(images, labels):
+    return images[2 * ROWS:3 * ROWS], labels[2 * ROWS:3 * ROWS]
+
+
+def shuffled_labels(images, labels):
+    images, labels = week3(images, labels)
+    return images, np.random.default_rng(0).permutation(labels)
+
+
+def single_class(images, labels):
+    return images[labels == 3][:ROWS], labels[labels == 3][:ROWS]
+
+
+def inverted(images, labels):
+    images, labels = week3(images, labels)
+    return 255 - images, labels
+
+
+def copy_of_week1(images, labels):
+    return images[:ROWS], labels[:ROWS]
+
+
+def validate_week3(landed, make_batch):
+    source, lake, registry_uri = landed
+    batch_files(source, WEEKS[2], *make_batch(read_vendored(TRAIN_IMAGES), read_vendored(TRAIN_LABELS)))
+    result = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
+    assert result["batches"] == WEEKS[:3]
+    return result, validate.validate_dataset(result["dataset_uri"], registry_uri=registry_uri,
+                                             logical_date="2026-01-18T00:00:00+00:00")
+
+
+def test_a_clean_batch_passes_against_the_reference(landed):
+    _, outcome = validate_week3(landed, week3)
+    assert outcome["success"] and outcome["checked_batches"] == [WEEKS[2]]
+    assert outcome["refused_batches"] == {} and outcome["reference_dataset"].endswith(
+        dataset.load_manifest(outcome["reference_dataset"])["version"])
+    suites = [validate.BATCH_SUITE, validate.DRIFT_SUITE]
+    expected = sum(len(validate.load_suite(str(suite)).expectations) for suite in suites)
+    assert outcome["statistics"]["splits"][f"batch={WEEKS[2]}"]["evaluated_expectations"] == expected
+
+
+@pytest.mark.parametrize("make_batch, check", [
+    (shuffled_labels, "label sanity"),
+    (single_class, "class proportions"),
+    (inverted, "pixel intensity"),
+    (copy_of_week1, "duplicates"),
+])
+def test_a_poisoned_batch_is_quarantined(landed, make_batch, check):
+    source, lake, registry_uri = landed
+    before = registry.read_pointer(registry_uri)
+    with pytest.raises(validate.BatchQuarantined) as failure:
+        validate_week3(landed, make_batch)
+    record = failure.value.quarantined[WEEKS[2]]
+    failed = {entry["check"]: entry for entry in record["failures"]}
+    assert check in failed
+    # the record names the batch, the check, the observed value and the threshold
+    assert f"batch {WEEKS[2]}: {check}: observed" in str(failure.value)
+    assert failed[check]["observed"] is not None and failed[check]["threshold"] is not None
+    stored = storage.read_json(ingest.quarantine_uri(str(lake / "mnist"), WEEKS[2]))
+    assert stored["batch"] == WEEKS[2] and stored["failures"] == record["failures"]
+    assert storage.exists(stored["result_uri"]) and storage.exists(stored["data_docs_uri"])
+    history = registry.read_history(registry_uri)
+    assert [entry["decision"] for entry in history] == ["quarantined"]
+    assert history[0]["batch"] == WEEKS[2] and history[0]["logical_date"] == "2026-01-18T00:00:00+00:00"
+    assert registry.read_pointer(registry_uri) == before  # the published model stays
+    # later runs leave the quarantined batch out
+    assert ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)["batches"] == WEEKS[:2]
+
+
+def test_inverted_images_are_also_saturated(landed):
+    with pytest.raises(validate.BatchQuarantined) as failure:
+        validate_week3(landed, inverted)
+    checks = {entry["check"] for entry in failure.value.quarantined[WEEKS[2]]["failures"]}
+    assert {"pixel intensity", "saturated images"} <= checks
+
+
+def test_thresholds_are_settings(landed):
+    """A looser label-sanity threshold lets the shuffled batch through that check (the others still pass)."""
+    source, lake, registry_uri = landed
+    batch_files(source, WEEKS[2], *shuffled_labels(read_vendored(TRAIN_IMAGES), read_vendored(TRAIN_LABELS)))
+    result = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
+    outcome = validate.validate_dataset(result["dataset_uri"], registry_uri=registry_uri, max_accuracy_drop=1.0)
+    assert outcome["success"] and outcome["checked_batches"] == [WEEKS[2]]
