@@ -127,7 +127,7 @@ def comparison_png(evaluation: dict[str, Any]) -> bytes:
         low = min(entry["f1"] for scores in (champion[name], challenger[name]) for entry in scores["per_class"])
         scores_axes.set_ylim(max(0.0, low - 0.05), 1.0)
         scores_axes.set_title(f"F1 per class, {SET_TITLES[name]}")
-        scores_axes.legend(loc="lower right", fontsize="small")
+        scores_axes.legend(loc="best", fontsize="small")
         width = 0.27
         for offset, key in enumerate(CLASS_SCORES):
             deltas = [entry[key] for entry in comparison[name]["per_class"]]

@@ -26,12 +26,13 @@ def mnist_test_digits(rows: int = 500) -> tuple[np.ndarray, np.ndarray]:
     return read_vendored(TEST_IMAGES)[:rows], read_vendored(TEST_LABELS)[:rows]
 
 
-@functools.lru_cache(maxsize=1)
-def fitted_model(seed: int = 0) -> Model:
-    """The random-features model described in the module docstring (784 -> 256 -> 10)."""
+@functools.lru_cache(maxsize=4)
+def fitted_model(seed: int = 0, rows: int = FIT_ROWS) -> Model:
+    """The random-features model described in the module docstring (784 -> 256 -> 10), fitted on the
+    first ``rows`` training images."""
     rng = np.random.default_rng(seed)
-    images = read_vendored(TRAIN_IMAGES)[:FIT_ROWS].reshape(FIT_ROWS, -1)
-    labels = read_vendored(TRAIN_LABELS)[:FIT_ROWS]
+    images = read_vendored(TRAIN_IMAGES)[:rows].reshape(rows, -1)
+    labels = read_vendored(TRAIN_LABELS)[:rows]
     model = Model(
         weights=[
             rng.normal(0, 0.1, (HIDDEN_UNITS, 784)).astype(np.float32),

@@ -438,3 +438,42 @@ def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_da
         "batch_accuracy": rescored["newest_batch"]["accuracy"],
     }
     assert rescored["test"]["accuracy"] != evaluation["champion"]["test"]["accuracy"]  # c is not a
+
+
+def evaluated_run_of(model: model_io.Model, run: Path, dataset_uri: str, registry_uri: str) -> dict:
+    from admm_jobs import evaluate
+    from run_artifacts import write_epoch_metrics
+
+    model_io.save_model(model, str(run / "model"))
+    write_epoch_metrics(str(run / "metrics.jsonl"))
+    return evaluate.evaluate_run(str(run / "model"), dataset_uri, str(run / "metrics.jsonl"),
+                                 str(run / "evaluation"), registry_uri=registry_uri)
+
+
+def test_default_gate_takes_a_model_fitted_on_more_data_and_stops_a_degraded_one(small_dataset, tmp_path):
+    """Real digit classifiers (random features + ridge read-out, about 80 %) through evaluate and publish
+    with the default regression limits (the floor is lowered to suit these small models)."""
+    from fitted_model import fitted_model
+
+    dataset_uri, registry_uri = small_dataset["dataset_uri"], str(tmp_path / "registry")
+    small, large = fitted_model(rows=300), fitted_model(rows=2000)
+    evaluated_run_of(small, tmp_path / "small", dataset_uri, registry_uri)
+    assert publish.publish_run(str(tmp_path / "small"), registry_uri, min_accuracy=0.5)["decision"] == "accepted"
+
+    better = evaluated_run_of(large, tmp_path / "large", dataset_uri, registry_uri)
+    assert better["comparison"]["test"]["accuracy"] > 0 and better["comparison"]["newest_batch"]["accuracy"] > 0
+    assert publish.publish_run(str(tmp_path / "large"), registry_uri, min_accuracy=0.5)["decision"] == "accepted"
+
+    # The same network that has forgotten one digit: its read-out never picks class 3.
+    forgetful = model_io.Model([w.copy() for w in large.weights], [b.copy() for b in large.biases])
+    forgetful.biases[-1][3] = -1e4
+    worse = evaluated_run_of(forgetful, tmp_path / "forgetful", dataset_uri, registry_uri)
+    assert worse["champion"]["version"] == registry.read_pointer(registry_uri)["version"]
+    per_class = {entry["class"]: entry for entry in worse["comparison"]["test"]["per_class"]}
+    assert per_class[3]["recall"] < 0 and worse["comparison"]["test"]["accuracy"] < -publish.GateSettings.max_regression
+    result = publish.publish_run(str(tmp_path / "forgetful"), registry_uri, min_accuracy=0.5)
+    assert result["decision"] == "rejected"
+    assert "more than the allowed drop of 0.0020" in result["reasons"][0]
+    assert "newest batch" in result["reasons"][1] and "more than the allowed drop of 0.0000" in result["reasons"][1]
+    assert registry.read_pointer(registry_uri)["version"] == publish.model_version(
+        model_io.load_model(str(tmp_path / "large" / "model")).metadata["weights_sha256"])
