@@ -41,7 +41,6 @@ from admm_jobs.onnx_export import verified_onnx
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
 
-# Re-exported: the DAG and older callers name these through publish.
 DEFAULT_MODEL_NAME = registry.DEFAULT_MODEL_NAME
 NEWEST_BATCH = evaluate.NEWEST_BATCH
 # Accuracies are ratios of counts; this keeps a drop of exactly the allowed size from failing by rounding.
@@ -124,10 +123,6 @@ class Decision:
     @property
     def reason(self) -> str:
         return "; ".join(self.reasons)
-
-
-# Re-exported for callers of the older API.
-model_version = registry.model_version
 
 
 def _accuracy(value: Any) -> bool:

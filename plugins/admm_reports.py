@@ -272,13 +272,14 @@ def _entry_report_uri(entry: dict[str, Any], root_uri: str) -> str | None:
 
 
 def _links(report_uri: str | None, roots: dict[str, str]) -> str:
-    """Links to a report and to the metrics.json next to it."""
+    """Links to a report and to the metrics.json next to it; "" unless a root serves the report."""
     from admm_jobs import registry
 
-    if not report_uri:
+    report = _link("report", report_uri, roots)
+    if not report:
         return ""
     metrics_uri = posixpath.join(posixpath.dirname(report_uri), registry.EVALUATION_METRICS_FILE)
-    return " ".join(filter(None, (_link("report", report_uri, roots), _link("metrics", metrics_uri, roots))))
+    return " ".join(filter(None, (report, _link("metrics", metrics_uri, roots))))
 
 
 def _accuracy(value: Any) -> str:
@@ -300,6 +301,8 @@ def _details(entry: dict[str, Any]) -> str:
             scores.append(f"newest batch {_accuracy(champion['batch_accuracy'])}")
         parts.append(f"champion {champion['version']}: {', '.join(scores)}")
     parts += [str(reason) for reason in entry.get("reasons") or []]
+    if entry.get("report_uri") and posixpath.basename(entry["report_uri"]) != registry.REPORT_FILE:
+        parts.append(f"report: {entry['report_uri']}")  # e.g. a quarantined batch's Data Docs, not served here
     return "<br>".join(html.escape(part) for part in parts)
 
 

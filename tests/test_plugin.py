@@ -135,7 +135,8 @@ def registry_of_every_kind(tmp_path):
         "batches": ["2026-01-05"], "reasons": ["model version already judged for this training key"]})
     registry.record_decision(registry_uri, {
         "decision": "quarantined", "logical_date": "2026-01-26", "batch": "2026-01-26", "check": "class_proportions",
-        "observed": 0.41, "threshold": 0.25, "batches": ["2026-01-26"], "reasons": ["class 3 is 41% of the batch"]})
+        "observed": 0.41, "threshold": 0.25, "batches": ["2026-01-26"], "reasons": ["class 3 is 41% of the batch"],
+        "report_uri": str(runs / "data-docs" / "index.html")})
     return {"runs": str(runs), "registry": registry_uri, "accepted": accepted, "rejected": rejected}
 
 
@@ -152,7 +153,8 @@ def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(
     rows = text.split("<tr>")[2:]  # after the header row
     quarantined, skipped, rejected_row, accepted_row, old_row = rows
     assert "2026-01-26" in quarantined and "class_proportions observed 0.41, threshold 0.25" in quarantined
-    assert "href" not in quarantined and "model version already judged" in skipped
+    assert "href" not in quarantined and f"report: {kinds['runs']}/data-docs/index.html" in quarantined
+    assert "model version already judged" in skipped
     assert accepted["model_version"] in accepted_row and "0.9100" in accepted_row and "a" * 16 in accepted_row
     assert ">2026-01-05<" in accepted_row.replace("<td>", ">").replace("</td>", "<")
     assert "2026-01-05, 2026-01-12" in rejected_row and "0.8200" in rejected_row

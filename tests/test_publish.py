@@ -475,5 +475,5 @@ def test_default_gate_takes_a_model_fitted_on_more_data_and_stops_a_degraded_one
     assert result["decision"] == "rejected"
     assert "more than the allowed drop of 0.0020" in result["reasons"][0]
     assert "newest batch" in result["reasons"][1] and "more than the allowed drop of 0.0000" in result["reasons"][1]
-    assert registry.read_pointer(registry_uri)["version"] == publish.model_version(
+    assert registry.read_pointer(registry_uri)["version"] == registry.model_version(
         model_io.load_model(str(tmp_path / "large" / "model")).metadata["weights_sha256"])
