@@ -176,6 +176,23 @@ def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(
     assert len(plots) == 1 and base64.b64decode(plots[0]).startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path):
+    registry_uri = f"s3://{s3_env}/registry"
+    accepted_run, rejected_run = str(tmp_path / "good"), str(tmp_path / "bad")
+    make_evaluated_run(accepted_run, seed=1, test_accuracy=0.93)
+    make_evaluated_run(rejected_run, seed=2, test_accuracy=0.80)
+    accepted = publish.publish_run(accepted_run, registry_uri, logical_date="2026-02-02")
+    publish.publish_run(rejected_run, registry_uri, logical_date="2026-02-09")
+    client = client_for({"registry": registry_uri})
+
+    text = client.get("/").text
+    assert re.findall(r"<td><span class='(\w+)'>", text) == ["rejected", "accepted"]
+    report = f"files/registry/mnist-admm/{accepted['model_version']}/evaluation/report.html"
+    assert text.count(f"href='{report}'") == 2  # the published model and its history row
+    assert client.get("/" + report).status_code == 200
+    assert "href='files/" not in text.split("<tr>")[2]  # the rejected run's report lies outside every root
+
+
 def test_registry_page_reports_a_corrupt_history_instead_of_failing(tmp_path):
     registry_uri = str(tmp_path / "registry")
     registry.record_decision(registry_uri, {"decision": "skipped"})
