@@ -30,6 +30,7 @@ there first.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 from typing import Any
@@ -91,6 +92,18 @@ class PublishConfig:
             bool(self.model_name) and "/" not in self.model_name and not self.model_name.startswith("."),
             f"--model-name must be a plain directory name, got {self.model_name!r}",
         )
+        require(
+            self.logical_date is None or _is_iso_date(self.logical_date),
+            f"--logical-date must be an ISO date or timestamp, got {self.logical_date!r}",
+        )
+
+
+def _is_iso_date(text: str) -> bool:
+    try:
+        datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -477,3 +477,25 @@ def test_default_gate_takes_a_model_fitted_on_more_data_and_stops_a_degraded_one
     assert "newest batch" in result["reasons"][1] and "more than the allowed drop of 0.0000" in result["reasons"][1]
     assert registry.read_pointer(registry_uri)["version"] == registry.model_version(
         model_io.load_model(str(tmp_path / "large" / "model")).metadata["weights_sha256"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--logical-date", "last tuesday"], "--logical-date must be an ISO date or timestamp, got 'last tuesday'"),
+    (["--max-batch-regression", "-0.1"], "--max-batch-regression: -0.1 is less than the minimum of 0"),
+    (["--model-name", "a/b"], "--model-name must be a plain directory name"),
+])
+def test_bad_options_are_one_line_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        publish.main(["--run-uri", "run", "--registry-uri", "registry", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_logical_date_and_training_key_reach_the_history_from_the_command_line(tmp_path):
+    registry_uri = str(tmp_path / "registry")
+    make_evaluated_run(str(tmp_path / "run"), seed=1, test_accuracy=0.9, batches=["2026-01-05", "2026-01-12"])
+    publish.main(["--run-uri", str(tmp_path / "run"), "--registry-uri", registry_uri,
+                  "--logical-date", "2026-01-12T00:00:00+00:00", "--training-key", "none"])
+    entry = registry.read_history(registry_uri)[-1]
+    assert entry["logical_date"] == "2026-01-12T00:00:00+00:00" and entry["training_key"] is None
+    assert entry["batches"] == ["2026-01-05", "2026-01-12"] and entry["dataset_version"] == "d" * 16
