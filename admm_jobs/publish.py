@@ -138,17 +138,13 @@ class Decision:
         return "; ".join(self.reasons)
 
 
-def _accuracy(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-
-
 def load_candidate(run_uri: str) -> Candidate:
     """Check a run's model, evaluation and epoch log, and summarise them for the gate."""
     model_uri = storage.join(run_uri, registry.MODEL_DIR)
     weights_sha256 = model_io.load_model(model_uri).metadata["weights_sha256"]
     metrics_uri = storage.join(run_uri, registry.EVALUATION_DIR, registry.EVALUATION_METRICS_FILE)
     evaluation = storage.read_json(metrics_uri)
-    if not isinstance(evaluation, dict) or not _accuracy(evaluation.get("test_accuracy")):
+    if not isinstance(evaluation, dict) or not registry.is_accuracy(evaluation.get("test_accuracy")):
         raise PublishError(f"{metrics_uri}: no valid 'test_accuracy' (expected a number in [0, 1])")
     evaluated_sha256 = (evaluation.get("model") or {}).get("weights_sha256")
     if evaluated_sha256 != weights_sha256:
@@ -162,7 +158,7 @@ def load_candidate(run_uri: str) -> Candidate:
             f"{epoch_metrics_uri}: no such file (the training log is published with the model)"
         )
     newest = evaluation.get(NEWEST_BATCH)
-    if newest is not None and not _accuracy(newest.get("accuracy")):
+    if newest is not None and not registry.is_accuracy(newest.get("accuracy")):
         raise PublishError(f"{metrics_uri}: '{NEWEST_BATCH}' has no valid 'accuracy'")
     evaluated_dataset = evaluation.get("dataset") or {}
     return Candidate(
@@ -244,8 +240,8 @@ def quality_gate(
                 _comparison(f"accuracy on the newest batch {candidate.newest_batch}", scores.batch_accuracy,
                             champion.batch_accuracy, settings.max_batch_regression, current["version"])
             )
-        elif scores.batch_accuracy is None:
-            checks.append((True, "no newest batch scored: the batch check does not apply"))
+        else:
+            checks.append((True, "no newest batch scored for both models: the batch check does not apply"))
     failed = [reason for passed, reason in checks if not passed]
     if failed:
         return Decision("rejected", failed + [reason for passed, reason in checks if passed])

@@ -110,7 +110,7 @@ def version_report_uri(registry_uri: str, version: str, model_name: str = DEFAUL
     return storage.join(version_uri(registry_uri, version, model_name), EVALUATION_DIR, REPORT_FILE)
 
 
-def _is_accuracy(value: Any) -> bool:
+def is_accuracy(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
@@ -127,7 +127,7 @@ def parse_pointer(raw: bytes | None, uri: str) -> dict[str, Any] | None:
         raise RegistryError(f"{uri}: registry pointer is not valid JSON: {exc}") from exc
     if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), str):
         raise RegistryError(f"{uri}: registry pointer lacks a 'version'")
-    if not _is_accuracy(pointer.get("test_accuracy")):
+    if not is_accuracy(pointer.get("test_accuracy")):
         raise RegistryError(f"{uri}: registry pointer has no valid 'test_accuracy'")
     return pointer
 
@@ -280,7 +280,7 @@ def _check_entry(entry: dict[str, Any]) -> None:
         if not isinstance(entry[name], list) or not all(isinstance(item, str) for item in entry[name]):
             raise RegistryError(f"history entry: {name!r} must be a list of strings, got {entry[name]!r}")
     accuracy = entry["test_accuracy"]
-    if accuracy is not None and not _is_accuracy(accuracy):
+    if accuracy is not None and not is_accuracy(accuracy):
         raise RegistryError(f"history entry: 'test_accuracy' must be in [0, 1] or null, got {accuracy!r}")
 
 
