@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from admm_jobs import admm, dataset, storage
 from admm_jobs.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.config import configure_logging, int_tuple, parse_config, require, setting, validate_fields
-from admm_jobs.model import Model, save_model
+from admm_jobs.model import Model, load_model, save_model
 from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.trainer import INPUT_SCALE, AdmmTrainer, Block, EpochReport, Hyperparameters, make_block
 
@@ -35,6 +36,7 @@ MAX_LAYER_WIDTH = 8192
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
+INITS = ("published", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,10 @@ class TrainConfig:
     seed: int = setting(0, "seed of the weight initialisation", minimum=0)
     train_limit: int | None = setting(None, "use only the first N training samples (none: all)", minimum=1)
     checkpoint_every: int = setting(5, "save a resumable checkpoint every N iterations (0: never)", minimum=0, maximum=10_000)
+    init: str = setting("published", "start from the published model's weights (--init-model-uri, when its layers "
+                        "match) or from random weights", enum=list(INITS))
+    init_model_uri: str | None = setting(None, "model directory to start from with --init published (the DAG's plan "
+                                         "task passes the published model; none: random start)")
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_layers", int_tuple(self.hidden_layers))
@@ -143,6 +149,26 @@ def code_version() -> str:
         return version
 
 
+def initial_network(config: TrainConfig, hp) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
+    """The weights a warm start begins from ([W_l, b_l] per layer, raw-input layout) and how the run started.
+
+    ``--init published`` with a model whose layer sizes and input scale match the run's; anything else
+    starts from random weights (and says why).
+    """
+    if config.init == "random" or config.init_model_uri is None:
+        reason = "--init random" if config.init == "random" else "no published model"
+        return None, {"kind": "random", "reason": reason}
+    model = load_model(config.init_model_uri)
+    if tuple(model.layer_sizes) != tuple(hp.layer_sizes) or not math.isclose(model.input_scale, INPUT_SCALE):
+        reason = (f"{config.init_model_uri} has layers {model.layer_sizes} and input scale {model.input_scale}, "
+                  f"this run {list(hp.layer_sizes)} and {INPUT_SCALE}")
+        log.warning("random start: %s", reason)
+        return None, {"kind": "random", "reason": reason}
+    weights = [np.hstack([w, b[:, None]]).astype(np.float32) for w, b in zip(model.weights, model.biases)]
+    return weights, {"kind": "published", "model_uri": config.init_model_uri,
+                     "weights_sha256": model.metadata.get("weights_sha256")}
+
+
 def format_epoch(report: EpochReport, epochs: int) -> str:
     metrics = " ".join(f"{key}={value:.4f}" for key, value in report.metrics.items())
     return f"epoch {report.epoch}/{epochs} [{report.phase}] {metrics} seconds={report.seconds:.2f}"
@@ -160,12 +186,14 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
         lines = "".join(json.dumps(r.as_record(), sort_keys=True) + "\n" for r in trainer.history)
         storage.write_bytes(metrics_uri, lines.encode())
 
+    initial_weights, init = initial_network(config, hp)
+    log.info("start: %s", json.dumps(init, sort_keys=True))
     trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": config.partitions,
-                  "train_limit": config.train_limit}
+                  "train_limit": config.train_limit, "init": init}
     checkpoints = CheckpointStore(storage.join(config.output_uri, CHECKPOINT_DIR), fingerprint(trajectory))
     backend = SparkBackend(spark_context, block_specs(config.dataset_uri, config.partitions, config.train_limit), load_block)
     started = time.perf_counter()
-    trainer = AdmmTrainer(hp, backend, on_epoch, checkpoints, config.checkpoint_every)
+    trainer = AdmmTrainer(hp, backend, on_epoch, checkpoints, config.checkpoint_every, initial_weights)
     try:
         result = trainer.fit()
     finally:
@@ -189,13 +217,14 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
             "resumed_from_epoch": result.resumed_from,
             "train_seconds": round(time.perf_counter() - started, 3),
             "code_version": code_version(),
+            "init": init,
         },
     )
     model_uri = storage.join(config.output_uri, MODEL_DIR)
     with storage.staged_directory(model_uri) as staging:
         save_model(model, staging)
     checkpoints.clear()
-    return {"model_uri": model_uri, "metrics_uri": metrics_uri, "best_epoch": result.best_epoch,
+    return {"model_uri": model_uri, "metrics_uri": metrics_uri, "best_epoch": result.best_epoch, "init": init["kind"],
             "epochs_run": len(result.history), **{k: round(v, 6) for k, v in best.metrics.items()}}
 
 

@@ -1,5 +1,14 @@
 """Weekly retraining of the MNIST classifier by ADMM on Spark (wiring only; logic lives in admm_jobs).
 
+ingest -> validate -> plan -> train -> evaluate -> publish. The run for logical date D uses the
+batches landed under ``source_uri/batches/`` dated on or before D (the newest ``window`` of them
+if set; a plain four-file source is one batch). ``validate`` also checks every batch the published
+model has not seen against that model's data and quarantines a failing batch (the run fails,
+nothing downstream runs). ``plan`` skips train/evaluate/publish when a model of exactly this
+dataset, code and training settings already went through the gate, and otherwise hands train the
+published model to start from (``init``). Deterministic failures (bad input, failed expectations,
+quarantine, invalid settings) are not retried; transient storage errors are.
+
 Lineage (Airflow Assets; logical URIs, since the lake and the registry are run parameters):
 
 * `mnist-validated-dataset` (`x-admm://lake/mnist`): updated by `validate` when a dataset passes
@@ -7,8 +16,7 @@ Lineage (Airflow Assets; logical URIs, since the lake and the registry are run p
 * `mnist-admm-published-model` (`x-admm://registry/mnist-admm`): updated through the alias
   `mnist-admm-publications` by `publish`, only when the quality gate accepts a new version
   (a rejected model, or a re-run of the published one, emits nothing); the event's extra is the
-  registry pointer (`version`, `test_accuracy`, `dataset_version`, `published_at`, `run`) plus
-  `model_uri`. Schedule a consumer with `schedule=[publish.published_model_asset()]`.
+  registry pointer plus `model_uri`. Schedule a consumer with `schedule=[publish.published_model_asset()]`.
 
 The `evaluate` and `publish` tasks link their evaluation report ("Evaluation report", from the
 `admm_reports` plugin in `plugins/`).
@@ -19,10 +27,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.providers.standard.operators.python import PythonOperator
+from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from admm_jobs import deploy, evaluate, ingest, publish, validate
+from admm_jobs import deploy, evaluate, ingest, plan, publish, validate
+from admm_jobs.airflow_tasks import fail_fast
 from admm_jobs.config import airflow_params, templated_argv
 from admm_jobs.train import TrainConfig
 
@@ -30,55 +39,73 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VAR = PROJECT_ROOT / "var"
 # Where the Spark job runs (Airflow Variable admm_deploy; unset: local spark-submit), read once per parse.
 DEPLOY = deploy.load_deploy_config()
-TRAIN_SETTINGS = [name for name in TrainConfig.__dataclass_fields__ if name not in ("dataset_uri", "output_uri")]
+TRAIN_SETTINGS = [name for name in TrainConfig.__dataclass_fields__
+                  if name not in ("dataset_uri", "output_uri", "init_model_uri")]
+VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__ if name.startswith("max_")]
+PUBLISH_SETTINGS = ["min_accuracy", "max_regression", "max_batch_regression"]
 
 # One directory per logical date (or per run when triggered without one): re-running a
 # date replaces its outputs, and backfills of different dates never share a path.
+LOGICAL_DATE = "{{ (logical_date or dag_run.run_after).isoformat() }}"
 RUN_KEY = "{{ (logical_date or dag_run.run_after) | ts_nodash }}"
 RUN_URI = "{{ params.runs_uri }}/" + RUN_KEY
 DATASET_URI = "{{ ti.xcom_pull(task_ids='ingest')['dataset_uri'] }}"
+PLAN = "ti.xcom_pull(task_ids='plan', key='plan')"
 IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
 with DAG(
     dag_id="mnist_admm_retraining",
-    description="Retrain the MNIST classifier without gradients (ADMM on Spark) and publish it if it is good enough",
+    description="Retrain the MNIST classifier without gradients (ADMM on Spark) on the batches landed so far, "
+                "and publish it if it beats the published one",
     doc_md=__doc__,
     schedule="@weekly",
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=2,
+    max_active_runs=1,  # runs of later dates start from what earlier ones published
     tags=["mnist", "admm", "spark"],
     params={
         "source_uri": Param(str(PROJECT_ROOT / "data" / "mnist"), type="string", minLength=1,
-                            description="directory (local, s3:// or https://) holding the four MNIST-format IDX files"),
+                            description="landing directory (local, s3://; https:// for four files): the test files "
+                                        "plus batches/YYYY-MM-DD/ with one labelled batch each, or four IDX files"),
         "lake_uri": Param(str(VAR / "lake"), type="string", minLength=1, description="data lake root for Parquet datasets"),
         "runs_uri": Param(str(VAR / "runs"), type="string", minLength=1, description="root of per-run artifacts"),
         "registry_uri": Param(str(VAR / "registry"), type="string", minLength=1, description="model registry root"),
-        **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums")),
-        **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri")),
+        **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of")),
+        **airflow_params(validate.ValidateConfig, exclude=("dataset_uri", "suite", "batch_suite", "drift_suite",
+                                                           "registry_uri", "logical_date")),
+        **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
         **airflow_params(publish.PublishConfig, defaults={"min_accuracy": 0.9},
-                         exclude=("run_uri", "registry_uri", "model_name")),
+                         exclude=("run_uri", "registry_uri", "model_name", "training_key", "logical_date")),
     },
 ) as dag:
     ingest_task = PythonOperator(
         task_id="ingest",
-        python_callable=ingest.main,
-        op_args=[["--source", "{{ params.source_uri }}", "--lake", "{{ params.lake_uri }}",
-                  "--validation-size", "{{ params.validation_size }}"]],
+        python_callable=fail_fast(ingest.main),
+        op_args=[["--source", "{{ params.source_uri }}", "--lake", "{{ params.lake_uri }}", "--as-of", LOGICAL_DATE,
+                  *templated_argv(ingest.IngestConfig, ["window", "validation_fraction"])]],
         **IO_RETRIES,
     )
     validate_task = PythonOperator(
         task_id="validate",
-        python_callable=validate.airflow_task,
-        op_args=[["--dataset-uri", DATASET_URI]],
+        python_callable=fail_fast(validate.airflow_task),
+        op_args=[["--dataset-uri", DATASET_URI, "--registry-uri", "{{ params.registry_uri }}",
+                  "--logical-date", LOGICAL_DATE, *templated_argv(validate.ValidateConfig, VALIDATE_SETTINGS)]],
         outlets=[validate.validated_dataset_asset()],
-        retries=0,  # a failed expectation is deterministic: retrying would only repeat it
+        **IO_RETRIES,
+    )
+    plan_task = ShortCircuitOperator(
+        task_id="plan",
+        python_callable=fail_fast(plan.airflow_task),
+        op_args=[["--dataset-uri", DATASET_URI, "--run-uri", RUN_URI, "--registry-uri", "{{ params.registry_uri }}",
+                  "--logical-date", LOGICAL_DATE, "--", *templated_argv(TrainConfig, TRAIN_SETTINGS)]],
+        **IO_RETRIES,
     )
     train_task = deploy.train_task(
-        DEPLOY, ["--dataset-uri", DATASET_URI, "--output-uri", RUN_URI, *templated_argv(TrainConfig, TRAIN_SETTINGS)])
+        DEPLOY, ["--dataset-uri", DATASET_URI, "--output-uri", RUN_URI, *templated_argv(TrainConfig, TRAIN_SETTINGS),
+                 "--init-model-uri", "{{ " + PLAN + "['init_model_uri'] or 'none' }}"])
     evaluate_task = PythonOperator(
         task_id="evaluate",
-        python_callable=evaluate.main,
+        python_callable=fail_fast(evaluate.main),
         op_args=[["--model-uri", RUN_URI + "/model", "--dataset-uri", DATASET_URI,
                   "--metrics-uri", RUN_URI + "/metrics.jsonl", "--output-uri", RUN_URI + "/evaluation",
                   "--registry-uri", "{{ params.registry_uri }}"]],
@@ -86,11 +113,12 @@ with DAG(
     )
     publish_task = PythonOperator(
         task_id="publish",
-        python_callable=publish.airflow_task,
+        python_callable=fail_fast(publish.airflow_task),
         outlets=[publish.publications_alias()],
         op_args=[["--run-uri", RUN_URI, "--registry-uri", "{{ params.registry_uri }}",
-                  "--min-accuracy", "{{ params.min_accuracy }}", "--max-regression", "{{ params.max_regression }}"]],
+                  "--training-key", "{{ " + PLAN + "['training_key'] }}", "--logical-date", LOGICAL_DATE,
+                  *templated_argv(publish.PublishConfig, PUBLISH_SETTINGS)]],
         **IO_RETRIES,
     )
 
-    ingest_task >> validate_task >> train_task >> evaluate_task >> publish_task
+    ingest_task >> validate_task >> plan_task >> train_task >> evaluate_task >> publish_task

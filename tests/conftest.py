@@ -38,6 +38,8 @@ os.environ.update({
     "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
     "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    # parsing imports Airflow, pandas and matplotlib: allow for a loaded 2-core CI machine
+    "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "180",
     "AIRFLOW_CONN_SPARK_DEFAULT": '{"conn_type": "spark", "host": "local[2,4]", '
                                   '"extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}',
 })

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from admm_jobs import model as model_io
@@ -24,12 +25,13 @@ def dag():
     return bag.dags[DAG_ID]
 
 
-def test_dag_wires_the_five_stages_in_order(dag):
-    assert dag.task_dict.keys() >= {"ingest", "validate", "train", "evaluate", "publish"}
-    chain = ["ingest", "validate", "train", "evaluate", "publish"]
+def test_dag_wires_the_stages_in_order(dag):
+    chain = ["ingest", "validate", "plan", "train", "evaluate", "publish"]
+    assert dag.task_dict.keys() == set(chain)
     for upstream, downstream in zip(chain, chain[1:]):
-        assert downstream in dag.get_task(upstream).downstream_task_ids
-    assert dag.get_task("ingest").retries >= 1  # I/O stages retry
+        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    assert dag.get_task("ingest").retries >= 1  # I/O stages retry transient errors
+    assert type(dag.get_task("plan")).__name__ == "ShortCircuitOperator"
     assert dag.timetable.expression == "0 0 * * 0" and dag.catchup is False  # @weekly
 
 
@@ -40,7 +42,8 @@ def test_params_are_typed_and_bounded(dag):
     assert params["hidden_layers"] == [256, 256] and params["train_limit"] is None
     for name, bad in [("beta", 0), ("beta", -1.0), ("epochs", 0), ("hidden_layers", []),
                       ("hidden_layers", [0]), ("loss", "softmax"), ("partitions", 0),
-                      ("min_accuracy", 1.5), ("train_limit", 0)]:
+                      ("min_accuracy", 1.5), ("train_limit", 0), ("init", "pretrained"), ("window", 0),
+                      ("validation_fraction", 0.9), ("max_accuracy_drop", -0.1)]:
         with pytest.raises(ParamValidationError):
             params.get_param(name).resolve(bad)
     assert params.get_param("loss").resolve("hinge") == "hinge"
@@ -48,47 +51,73 @@ def test_params_are_typed_and_bounded(dag):
         assert params.get_param(name).description
 
 
+def task_states(dag_run) -> dict[str, str]:
+    return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
+
+
+def run_week(dag, conf, day: str):
+    dag_run = dag.test(logical_date=datetime.fromisoformat(day).replace(tzinfo=timezone.utc), run_conf=conf)
+    return str(dag_run.state).rsplit(".", 1)[-1].lower(), task_states(dag_run)
+
+
+def history(registry_root) -> list[dict]:
+    lines = (registry_root / "mnist-admm" / "history.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 @pytest.mark.slow
-def test_whole_dag_run_on_a_small_slice(dag, airflow_db, small_idx_source, tmp_path):
-    conf = {
-        "source_uri": str(small_idx_source),
-        "lake_uri": str(tmp_path / "lake"),
-        "runs_uri": str(tmp_path / "runs"),
-        "registry_uri": str(tmp_path / "registry"),
-        "validation_size": 200,
-        "hidden_layers": [64, 32],
-        "epochs": 2,
-        "warmup_epochs": 1,
-        "partitions": 2,
-        "min_accuracy": 0.0,
-    }
-    logical_date = datetime(2026, 3, 2, tzinfo=timezone.utc)
-    dag_run = dag.test(logical_date=logical_date, run_conf=conf)
-    assert str(dag_run.state) in ("success", "DagRunState.SUCCESS")
+def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, airflow_db, tmp_path):
+    """Three weeks landed, then a poisoned fourth: each run trains on what existed at its date."""
+    from test_ingest import WEEKS, batch_files, batched_source
+    from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
-    run_uri = tmp_path / "runs" / "20260302T000000"
-    datasets = list((tmp_path / "lake" / "mnist").iterdir())
-    assert len(datasets) == 1
-    manifest = json.loads((datasets[0] / "manifest.json").read_text())
-    assert {s: manifest["splits"][s]["rows"] for s in manifest["splits"]} == {"train": 1000, "validation": 200, "test": 400}
-    assert json.loads((datasets[0] / "validation" / "result.json").read_text())["success"] is True
+    source = batched_source(tmp_path / "landing", WEEKS[:3], rows_per_batch=400)
+    conf = {"source_uri": str(source), "lake_uri": str(tmp_path / "lake"), "runs_uri": str(tmp_path / "runs"),
+            "registry_uri": str(tmp_path / "registry"), "validation_fraction": 0.25, "hidden_layers": [32],
+            "epochs": 3, "partitions": 2, "min_accuracy": 0.0}
 
-    trained = model_io.load_model(str(run_uri / "model"), expected_layer_sizes=[784, 64, 32, 10])
-    assert trained.metadata["dataset"]["version"] == manifest["version"]
-    assert trained.metadata["hyperparameters"]["epochs"] == 2
-    epochs = [json.loads(line) for line in (run_uri / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2]
+    # week 2, backfilled after week 3 landed: trains on weeks 1-2 only, from random weights
+    assert run_week(dag, conf, WEEKS[1]) == ("success", dict.fromkeys(dag.task_dict, "success"))
+    week2 = tmp_path / "runs" / "20260111T000000"
+    plan = json.loads((week2 / "plan.json").read_text())
+    assert plan["batches"] == WEEKS[:2] and plan["retrain"] is True and plan["init_model_uri"] is None
+    first = model_io.load_model(str(week2 / "model"))
+    assert first.metadata["init"]["kind"] == "random"
+    assert storage.read_json(str(tmp_path / "registry" / "mnist-admm" / "current.json"))["run"] == str(week2)
 
-    evaluation = json.loads((run_uri / "evaluation" / "metrics.json").read_text())
-    assert sum(map(sum, evaluation["confusion_matrix"])) == 400
-    for name in ("accuracy.png", "loss.png", "confusion_matrix.png"):
-        assert (run_uri / "evaluation" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "<img" in (run_uri / "evaluation" / "report.html").read_text()
+    # week 3: weeks 1-3, warm start from the week-2 model that is now published
+    state, _ = run_week(dag, conf, WEEKS[2])
+    week3 = tmp_path / "runs" / "20260118T000000"
+    assert state == "success" and json.loads((week3 / "plan.json").read_text())["batches"] == WEEKS[:3]
+    warm = model_io.load_model(str(week3 / "model"))
+    assert warm.metadata["init"] == {"kind": "published", "weights_sha256": first.metadata["weights_sha256"],
+                                     "model_uri": plan_model_uri(week3)}
+    evaluation = json.loads((week3 / "evaluation" / "metrics.json").read_text())
+    assert evaluation["dataset"]["batches"] == WEEKS[:3]
 
-    pointer = storage.read_json(str(tmp_path / "registry" / "mnist-admm" / "current.json"))
-    assert pointer["run"] == str(run_uri) and pointer["test_accuracy"] == evaluation["test_accuracy"]
-    published = model_io.load_model(str(tmp_path / "registry" / "mnist-admm" / pointer["version"] / "model"))
-    assert published.metadata["weights_sha256"] == trained.metadata["weights_sha256"]
+    # week 3 again: nothing new, so train/evaluate/publish are skipped, not failed
+    state, states = run_week(dag, conf, WEEKS[2])
+    assert state == "success"
+    assert states == {"ingest": "success", "validate": "success", "plan": "success",
+                      "train": "skipped", "evaluate": "skipped", "publish": "skipped"}
+    skipped = json.loads((week3 / "plan.json").read_text())
+    assert skipped["retrain"] is False and "already" in skipped["reason"]
+
+    # week 4 lands with shuffled labels: quarantined, the run fails before training, the model stays
+    pointer = (tmp_path / "registry" / "mnist-admm" / "current.json").read_text()
+    images, labels = read_vendored(TRAIN_IMAGES)[1200:1600], read_vendored(TRAIN_LABELS)[1200:1600]
+    batch_files(source, WEEKS[3], images, np.random.default_rng(0).permutation(labels))
+    state, states = run_week(dag, conf, WEEKS[3])
+    assert state == "failed" and states["validate"] == "failed"
+    assert {states[task] for task in ("plan", "train", "evaluate", "publish")} == {"upstream_failed"}
+    assert (tmp_path / "registry" / "mnist-admm" / "current.json").read_text() == pointer
+    decisions = [(entry["decision"], entry.get("batch")) for entry in history(tmp_path / "registry")]
+    assert decisions[-2:] == [("skipped", None), ("quarantined", WEEKS[3])]
+    assert {decision for decision, _ in decisions[:-2]} <= {"accepted", "rejected"} and len(decisions) == 4
+
+
+def plan_model_uri(run_uri) -> str:
+    return json.loads((run_uri / "plan.json").read_text())["init_model_uri"]
 
 
 def _s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -109,7 +138,7 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
         client.upload_file(str(path), bucket, f"source/{path.name}")
     root = f"s3://{bucket}"
     conf = {"source_uri": f"{root}/source", "lake_uri": f"{root}/lake", "runs_uri": f"{root}/runs",
-            "registry_uri": f"{root}/registry", "validation_size": 200, "hidden_layers": [32], "epochs": 2,
+            "registry_uri": f"{root}/registry", "validation_fraction": 1 / 6, "hidden_layers": [32], "epochs": 2,
             "partitions": 2, "min_accuracy": 0.0, "checkpoint_every": 1}
     logical_date = datetime(2026, 4, 6, tzinfo=timezone.utc)
 
@@ -128,7 +157,8 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
     pointer = storage.read_json(f"{root}/registry/mnist-admm/current.json")
     assert pointer["version"] in versions and pointer["run"] == f"{root}/runs/20260406T000000"
     history = storage.read_bytes(f"{root}/registry/mnist-admm/history.jsonl").decode().splitlines()
-    assert [json.loads(line)["decision"] for line in history] == ["accepted", "unchanged"]
+    # the rerun found a gate decision for the same data, code and settings: it trained nothing
+    assert [json.loads(line)["decision"] for line in history] == ["accepted", "skipped"]
     trained = model_io.load_model(f"{root}/runs/20260406T000000/model")
     assert trained.metadata["hyperparameters"]["layer_sizes"] == [784, 32, 10]
 

@@ -204,22 +204,28 @@ def test_a_lost_block_is_reloaded_and_training_ends_the_same(spark_context, smal
         np.testing.assert_array_equal(actual, expected)
 
 
-def _spark_submit(dataset_uri: str, output_uri: str, epochs: int):
+def _spark_submit(dataset_uri: str, output_uri: str, epochs: int, *extra: str):
     command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
                "--conf", "spark.ui.enabled=false", train.__file__, "--dataset-uri", dataset_uri,
                "--output-uri", output_uri, "--hidden-layers", "32,16", "--epochs", str(epochs), "--partitions", "2",
-               "--train-limit", "500", "--checkpoint-every", "2", "--patience", "0"]
+               "--train-limit", "500", "--checkpoint-every", "2", "--patience", "0", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.mark.slow
-def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weights(small_dataset, tmp_path):
+@pytest.mark.parametrize("start", ["cold", "warm"])
+def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weights(start, small_dataset, tmp_path):
     dataset_uri = small_dataset["dataset_uri"]
-    reference = _spark_submit(dataset_uri, str(tmp_path / "reference"), 7)
+    extra = []
+    if start == "warm":  # start every run below from the model of a short earlier run
+        earlier = _spark_submit(dataset_uri, str(tmp_path / "earlier"), 2, "--init", "random")
+        assert earlier.wait(timeout=600) == 0, earlier.stdout.read()
+        extra = ["--init-model-uri", str(tmp_path / "earlier" / "model")]
+    reference = _spark_submit(dataset_uri, str(tmp_path / "reference"), 7, *extra)
     reference_output = reference.communicate(timeout=600)[0]
     assert reference.returncode == 0, reference_output
 
-    interrupted = _spark_submit(dataset_uri, str(tmp_path / "run"), 7)
+    interrupted = _spark_submit(dataset_uri, str(tmp_path / "run"), 7, *extra)
     seen = []
     for line in interrupted.stdout:  # kill the whole job (driver, JVM, workers) during epoch 6
         seen.append(line)
@@ -231,7 +237,7 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weig
     assert not (tmp_path / "run" / "model").exists()
     assert (tmp_path / "run" / "checkpoints" / "latest.json").exists()
 
-    retry = _spark_submit(dataset_uri, str(tmp_path / "run"), 7)
+    retry = _spark_submit(dataset_uri, str(tmp_path / "run"), 7, *extra)
     retry_output = retry.communicate(timeout=600)[0]
     assert retry.returncode == 0, retry_output
     assert "resuming from checkpoint" in retry_output
@@ -240,7 +246,30 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weig
     resumed = model_io.load_model(str(tmp_path / "run" / "model"))
     uninterrupted = model_io.load_model(str(tmp_path / "reference" / "model"))
     assert resumed.metadata["resumed_from_epoch"] == 4
+    assert resumed.metadata["init"]["kind"] == ("published" if start == "warm" else "random")
     for actual, expected in zip(resumed.weights + resumed.biases, uninterrupted.weights + uninterrupted.biases):
         np.testing.assert_array_equal(actual, expected)  # bit-identical
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 8))
+
+
+def test_initial_network_starts_from_a_matching_model_only(tmp_path):
+    config = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,))
+    hp = config.hyperparameters(784, 10)
+    rng = np.random.default_rng(0)
+    model = model_io.Model(weights=[rng.normal(size=(32, 784)).astype(np.float32),
+                                    rng.normal(size=(10, 32)).astype(np.float32)],
+                           biases=[rng.normal(size=32).astype(np.float32), rng.normal(size=10).astype(np.float32)])
+    model_io.save_model(model, str(tmp_path / "model"))
+    warm = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,), init_model_uri=str(tmp_path / "model"))
+    weights, init = train.initial_network(warm, hp)
+    assert init["kind"] == "published" and init["model_uri"] == str(tmp_path / "model")
+    for stacked, weight, bias in zip(weights, model.weights, model.biases):
+        np.testing.assert_array_equal(stacked, np.hstack([weight, bias[:, None]]))
+    assert train.initial_network(config, hp) == (None, {"kind": "random", "reason": "no published model"})
+    random_init = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,), init="random",
+                                    init_model_uri=str(tmp_path / "model"))
+    assert train.initial_network(random_init, hp) == (None, {"kind": "random", "reason": "--init random"})
+    wider = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(64,), init_model_uri=str(tmp_path / "model"))
+    weights, init = train.initial_network(wider, wider.hyperparameters(784, 10))
+    assert weights is None and init["kind"] == "random" and "has layers [784, 32, 10]" in init["reason"]

@@ -1,0 +1,39 @@
+"""Stage entry points as Airflow task callables that fail fast on deterministic errors.
+
+A missing or corrupt source, a failed expectation, a quarantined batch or an invalid setting
+fails the same way every time: retrying only delays the alert. :func:`fail_fast` turns those
+errors into ``AirflowFailException`` (the task fails at once, whatever its ``retries``), while
+transient ones (``storage.StorageError``: a network or object-store hiccup) keep the task's
+retries.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from admm_jobs.registry import RegistryError
+from admm_jobs.validate import ValidationFailed
+
+# ValueError covers ConfigError, IngestError, DatasetError, SuiteError, ModelError, EvaluationError.
+DETERMINISTIC = (ValueError, ValidationFailed, RegistryError)
+
+
+def fail_fast(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` with deterministic failures raised as ``AirflowFailException`` (no retry)."""
+
+    @functools.wraps(function)
+    def task(*args: Any, **kwargs: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return function(*args, **kwargs)
+        except DETERMINISTIC as exc:
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        except SystemExit as exc:  # argparse already logged the offending setting on stderr
+            if exc.code in (0, None):
+                raise
+            raise AirflowFailException(f"invalid settings (exit {exc.code}): see the error line above") from exc
+
+    return task
