@@ -52,7 +52,7 @@ class TrainConfig:
     beta_output: float = setting(0.3, "penalty weight of the output layer's constraint", exclusiveMinimum=0, maximum=1e6)
     gamma: float = setting(10.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
     ridge_input: float = setting(1e-2, "ridge of the first layer's weight solve, per training sample", minimum=0, maximum=1e3)
-    ridge: float = setting(1e-3, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
+    ridge: float = setting(1e-4, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
     ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)
     extrapolation: float = setting(0.9, "theta in W = W_new + theta (W_new - W_previous) in the first iterations",
                                    minimum=0, exclusiveMaximum=1)

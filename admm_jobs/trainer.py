@@ -57,7 +57,7 @@ class Hyperparameters:
     beta_output: float = 0.3
     gamma: float = 10.0
     ridge_input: float = 1e-2
-    ridge: float = 1e-3
+    ridge: float = 1e-4
     ridge_output: float = 1e-4
     extrapolation: float = 0.9
     extrapolation_epochs: int = 7
