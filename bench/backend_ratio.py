@@ -15,7 +15,7 @@ import time
 from admm_jobs import train
 from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.trainer import AdmmTrainer, LocalBackend
-from common import RESULTS, machine, mnist_dataset_uri, spark_session
+from common import RESULTS, machine, mnist_dataset_uri, spark_session, uptime
 
 
 def epoch_seconds(backend, hp) -> list[dict]:
@@ -39,6 +39,7 @@ def main() -> None:
     hp = config.hyperparameters(784, 10)
     specs = train.block_specs(dataset_uri, config.partitions, config.train_limit)
 
+    load_before = uptime()
     started = time.perf_counter()
     numpy_epochs = epoch_seconds(LocalBackend(train.load_block(spec) for spec in specs), hp)
     numpy_total = time.perf_counter() - started
@@ -57,7 +58,7 @@ def main() -> None:
     steady = lambda epochs: statistics.median(e["seconds"] for e in epochs[1:] or epochs)
     result = {
         "command": "bench/backend_ratio.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "machine": machine(),
+        "machine": machine(), "uptime_before": load_before, "uptime_after": uptime(),
         "hyperparameters": {k: v for k, v in vars(config).items() if k not in ("dataset_uri", "output_uri")},
         "numpy": {"epochs": numpy_epochs, "median_epoch_seconds": steady(numpy_epochs), "total_seconds": numpy_total},
         "spark": {"epochs": spark_epochs, "median_epoch_seconds": steady(spark_epochs), "total_seconds": spark_total},

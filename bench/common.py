@@ -37,6 +37,11 @@ def machine() -> dict:
             "platform": platform.platform(), "java": java[0] if java else "unknown"}
 
 
+def uptime() -> str:
+    """``uptime``'s line: the load average says whether other work shared the machine during a benchmark."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def spark_session(cores: int, app: str, driver_memory: str = "8g"):
     from pyspark.sql import SparkSession
 

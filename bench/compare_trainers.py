@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from admm_jobs import dataset, storage, train
 from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.trainer import AdmmTrainer
-from common import RESULTS, machine, mnist_dataset_uri, spark_session
+from common import RESULTS, machine, mnist_dataset_uri, spark_session, uptime
 
 LAYERS = [784, 256, 256, 10]
 TARGETS = (0.95, 0.96, 0.97, 0.98)
@@ -157,7 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset_uri = mnist_dataset_uri()
-    load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load_before = uptime()
     spark = spark_session(args.cores, "bench-compare-trainers")
     try:
         admm, admm_settings = admm_curve(spark, dataset_uri, args.admm_epochs, args.partitions)
@@ -171,7 +170,7 @@ def main() -> None:
                    f"--admm-epochs {args.admm_epochs} --mllib-iterations {args.mllib_iterations} "
                    f"--adam-epochs {args.adam_epochs}",
         "machine": machine(), "uptime_before": load_before,
-        "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "uptime_after": uptime(),
         "cores": args.cores, "layers": LAYERS,
         "admm": {"settings": admm_settings, "curve": admm, **summary(admm, "epoch")},
         "mllib": {"curve": mllib, **summary(mllib, "max_iter")},

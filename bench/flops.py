@@ -17,12 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 
 import numpy as np
 
-from common import RESULTS, machine
+from common import RESULTS, machine, uptime
 from study import blocks, load
 from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend
 
@@ -139,7 +138,7 @@ def main() -> None:
         "command": "bench/flops.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                 if v is not None),
         "machine": machine(), "load_average_1_5_15": [round(v, 2) for v in load_average],
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "uptime": uptime(),
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default (all cores)"),
         "layer_sizes": sizes, "train_samples": sum(train_rows), "evaluation_samples": sum(evaluation_rows),
         "gflop_per_iteration": round(total_flops / 1e9, 2),
