@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 PARAMS ?= {}
+# Where the DAG's train stage runs spark-submit: local mode, or a cluster such as `make cluster` starts
+SPARK_MASTER ?= local[*,4]
 
 export PATH := $(BIN):$(PATH)
 export AIRFLOW_HOME := $(CURDIR)/var/airflow
@@ -12,12 +14,12 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__UNIT_TEST_MODE := False
-export AIRFLOW_CONN_SPARK_DEFAULT := {"conn_type": "spark", "host": "local[*,4]", "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}
+export AIRFLOW_CONN_SPARK_DEFAULT := {"conn_type": "spark", "host": "$(SPARK_MASTER)", "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}
 export PYSPARK_PYTHON := $(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(BIN)/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast bench clean airflow
+.PHONY: install run test test-fast bench clean airflow cluster
 
 install: $(VENV)/.installed
 
@@ -59,6 +61,17 @@ airflow: $(AIRFLOW_HOME)/airflow.db
 	@echo "Airflow UI: http://$(AIRFLOW_HOST):$(AIRFLOW_PORT)/  login: $(AIRFLOW_USER) / $(AIRFLOW_PASSWORD)"
 	@echo "Reports:    http://$(AIRFLOW_HOST):$(AIRFLOW_PORT)/admm-reports/  (Ctrl-C stops Airflow)"
 	$(BIN)/airflow standalone
+
+# A Spark standalone master and CLUSTER_WORKERS workers on 127.0.0.1 (pyspark's spark-class);
+# prints the master URL for `make run SPARK_MASTER=...`; Ctrl-C stops them all.
+CLUSTER_WORKERS ?= 2
+CLUSTER_CORES ?= 1
+CLUSTER_MEMORY ?= 1g
+CLUSTER_PORT ?= 7077
+CLUSTER_WEBUI_PORT ?= 8077
+cluster: $(VENV)/.installed
+	$(BIN)/python -m admm_jobs.cluster --workers $(CLUSTER_WORKERS) --cores $(CLUSTER_CORES) --memory $(CLUSTER_MEMORY) \
+		--port $(CLUSTER_PORT) --webui-port $(CLUSTER_WEBUI_PORT) --directory $(CURDIR)/var/cluster
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)

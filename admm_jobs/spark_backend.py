@@ -10,7 +10,9 @@ the reduction of the blocks' statistics; the weights travel as a broadcast.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -21,16 +23,40 @@ from admm_jobs.block_store import BlockStore
 from admm_jobs.trainer import Block, BlocksLost, PassFunction, Stats, add_stats
 
 BlockLoader = Callable[[dict[str, Any]], Block]
+EXECUTOR_WATCH_SECONDS = 0.5  # how often a running pass checks that its executors are still there
+
+
+STORE_PREFIX = "admm-blocks-"
+
+
+def executor_scratch_directory() -> Path:
+    """A directory of this executor that the cluster manager deletes with the application, however it ends.
+
+    A standalone worker passes its executors the application's local directories in
+    ``SPARK_EXECUTOR_DIRS`` (Spark's own contract with its executors; the Python workers inherit
+    it) and deletes them when the application ends, also when the driver was killed; the
+    executor's working directory there outlives the application (it keeps the executor logs).
+    Elsewhere the working directory (``SparkFiles``' root) is the one that goes: the YARN
+    container's or the Kubernetes pod's directory, or in local mode the driver's temporary
+    directory, removed when it stops.
+    """
+    local_dirs = os.environ.get("SPARK_EXECUTOR_DIRS")
+    if local_dirs:
+        return Path(local_dirs.split(os.pathsep)[0])
+    from pyspark import SparkFiles
+
+    return Path(SparkFiles.getRootDirectory())
 
 
 def _executor_store(token: str) -> BlockStore:
-    """This executor's block store of one backend (in the executor's own scratch directory)."""
-    from pyspark import SparkFiles
-
-    return BlockStore(Path(SparkFiles.getRootDirectory()) / f"admm-blocks-{token}")
+    """This executor's block store of one backend."""
+    return BlockStore(executor_scratch_directory() / f"{STORE_PREFIX}{token}")
 
 
-def _store_block(token: str, loader: BlockLoader, spec: dict[str, Any]) -> int:
+def _store_block(token: str, loader: BlockLoader, stale_tokens: tuple[str, ...], spec: dict[str, Any]) -> int:
+    # the files of an earlier load (before a reload) go when this executor loads its new blocks
+    for stale in stale_tokens:
+        shutil.rmtree(executor_scratch_directory() / f"{STORE_PREFIX}{stale}", ignore_errors=True)
     _executor_store(token).save_data(loader(spec))
     return spec["index"]
 
@@ -64,34 +90,72 @@ class SparkBackend:
 
         self.sc = spark_context
         self.specs, self.loader, self.storage_level = specs, loader, StorageLevel.MEMORY_AND_DISK
+        self.stale_tokens: tuple[str, ...] = ()
         self._load()
 
     def _load(self) -> None:
         self.token = uuid.uuid4().hex
         self.handles = self.sc.parallelize(self.specs, len(self.specs)).map(
-            functools.partial(_store_block, self.token, self.loader)).persist(self.storage_level)
+            functools.partial(_store_block, self.token, self.loader, self.stale_tokens)).persist(self.storage_level)
         self.generation = 0  # the state generation the next pass reads (0: data only)
 
     def reload(self) -> None:
-        # the surviving executors' old block files are left to go with their scratch directories:
-        # removing them now would recompute the lost handles, i.e. re-read their data, only to delete it
+        # the surviving executors' old block files are not removed by a job of their own, which would
+        # recompute the lost handles, i.e. re-read their data only to delete it: the executors that load
+        # the new blocks remove them, and the rest go with the application's scratch directories
         self.handles.unpersist()
+        self.stale_tokens += (self.token,)
         self._load()
 
+    def _live_executors(self) -> set[str]:
+        return {f"{info.host()}:{info.port()}" for info in self.sc._jsc.sc().statusTracker().getExecutorInfos()}
+
     def _reduce(self, function: PassFunction, params: dict[str, Any], update: bool) -> Stats:
+        """Run one pass as a Spark job and sum its statistics, watching for executors that go away meanwhile.
+
+        A task whose block was cached on a lost executor still prefers that executor, so with a long
+        ``spark.locality.wait.process`` the job would wait that long before running it anywhere else
+        (only to find no state there). Instead the pass is cancelled as soon as an executor alive at
+        its start has gone, and the trainer reloads the blocks and resumes from its checkpoint. An
+        executor lost between passes needs no watch: its blocks' tasks have no preference left, run
+        elsewhere at once and fail with :class:`~admm_jobs.block_store.BlockStateLost`.
+        """
+        from pyspark import InheritableThread
+
         broadcast = self.sc.broadcast(params)
+        # aggregate() merges partition results on the driver in partition order, so
+        # the float sums (and hence the weights) do not depend on task timing.
+        job = self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast, self.generation, update))
+        group, outcome = f"admm-pass-{uuid.uuid4().hex}", {}
+
+        def run() -> None:
+            self.sc.setJobGroup(group, f"ADMM pass (state generation {self.generation})")
+            try:
+                outcome["stats"] = job.aggregate({}, add_stats, add_stats)
+            except Exception as exc:  # re-raised by the calling thread
+                outcome["error"] = exc
+
+        executors = self._live_executors()
+        thread = InheritableThread(target=run, daemon=True)
+        thread.start()
         try:
-            # aggregate() merges partition results on the driver in partition order, so
-            # the float sums (and hence the weights) do not depend on task timing.
-            return self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast,
-                                                      self.generation, update)).aggregate({}, add_stats, add_stats)
-        except Exception as exc:
-            lost = re.search(r"BlockStateLost: (.*)", str(exc))
-            if lost:
-                raise BlocksLost(lost.group(1)) from exc
-            raise
+            while thread.is_alive():
+                thread.join(EXECUTOR_WATCH_SECONDS)
+                lost = executors - self._live_executors() if thread.is_alive() else set()
+                if lost:
+                    self.sc.cancelJobGroup(group)
+                    thread.join()
+                    if "stats" not in outcome:
+                        raise BlocksLost(f"executor(s) {', '.join(sorted(lost))} lost during a pass; the state of "
+                                         "their blocks went with them")
         finally:
             broadcast.unpersist(blocking=False)
+        if "error" in outcome:
+            lost_block = re.search(r"BlockStateLost: (.*)", str(outcome["error"]))
+            if lost_block:
+                raise BlocksLost(lost_block.group(1)) from outcome["error"]
+            raise outcome["error"]
+        return outcome["stats"]
 
     def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
         stats = self._reduce(function, params, update=True)

@@ -1,0 +1,89 @@
+"""Fixtures: a real Spark standalone cluster (a master and 2 one-core workers on 127.0.0.1) and jobs on it.
+
+Used through ``pytest_plugins = ["spark_cluster"]``. The daemons are started by
+:class:`admm_jobs.cluster.StandaloneCluster` (the code behind ``make cluster``), each worker with
+its own work and local directories under the test's tmp directory, and every process group
+is killed at the end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from admm_jobs import train
+from admm_jobs.cluster import StandaloneCluster, job_conf
+from admm_jobs.spark_backend import STORE_PREFIX
+
+WORKER_MEMORY = "1g"
+CLUSTER_CONF = {**job_conf(WORKER_MEMORY), "spark.ui.enabled": "false"}
+
+
+@pytest.fixture(scope="module")
+def spark_cluster(tmp_path_factory):
+    """A running master with 2 workers (1 core, 1g each); yields the :class:`StandaloneCluster`."""
+    cluster = StandaloneCluster(tmp_path_factory.mktemp("spark-cluster"), workers=2, cores=1, memory=WORKER_MEMORY,
+                                timeout=300)
+    with cluster:
+        yield cluster
+
+
+def wait_for_idle(cluster: StandaloneCluster, workers: int = 2) -> None:
+    """Wait until no application holds the cluster and ``workers`` workers are alive (the next job gets every core)."""
+    cluster.wait_until(lambda state: not state["activeapps"] and len(cluster.alive_workers(state)) >= workers,
+                       "the cluster to be idle", timeout=300)
+
+
+def block_directories(cluster: StandaloneCluster, pattern: str = f"{STORE_PREFIX}*") -> list[Path]:
+    """Block-store directories under the local and work directories of the live workers.
+
+    A worker lost for good is left out: its machine, disk included, is gone for good too.
+    """
+    return [path for worker in cluster.workers if worker.process.poll() is None
+            for root in (worker.local_dir, worker.work_dir) for path in root.rglob(pattern)]
+
+
+def wait_for_no_block_files(cluster: StandaloneCluster, timeout: float = 120) -> None:
+    """The workers delete an application's local directories asynchronously once it has ended."""
+    deadline = time.monotonic() + timeout
+    while block_directories(cluster):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"block files left on the workers: {block_directories(cluster)}")
+        time.sleep(0.5)
+
+
+def submit_training(master: str, dataset_uri: str, output_uri: str, *, epochs: int = 6, partitions: int = 2,
+                    train_limit: int = 400, conf: dict[str, str] | None = None) -> subprocess.Popen:
+    """``spark-submit admm_jobs/train.py`` in its own process group (output: one text stream)."""
+    options = [item for key, value in {**CLUSTER_CONF, **(conf or {})}.items() for item in ("--conf", f"{key}={value}")]
+    command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", master, *options,
+               train.__file__, "--dataset-uri", dataset_uri, "--output-uri", output_uri, "--hidden-layers", "24,12",
+               "--epochs", str(epochs), "--partitions", str(partitions), "--train-limit", str(train_limit),
+               "--checkpoint-every", "2", "--patience", "0"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a submitted job; its whole output. A job that hangs is killed with its process group."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+
+
+def read_until(process: subprocess.Popen, marker: str) -> str:
+    """The job's output up to and including the first line containing ``marker``."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"the job ended before printing {marker!r}:\n" + "".join(seen))
