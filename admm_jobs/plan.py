@@ -4,7 +4,9 @@
         [--logical-date ISO] -- <train options>
 
 Nothing new means no retraining: the *training key* is a hash of the dataset version, the
-code version and every training setting that shapes the model. When the registry history
+training code (the content of the modules that determine the weights, so a commit that touches
+only docs or the pipeline around training retrains nothing) and every training setting that
+shapes the model. When the registry history
 already holds a gate decision (accepted or rejected) for that key, the run skips training,
 evaluation and publishing, records a ``skipped`` decision and says why. Otherwise it trains,
 starting from the published model with ``--init published`` (the train stage falls back to
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 import logging
 from typing import Any
@@ -31,6 +34,8 @@ log = logging.getLogger("admm_jobs.plan")
 PLAN_FILE = "plan.json"
 # Train settings that do not shape the model: where it runs and how often it checkpoints.
 NOT_IN_KEY = ("dataset_uri", "output_uri", "init_model_uri", "checkpoint_every")
+# The modules whose code determines the trained weights.
+TRAINING_CODE = ("admm.py", "trainer.py", "train.py", "dataset.py", "model.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,16 @@ class PlanConfig:
         validate_fields(self)
 
 
+def training_code_version() -> str:
+    """12 hex digits of sha256 over the source of :data:`TRAINING_CODE` (read through the package, so a
+    zipped deployment hashes the same bytes)."""
+    package = importlib.resources.files("admm_jobs")
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        digest.update(name.encode() + b"\0" + package.joinpath(name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def training_key(dataset_version: str, code: str, train_config: TrainConfig) -> str:
     """16 hex digits of sha256 over what determines the trained model: data, code and training settings."""
     settings = {name: value for name, value in dataclasses.asdict(train_config).items() if name not in NOT_IN_KEY}
@@ -56,19 +71,20 @@ def training_key(dataset_version: str, code: str, train_config: TrainConfig) -> 
 def plan_run(config: PlanConfig, train_config: TrainConfig) -> dict[str, Any]:
     """The plan of this run (also written to ``RUN/plan.json``); a skip is recorded in the registry history."""
     manifest = dataset.load_manifest(config.dataset_uri)
-    code = code_version()
+    code = training_code_version()
     key = training_key(manifest["version"], code, train_config)
     batches = [batch["id"] for batch in manifest.get("batches", [])]
     previous = registry.find_decision(config.registry_uri, key)
     reason = None
     if previous is not None:
-        reason = (f"a model trained on dataset {manifest['version']} with code {code} and the same training settings "
+        reason = (f"a model trained on dataset {manifest['version']} with training code {code} and the same settings "
                   f"(key {key}) was already {previous['decision']} on {previous.get('recorded_at')} "
                   f"(run {previous.get('run_uri')})")
     published = registry.published_model_uri(config.registry_uri) if train_config.init == "published" else None
     plan = {
         "retrain": previous is None, "reason": reason, "batches": batches, "dataset_version": manifest["version"],
-        "dataset_uri": config.dataset_uri, "training_key": key, "code_version": code, "init": train_config.init,
+        "dataset_uri": config.dataset_uri, "training_key": key, "training_code": code,
+        "code_version": code_version(), "init": train_config.init,
         "init_model_uri": published, "logical_date": config.logical_date,
     }
     storage.write_json(storage.join(config.run_uri, PLAN_FILE), plan)

@@ -78,5 +78,23 @@ def test_airflow_task_pushes_the_plan_and_returns_whether_to_train(planned):
             "--", "--epochs", "3", "--hidden-layers", "16"]
     assert plan.airflow_task(argv, ti=ti) is True
     assert ti.pushed["plan"]["training_key"] == plan.training_key(
-        ti.pushed["plan"]["dataset_version"], ti.pushed["plan"]["code_version"],
+        ti.pushed["plan"]["dataset_version"], plan.training_code_version(),
         TrainConfig(dataset_uri=config.dataset_uri, output_uri=config.run_uri, epochs=3, hidden_layers=(16,)))
+
+
+def test_training_code_version_follows_the_training_modules_only(monkeypatch, tmp_path):
+    import importlib.resources
+    from pathlib import Path
+
+    package = Path(importlib.resources.files("admm_jobs"))
+    copy = tmp_path / "admm_jobs"
+    copy.mkdir()
+    for name in plan.TRAINING_CODE + ("publish.py",):
+        (copy / name).write_bytes((package / name).read_bytes())
+    monkeypatch.setattr(importlib.resources, "files", lambda name: copy)
+    original = plan.training_code_version()
+    assert original == plan.training_code_version() and len(original) == 12
+    (copy / "publish.py").write_text("# pipeline code around training\n")
+    assert plan.training_code_version() == original
+    (copy / "trainer.py").write_bytes((copy / "trainer.py").read_bytes() + b"\n# changed\n")
+    assert plan.training_code_version() != original
