@@ -62,6 +62,7 @@ DEMO_PARAMS: dict[str, Any] = {"epochs": 25}
 # Without an explicit connection, Spark runs in the task's process on every core (4 blocks).
 SPARK_CONNECTION = '{"conn_type": "spark", "host": "local[*,4]", "extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}'
 FINISHED_RUN_STATES = ("success", "failed")
+QUIET_TASK_STATES = (None, "scheduled", "queued")  # progress lines start at "running"
 TABLE_COLUMNS = ("week", "batches", "training samples", "test accuracy", "decision", "iterations",
                  "train s", "run s", "start")
 
@@ -286,23 +287,40 @@ def backfill_and_wait(services: AirflowServices, dates: list[datetime.date], con
         "run_backwards": False, "max_active_runs": 1, "reprocess_behavior": "completed", "dag_run_conf": conf})
     log.info("backfill %s: %d weekly runs from %s to %s", backfill["id"], len(dates), first, last)
     wanted = {day.isoformat() for day in dates}
-    deadline, finished = time.monotonic() + timeout, {}
+    deadline, finished, task_states = time.monotonic() + timeout, {}, {}
     while True:
-        runs = services.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill", "limit": 100})["dag_runs"]
-        weeks = {run["logical_date"][:10]: run for run in runs if (run.get("logical_date") or "")[:10] in wanted}
-        for week, run in sorted(weeks.items()):
-            if run["state"] in FINISHED_RUN_STATES and week not in finished:
-                instances = services.api("GET", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances")
-                run["failed_tasks"] = [ti["task_id"] for ti in instances["task_instances"] if ti["state"] == "failed"]
-                finished[week] = run
-                log.info("week %s: run %s%s (%d of %d done)", week, run["state"],
-                         f" at {', '.join(run['failed_tasks'])}" if run["failed_tasks"] else "", len(finished), len(dates))
+        weeks = poll_runs(services, wanted, finished, task_states)
         if finished.keys() == wanted:
             return finished
         if time.monotonic() > deadline:
             states = {week: run["state"] for week, run in sorted(weeks.items())}
             raise RuntimeError(f"runs did not end within {timeout:.0f} s: {states}\n{services.diagnostics()}")
         time.sleep(5)
+
+
+def poll_runs(services: AirflowServices, wanted: set[str], finished: dict[str, dict[str, Any]],
+              task_states: dict[tuple[str, str], str]) -> dict[str, dict[str, Any]]:
+    """One look at the backfill runs of the ``wanted`` weeks; returns them by week.
+
+    Logs each task's state as it changes (from "running" on; ``task_states`` remembers what was
+    logged) and moves every run that ended into ``finished``, with its ``failed_tasks``.
+    """
+    runs = services.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"run_type": "backfill", "limit": 100})["dag_runs"]
+    weeks = {run["logical_date"][:10]: run for run in runs if (run.get("logical_date") or "")[:10] in wanted}
+    for week, run in sorted(weeks.items()):
+        if week in finished or run["state"] not in (*FINISHED_RUN_STATES, "running"):
+            continue
+        instances = services.api("GET", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances")["task_instances"]
+        for ti in instances:
+            if ti["state"] not in QUIET_TASK_STATES and task_states.get((week, ti["task_id"])) != ti["state"]:
+                task_states[week, ti["task_id"]] = ti["state"]
+                log.info("week %s: %s %s", week, ti["task_id"], ti["state"])
+        if run["state"] in FINISHED_RUN_STATES:
+            run["failed_tasks"] = [ti["task_id"] for ti in instances if ti["state"] == "failed"]
+            finished[week] = run
+            log.info("week %s: run %s%s (%d of %d done)", week, run["state"],
+                     f" at {', '.join(run['failed_tasks'])}" if run["failed_tasks"] else "", len(finished), len(wanted))
+    return weeks
 
 
 # ---------------------------------------------------------------- the table
