@@ -9,6 +9,7 @@ the reduction of the blocks' statistics; the weights travel as a broadcast.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import re
@@ -73,6 +74,10 @@ def _stored_pass(token: str, function: PassFunction, broadcast, generation: int,
     return {**stats, "store_seconds": reading + time.perf_counter() - started}
 
 
+def _count(handles) -> list[int]:
+    return [sum(1 for _ in handles)]
+
+
 def _remove_block(token: str, index: int) -> None:
     _executor_store(token).remove(index)
 
@@ -91,12 +96,24 @@ class SparkBackend:
         self.sc = spark_context
         self.specs, self.loader, self.storage_level = specs, loader, StorageLevel.MEMORY_AND_DISK
         self.stale_tokens: tuple[str, ...] = ()
+        # passes run in this thread while the calling one watches the executors (one thread: one py4j connection)
+        self._runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="admm-pass")
         self._load()
 
     def _load(self) -> None:
+        """Load the blocks, spread evenly over the executors: where a block is loaded, its tasks run until the end.
+
+        One job of all the blocks would let an executor that finished its first block early take a
+        third while another still loads its first, for the whole run. So they load in waves of as
+        many blocks as the executors have cores (``defaultParallelism``), each wave starting with
+        every core free: the scheduler hands each free core one block.
+        """
         self.token = uuid.uuid4().hex
         self.handles = self.sc.parallelize(self.specs, len(self.specs)).map(
             functools.partial(_store_block, self.token, self.loader, self.stale_tokens)).persist(self.storage_level)
+        wave = max(1, self.sc.defaultParallelism)
+        for start in range(0, len(self.specs), wave):
+            self.sc.runJob(self.handles, _count, list(range(start, min(start + wave, len(self.specs)))))
         self.generation = 0  # the state generation the next pass reads (0: data only)
 
     def reload(self) -> None:
@@ -120,42 +137,37 @@ class SparkBackend:
         executor lost between passes needs no watch: its blocks' tasks have no preference left, run
         elsewhere at once and fail with :class:`~admm_jobs.block_store.BlockStateLost`.
         """
-        from pyspark import InheritableThread
-
         broadcast = self.sc.broadcast(params)
         # aggregate() merges partition results on the driver in partition order, so
         # the float sums (and hence the weights) do not depend on task timing.
         job = self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast, self.generation, update))
-        group, outcome = f"admm-pass-{uuid.uuid4().hex}", {}
+        group = f"admm-pass-{uuid.uuid4().hex}"
 
-        def run() -> None:
+        def run() -> Stats:
             self.sc.setJobGroup(group, f"ADMM pass (state generation {self.generation})")
-            try:
-                outcome["stats"] = job.aggregate({}, add_stats, add_stats)
-            except Exception as exc:  # re-raised by the calling thread
-                outcome["error"] = exc
+            return job.aggregate({}, add_stats, add_stats)
 
         executors = self._live_executors()
-        thread = InheritableThread(target=run, daemon=True)
-        thread.start()
+        future = self._runner.submit(run)
         try:
-            while thread.is_alive():
-                thread.join(EXECUTOR_WATCH_SECONDS)
-                lost = executors - self._live_executors() if thread.is_alive() else set()
-                if lost:
-                    self.sc.cancelJobGroup(group)
-                    thread.join()
-                    if "stats" not in outcome:
-                        raise BlocksLost(f"executor(s) {', '.join(sorted(lost))} lost during a pass; the state of "
-                                         "their blocks went with them")
+            while True:
+                try:
+                    return future.result(timeout=EXECUTOR_WATCH_SECONDS)
+                except concurrent.futures.TimeoutError:
+                    lost = executors - self._live_executors()
+                    if lost and not future.done():
+                        self.sc.cancelJobGroup(group)
+                        concurrent.futures.wait([future])
+                        if future.exception() is not None:
+                            raise BlocksLost(f"executor(s) {', '.join(sorted(lost))} lost during a pass; the state "
+                                             "of their blocks went with them") from None
+        except Exception as exc:
+            lost_block = re.search(r"BlockStateLost: (.*)", str(exc))
+            if lost_block:
+                raise BlocksLost(lost_block.group(1)) from exc
+            raise
         finally:
             broadcast.unpersist(blocking=False)
-        if "error" in outcome:
-            lost_block = re.search(r"BlockStateLost: (.*)", str(outcome["error"]))
-            if lost_block:
-                raise BlocksLost(lost_block.group(1)) from outcome["error"]
-            raise outcome["error"]
-        return outcome["stats"]
 
     def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
         stats = self._reduce(function, params, update=True)
@@ -166,5 +178,8 @@ class SparkBackend:
         return self._reduce(function, params, update=False)
 
     def close(self) -> None:
-        self.handles.foreach(functools.partial(_remove_block, self.token))
-        self.handles.unpersist()
+        try:
+            self.handles.foreach(functools.partial(_remove_block, self.token))
+            self.handles.unpersist()
+        finally:
+            self._runner.shutdown(wait=False)
