@@ -278,8 +278,11 @@ class AirflowServices:
 
 
 def backfill_and_wait(services: AirflowServices, dates: list[datetime.date], conf: dict[str, Any],
-                      timeout: float) -> dict[str, dict[str, Any]]:
-    """Backfill ``dates`` (one run at a time, oldest first); return week -> its DAG run once all have ended."""
+                      timeout: float, finished: dict[str, dict[str, Any]]) -> None:
+    """Backfill ``dates`` (one run at a time, oldest first) and wait until every run has ended.
+
+    ``finished`` collects week -> DAG run as each run ends (what is known if the wait is cut short).
+    """
     first, last = dates[0].isoformat(), dates[-1].isoformat()
     services.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
     backfill = services.api("POST", "/backfills", json={
@@ -287,11 +290,11 @@ def backfill_and_wait(services: AirflowServices, dates: list[datetime.date], con
         "run_backwards": False, "max_active_runs": 1, "reprocess_behavior": "completed", "dag_run_conf": conf})
     log.info("backfill %s: %d weekly runs from %s to %s", backfill["id"], len(dates), first, last)
     wanted = {day.isoformat() for day in dates}
-    deadline, finished, task_states = time.monotonic() + timeout, {}, {}
+    deadline, task_states = time.monotonic() + timeout, {}
     while True:
         weeks = poll_runs(services, wanted, finished, task_states)
         if finished.keys() == wanted:
-            return finished
+            return
         if time.monotonic() > deadline:
             states = {week: run["state"] for week, run in sorted(weeks.items())}
             raise RuntimeError(f"runs did not end within {timeout:.0f} s: {states}\n{services.diagnostics()}")
@@ -465,28 +468,28 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     passwords_file.chmod(0o600)
     services = AirflowServices(airflow_environment(workdir / "airflow", port, passwords_file, conf), logs, port, password)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    started = time.monotonic()
+    started, finished, records = time.monotonic(), {}, []
     try:
         services.migrate_db()
         services.start()
         services.wait_until_ready()
         log.info("Airflow is up: %s (user %s, password in %s); logs in %s", services.url, USER, passwords_file, logs)
-        runs = backfill_and_wait(services, dates, conf, config.timeout)
+        backfill_and_wait(services, dates, conf, config.timeout, finished)
     finally:
         # A second Ctrl-C must not cut the clean-up short.
         previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             services.stop()
+            if finished:  # also when interrupted or timed out: the weeks that ended so far
+                records = [week_record(conf, day.isoformat(), finished.get(day.isoformat())) for day in dates]
+                print(write_results(records, workdir))
+                print(f"{len(finished)} of {len(dates)} weekly runs ended in {time.monotonic() - started:.0f} s "
+                      f"with params {json.dumps({k: v for k, v in conf.items() if not k.endswith('_uri')}, sort_keys=True)}"
+                      f"; table and plot: {workdir / 'weeks.md'}, {workdir / 'weeks.png'}")
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
             signal.signal(signal.SIGTERM, previous_sigterm)
-    records = [week_record(conf, day.isoformat(), runs.get(day.isoformat())) for day in dates]
-    table = write_results(records, workdir)
-    print(table)
-    print(f"{len(dates)} weekly runs in {time.monotonic() - started:.0f} s with params "
-          f"{json.dumps({k: v for k, v in conf.items() if not k.endswith('_uri')}, sort_keys=True)}; "
-          f"table and plot: {workdir / 'weeks.md'}, {workdir / 'weeks.png'}")
     return records
 
 
