@@ -96,7 +96,7 @@ def s3_server():
                 break
             except urllib.error.HTTPError:
                 break  # any HTTP answer means the server is up
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):  # a loaded machine answers late
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto server on {endpoint} did not start")
                 time.sleep(0.2)

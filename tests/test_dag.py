@@ -126,16 +126,20 @@ def _s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
 
 
 @pytest.mark.slow
-def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db, small_idx_source, s3_env,
+def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db, s3_env, tmp_path,
                                                                     monkeypatch, capfd):
+    """Landing directory, lake, runs and registry on the S3 server; two dated batches, the later one after
+    the logical date (left out)."""
     import boto3
+    from test_ingest import batched_source
 
     secret = "sentinel-secret-7f3a9c1e"  # moto accepts any key pair; it must never surface anywhere
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     bucket = s3_env
     client = boto3.client("s3")
-    for path in small_idx_source.iterdir():
-        client.upload_file(str(path), bucket, f"source/{path.name}")
+    landing = batched_source(tmp_path / "landing", ["2026-03-29", "2026-04-05", "2026-04-12"], rows_per_batch=400)
+    for path in landing.rglob("*.gz"):
+        client.upload_file(str(path), bucket, f"source/{path.relative_to(landing)}")
     root = f"s3://{bucket}"
     conf = {"source_uri": f"{root}/source", "lake_uri": f"{root}/lake", "runs_uri": f"{root}/runs",
             "registry_uri": f"{root}/registry", "validation_fraction": 1 / 6, "hidden_layers": [32], "epochs": 2,
@@ -161,6 +165,9 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
     assert [json.loads(line)["decision"] for line in history] == ["accepted", "skipped"]
     trained = model_io.load_model(f"{root}/runs/20260406T000000/model")
     assert trained.metadata["hyperparameters"]["layer_sizes"] == [784, 32, 10]
+    plan = storage.read_json(f"{root}/runs/20260406T000000/plan.json")
+    assert plan["batches"] == ["2026-03-29", "2026-04-05"] and plan["retrain"] is False  # the rerun's plan
+    assert {key.split("/")[3] for key in keys if key.startswith("lake/mnist/batches/")} == {"2026-03-29", "2026-04-05"}
 
     # no credential in task output, spark-submit output, params, or any stored artifact
     output = capfd.readouterr()
