@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(ClusterConfig, argv)
     cluster = StandaloneCluster(config.directory, config.workers, config.cores, config.memory, config.port,
                                 config.webui_port, config.timeout)
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: also while the daemons are starting
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, also while the daemons start (and if inherited ignored)
+        signal.signal(signum, _interrupt)
     try:
         with cluster:
             print(f"Spark master: {cluster.master_url}  (web UI {cluster.webui_url}, {config.workers} workers x "

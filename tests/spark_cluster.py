@@ -8,6 +8,7 @@ is killed at the end, also when a test fails.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from admm_jobs import train
-from admm_jobs.cluster import StandaloneCluster, job_conf
+from admm_jobs.cluster import Daemon, StandaloneCluster, job_conf
 from admm_jobs.spark_backend import STORE_PREFIX
 
 WORKER_MEMORY = "1g"
@@ -40,13 +41,19 @@ def wait_for_idle(cluster: StandaloneCluster, workers: int = 2) -> None:
                        "the cluster to be idle", timeout=300)
 
 
-def block_directories(cluster: StandaloneCluster, pattern: str = f"{STORE_PREFIX}*") -> list[Path]:
-    """Block-store directories under the local and work directories of the live workers.
+def directories(root: Path, pattern: str) -> list[Path]:
+    """Directories below ``root`` named like ``pattern``; Spark creates and deletes some meanwhile (os.walk skips them)."""
+    return [Path(parent) / name for parent, names, _ in os.walk(root) for name in names if fnmatch.fnmatch(name, pattern)]
+
+
+def block_directories(cluster: StandaloneCluster, pattern: str = f"{STORE_PREFIX}*", worker: Daemon | None = None
+                      ) -> list[Path]:
+    """Block-store directories under the local and work directories of the live workers (or of ``worker``).
 
     A worker lost for good is left out: its machine, disk included, is gone for good too.
     """
-    return [path for worker in cluster.workers if worker.process.poll() is None
-            for root in (worker.local_dir, worker.work_dir) for path in root.rglob(pattern)]
+    workers = [worker] if worker else [w for w in cluster.workers if w.process.poll() is None]
+    return [path for w in workers for root in (w.local_dir, w.work_dir) for path in directories(root, pattern)]
 
 
 def wait_for_no_block_files(cluster: StandaloneCluster, timeout: float = 120) -> None:

@@ -74,7 +74,7 @@ def test_an_executor_killed_mid_run_is_survived_with_identical_weights(spark_clu
     process = submit_training(spark_cluster.master_url, small_dataset["dataset_uri"], run_uri, epochs=EPOCHS)
     output = read_until(process, f"epoch 2/{EPOCHS}")  # iteration 3 runs; the checkpoint of iteration 2 exists
     worker = spark_cluster.workers[0]
-    assert list(worker.local_dir.rglob("block-*/data")), "the executor of worker 0 holds no block"
+    assert block_directories(spark_cluster, "block-*", worker), "the executor of worker 0 holds no block"
     [executor] = worker.executor_pids()
     os.kill(executor, signal.SIGKILL)
     output += finish(process)
@@ -98,7 +98,7 @@ def test_a_worker_lost_for_good_is_survived_on_the_remaining_worker(spark_cluste
     try:
         output = read_until(process, f"epoch 2/{EPOCHS}")
         lost = spark_cluster.workers[0]
-        assert list(lost.local_dir.rglob("block-*/data")), "worker 0 holds no block"
+        assert block_directories(spark_cluster, "block-*", lost), "worker 0 holds no block"
         lost.kill()  # its process group: the worker, its executor and that executor's Python workers
         output += finish(process)
         assert process.returncode == 0, output
