@@ -10,7 +10,7 @@ scikit-learn's defaults otherwise, one process whose BLAS is limited to ``--core
 timed without the scoring between epochs.
 
     .venv/bin/python bench/compare_trainers.py [--cores 2] [--admm-epochs 50]
-        [--mllib-iterations 10,25,50,75,100,150] [--adam-epochs 20]
+        [--mllib-iterations 10,25,50,75,100,150 (empty: skip MLlib)] [--adam-epochs 20]
 
 Writes bench/results/trainer_comparison.{json,md,png}.
 """
@@ -125,7 +125,8 @@ def write_plot(result: dict, path) -> None:
     mllib = result["mllib"]["curve"]
     adam = result["adam"]["curve"]
     axes.plot([p["seconds"] for p in admm], [p["test_accuracy"] for p in admm], "o-", ms=3, label="ADMM (ours, Spark)")
-    axes.plot([p["seconds"] for p in mllib], [p["test_accuracy"] for p in mllib], "s--", label="MLlib MLP (L-BFGS)")
+    if mllib:
+        axes.plot([p["seconds"] for p in mllib], [p["test_accuracy"] for p in mllib], "s--", label="MLlib MLP (L-BFGS)")
     axes.plot([p["seconds"] for p in adam], [p["test_accuracy"] for p in adam], "^-.", ms=4,
               label="Adam (scikit-learn MLPClassifier)")
     for target in TARGETS:
@@ -160,7 +161,8 @@ def main() -> None:
     spark = spark_session(args.cores, "bench-compare-trainers")
     try:
         admm, admm_settings = admm_curve(spark, dataset_uri, args.admm_epochs, args.partitions)
-        mllib = mllib_curve(spark, dataset_uri, [int(i) for i in args.mllib_iterations.split(",")], args.partitions)
+        iterations = [int(i) for i in args.mllib_iterations.split(",") if i.strip()]  # "": skip MLlib
+        mllib = mllib_curve(spark, dataset_uri, iterations, args.partitions) if iterations else []
     finally:
         spark.stop()
     adam = adam_curve(dataset_uri, args.adam_epochs, args.cores)
@@ -173,7 +175,7 @@ def main() -> None:
         "uptime_after": uptime(),
         "cores": args.cores, "layers": LAYERS,
         "admm": {"settings": admm_settings, "curve": admm, **summary(admm, "epoch")},
-        "mllib": {"curve": mllib, **summary(mllib, "max_iter")},
+        "mllib": {"curve": mllib, **(summary(mllib, "max_iter") if mllib else {})},
         "adam": {"settings": {"solver": "adam", "batch_size": 128, "learning_rate_init": 1e-3, "alpha": 1e-4,
                               "random_state": 0}, "curve": adam, **summary(adam, "epoch")},
     }
@@ -195,6 +197,8 @@ def main() -> None:
         "| --- | " + " | ".join("---" for _ in TARGETS) + " | --- | --- | --- |",
     ]
     for name, key, unit, title in rows:
+        if not result[name]["curve"]:
+            continue
         table.append(f"| {title} | " + " | ".join(reached(name, key, unit, t) for t in TARGETS)
                      + f" | {result[name]['best_test_accuracy']:.4f} | {result[name]['final_test_accuracy']:.4f} | "
                      f"{result[name]['curve'][-1]['seconds']:.0f} |")
