@@ -63,7 +63,10 @@ ARCHIVE_PYTHON = f"./{ARCHIVE_ALIAS}/bin/python"
 # Each block's ADMM state lives in files on the executor that loaded it: its tasks wait for that
 # executor (while it lives) rather than run elsewhere and find no state, which costs a reload.
 BASE_SPARK_CONF = {"spark.driver.memory": "4g", "spark.executorEnv.OPENBLAS_NUM_THREADS": "1", "spark.log.level": "WARN",
-                   "spark.locality.wait.process": "600s"}
+                   "spark.locality.wait.process": "600s",
+                   # blocks are placed once, when the job starts: wait for every executor so they spread evenly
+                   "spark.scheduler.minRegisteredResourcesRatio": "1.0",
+                   "spark.scheduler.maxRegisteredResourcesWaitingTime": "300s"}
 
 _URI = r"^{schemes}://[a-z0-9][a-z0-9._-]{{1,220}}[a-z0-9](/\S*)?$"
 S3_URI = _URI.format(schemes="s3")

@@ -190,7 +190,7 @@ def airflow(airflow_db, storage_roots, tmp_path_factory):
 
 def small_conf(source: Path, roots: dict[str, str], **overrides) -> dict:
     return {"source_uri": str(source), "lake_uri": roots["lake"], "runs_uri": roots["runs"],
-            "registry_uri": roots["registry"], "validation_size": 200, "hidden_layers": [32], "epochs": 2,
+            "registry_uri": roots["registry"], "validation_fraction": 1 / 6, "hidden_layers": [32], "epochs": 2,
             "warmup_epochs": 1, "partitions": 2, "min_accuracy": 0.0, **overrides}
 
 
@@ -235,6 +235,8 @@ def test_report_link_opens_the_evaluation_report(airflow, triggered_run):
 
 
 def test_backfill_runs_each_date_into_its_own_directory(airflow, triggered_run, small_idx_source, storage_roots):
+    """Both dates see the same (undated) batch: the first trains a model the gate rejects, the second
+    finds that decision for the same data, code and settings and skips training."""
     pointer_uri = storage.join(storage_roots["registry"], "mnist-admm", "current.json")
     published = storage.read_json(pointer_uri)
     # A different model that the gate must reject: no pointer change, no model asset event.
@@ -250,17 +252,23 @@ def test_backfill_runs_each_date_into_its_own_directory(airflow, triggered_run, 
     run_ids = [run["dag_run_id"] for run in runs]
     airflow.wait_for_runs(run_ids)
 
-    for run_key in ("20260104T000000", "20260111T000000"):
-        run_uri = storage.join(storage_roots["runs"], run_key)
-        model = storage.read_json(storage.join(run_uri, "model", "model.json"))
-        assert model["hyperparameters"]["layer_sizes"] == [784, 16, 10]
-        assert storage.exists(storage.join(run_uri, "evaluation", "report.html"))
+    first, second = (storage.join(storage_roots["runs"], key) for key in ("20260104T000000", "20260111T000000"))
+    model = storage.read_json(storage.join(first, "model", "model.json"))
+    assert model["hyperparameters"]["layer_sizes"] == [784, 16, 10]
+    assert model["init"]["kind"] == "random"  # the published model has other layers
+    assert storage.exists(storage.join(first, "evaluation", "report.html"))
+    assert storage.read_json(storage.join(second, "plan.json"))["retrain"] is False
+    assert not storage.exists(storage.join(second, "model", "model.json"))
+    (second_run,) = [run["dag_run_id"] for run in runs if run["logical_date"].startswith("2026-01-11")]
+    states = {task["task_id"]: task["state"]
+              for task in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{second_run}/taskInstances")["task_instances"]}
+    assert states["train"] == states["evaluate"] == states["publish"] == "skipped" and states["plan"] == "success"
     assert storage.read_json(pointer_uri) == published
     version_uri = storage.join(storage_roots["registry"], "mnist-admm", published["version"])
     assert storage.exists(storage.join(version_uri, "manifest.json"))
     history = [json.loads(line) for line in
                storage.read_bytes(storage.join(storage_roots["registry"], "mnist-admm", "history.jsonl")).splitlines()]
-    rejected = {entry["run"] for entry in history if entry["decision"] == "rejected"}
-    assert rejected == {storage.join(storage_roots["runs"], key) for key in ("20260104T000000", "20260111T000000")}
+    decisions = {entry["run_uri"]: entry["decision"] for entry in history if entry.get("run_uri") in (first, second)}
+    assert decisions == {first: "rejected", second: "skipped"}
     assert airflow.asset_events("publish", run_ids) == []  # the rejected models emitted nothing
     assert len(airflow.asset_events("validate", run_ids)) == 2

@@ -328,7 +328,7 @@ def test_dag_builds_the_operators_of_every_target(monkeypatch):
     local = load_dag(monkeypatch, None)
     train = local.get_task("train")
     assert type(train).__name__ == "SparkSubmitOperator"
-    assert train.upstream_task_ids == {"validate"} and train.downstream_task_ids == {"evaluate"}
+    assert train.upstream_task_ids == {"plan"} and train.downstream_task_ids == {"evaluate"}
     local_args = train.application_args
     assert "--dataset-uri" in local_args and "{{ params.epochs }}" in local_args
 
@@ -337,7 +337,7 @@ def test_dag_builds_the_operators_of_every_target(monkeypatch):
         submit, wait = dag.get_task("train.submit"), dag.get_task("train.wait")
         assert (type(submit).__name__, type(wait).__name__) == (submit_type, wait_type), target
         assert "train" not in dag.task_dict
-        assert submit.upstream_task_ids == {"validate"} and submit.downstream_task_ids == {"train.wait"}
+        assert submit.upstream_task_ids == {"plan"} and submit.downstream_task_ids == {"train.wait"}
         assert wait.downstream_task_ids == {"evaluate"} and dag.get_task("evaluate").upstream_task_ids == {"train.wait"}
         assert wait.mode == "reschedule" and wait.timeout == 360 * 60
         assert submitted_args(submit, len(local_args)) == local_args, target
