@@ -98,15 +98,8 @@ def class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 def read_epoch_metrics(uri: str) -> list[dict[str, Any]]:
     """The per-epoch records of ``metrics.jsonl``, ordered by epoch."""
-    text = storage.read_bytes(uri).decode("utf-8", errors="replace")
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvaluationError(f"{uri}: line {number} is not valid JSON: {exc}") from exc
+    for number, record in storage.json_lines(storage.read_bytes(uri), uri, EvaluationError):
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
             raise EvaluationError(f"{uri}: line {number} has no integer 'epoch'")
         records.append(record)

@@ -327,13 +327,7 @@ def read_history(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> lis
     uri = history_uri(registry_uri, model_name)
     raw, _ = read_versioned(uri)
     entries = []
-    for number, line in enumerate((raw or b"").decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RegistryError(f"{uri}: line {number} is not valid JSON: {exc}") from exc
+    for number, entry in storage.json_lines(raw or b"", uri, RegistryError):
         if not isinstance(entry, dict):
             raise RegistryError(f"{uri}: line {number} is not a JSON object")
         entries.append(normalise_entry(entry))

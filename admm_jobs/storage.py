@@ -144,6 +144,19 @@ def read_json(uri: str) -> Any:
         raise StorageError(f"{uri}: not valid JSON: {exc}") from exc
 
 
+def json_lines(raw: bytes, uri: str, error: type[Exception] = ValueError) -> list[tuple[int, Any]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; ``error`` names a bad line."""
+    parsed = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise error(f"{uri}: line {number} is not valid JSON: {exc}") from exc
+    return parsed
+
+
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
