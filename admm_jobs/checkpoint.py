@@ -105,9 +105,8 @@ class DriverState:
 
     epoch: int
     weights: list[np.ndarray]  # extrapolated weights: the network of epoch ``epoch``
-    recent: list[list[np.ndarray]]  # the solves (before extrapolation) of the last steps_per_epoch steps, oldest first
-    theta: float  # the extrapolation that made ``weights``
-    chunks: list[dict[str, Any]]  # per chunk of samples: its latest reduced statistics for the weight solves
+    new_weights: list[np.ndarray] | None  # the solves of epoch ``epoch`` before extrapolation
+    sums: dict[str, Any]  # reduced statistics the next weight solves need
     mean: np.ndarray  # training input mean (inputs are centred)
     best_weights: list[np.ndarray] | None
     best_loss: float
@@ -115,11 +114,6 @@ class DriverState:
     stale: int
     history: list[dict[str, Any]]
     pending_timers: dict[str, float]  # timers of epoch ``epoch``, reported with its scores one pass later
-
-    @property
-    def new_weights(self) -> list[np.ndarray] | None:
-        """The latest solves before extrapolation (None before the first)."""
-        return self.recent[-1] if self.recent else None
 
 
 class CheckpointStore:
@@ -137,14 +131,11 @@ class CheckpointStore:
         directory = self._directory(state.epoch)
         storage.delete_tree(directory)  # a half-written attempt at this epoch
         saved = backend.inspect(save_block_state, {"directory": directory})
-        lists = {"weights": state.weights, "best_weights": state.best_weights or [],
-                 **{f"recent{age}": weights for age, weights in enumerate(state.recent)}}
+        lists = {"weights": state.weights, "new_weights": state.new_weights or [], "best_weights": state.best_weights or []}
         arrays = {**flatten(lists), "mean": state.mean,
-                  **{f"chunk{index}:{key}": np.asarray(value)
-                     for index, chunk in enumerate(state.chunks) for key, value in chunk.items()}}
+                  **{f"sums.{key}": np.asarray(value) for key, value in state.sums.items()}}
         storage.write_bytes(storage.join(directory, "driver.npz"), _npz_bytes(arrays))
         meta = {"epoch": state.epoch, "fingerprint": self.fingerprint, "blocks": saved["saved_blocks"],
-                "theta": state.theta, "recent": len(state.recent), "chunks": len(state.chunks),
                 "best_loss": state.best_loss, "best_epoch": state.best_epoch, "stale": state.stale,
                 "history": state.history, "pending_timers": state.pending_timers}
         storage.write_json(storage.join(directory, META), meta)
@@ -180,17 +171,13 @@ class CheckpointStore:
         if restored["restored_blocks"] != meta["blocks"]:
             raise CheckpointError(f"{directory}: {meta['blocks']} blocks saved, {restored['restored_blocks']} restored")
         arrays = _load_npz(storage.join(directory, "driver.npz"))
-        nested = unflatten({k: v for k, v in arrays.items() if ":" not in k and k != "mean"})
-        chunks: list[dict[str, Any]] = [{} for _ in range(int(meta["chunks"]))]
-        for key, value in arrays.items():
-            if key.startswith("chunk") and ":" in key:
-                index, name = key[len("chunk"):].split(":")
-                chunks[int(index)][name] = value
+        nested = unflatten({k: v for k, v in arrays.items() if not k.startswith("sums.") and k != "mean"})
+        sums = {k[len("sums."):]: v for k, v in arrays.items() if k.startswith("sums.")}
+        sums["samples"] = int(sums["samples"])
         log.info("resuming from checkpoint %s (epoch %d)", directory, meta["epoch"])
         return DriverState(
-            epoch=int(meta["epoch"]), weights=nested["weights"],
-            recent=[nested[f"recent{age}"] for age in range(int(meta["recent"]))], theta=float(meta["theta"]),
-            chunks=chunks, mean=arrays["mean"], best_weights=nested.get("best_weights") or None,
+            epoch=int(meta["epoch"]), weights=nested["weights"], new_weights=nested.get("new_weights") or None,
+            sums=sums, mean=arrays["mean"], best_weights=nested.get("best_weights") or None,
             best_loss=float(meta["best_loss"]), best_epoch=int(meta["best_epoch"]), stale=int(meta["stale"]),
             history=meta["history"], pending_timers=meta["pending_timers"],
         )

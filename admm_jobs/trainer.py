@@ -67,7 +67,6 @@ class Hyperparameters:
     warmup_epochs: int = 0
     patience: int = 10
     seed: int = 0
-    steps_per_epoch: int = 1
 
     @property
     def layers(self) -> int:
@@ -144,21 +143,6 @@ def scaled_input(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32) * np.float32(INPUT_SCALE) - mean
 
 
-def chunk_rows(samples: int, chunk: tuple[int, int]) -> slice:
-    """Rows of chunk ``(index, count)``: ``count`` contiguous, near-equal shares of a block's samples."""
-    index, count = chunk
-    return slice(samples * index // count, samples * (index + 1) // count)
-
-
-def with_rows(full: np.ndarray, rows: slice, values: np.ndarray) -> np.ndarray:
-    """``full`` with ``values`` in ``rows`` (a new array unless the rows are all of it)."""
-    if rows.start == 0 and rows.stop == full.shape[0]:
-        return values
-    updated = np.array(full, copy=True)
-    updated[rows] = values
-    return updated
-
-
 def _timed(stats: Stats, started: float) -> Stats:
     stats["worker_seconds"] = time.perf_counter() - started
     return stats
@@ -187,15 +171,9 @@ def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     a0 = scaled_input(block["pixels"], params["mean"])
     activations, preactivations = admm.forward_state(weights, a0)
     targets = admm.fit_targets(params["loss"], admm.one_hot(block["labels"], weights[-1].shape[0]))
-    stats = {f"gram{len(weights)}": admm.layer_gram(activations[-1]),
+    stats = {"gram1": admm.layer_gram(a0), f"gram{len(weights)}": admm.layer_gram(activations[-1]),
              "cross_targets": admm.layer_cross(targets, activations[-1])}
-    steps = params["steps"]
-    for step in range(steps):
-        rows = chunk_rows(a0.shape[0], (step, steps))
-        stats[f"gram1@{step}"] = admm.layer_gram(a0[rows])
-        stats[f"samples@{step}"] = rows.stop - rows.start
-    return dict(block, u=[np.zeros_like(z) for z in preactivations],
-                input_product=preactivations[0]), _timed(stats, started)
+    return dict(block, u=[np.zeros_like(z) for z in preactivations]), _timed(stats, started)
 
 
 def _scores(logits: np.ndarray, loss: str, labels: np.ndarray, prefix: str) -> Stats:
@@ -226,27 +204,23 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     weights, mean, theta = params["weights"], params["mean"], params["theta"]
-    rows = chunk_rows(block["labels"].shape[0], params.get("chunk", (0, 1)))
-    a0 = scaled_input(block["pixels"][rows], mean)
-    u = [multiplier[rows] for multiplier in block["u"]]
+    a0 = scaled_input(block["pixels"], mean)
+    u = list(block["u"])
     product = admm.affine(params["input_weight"], a0)
     if params.get("finish"):
         u[0] = (u[0] - product).astype(np.float32)
-    first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"][rows])
+    first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
     a, z = admm.forward_from(first, weights[1:])
     last = len(weights)
     stats: Stats = {f"gram{layer}": admm.layer_gram(a[layer - 2]) for layer in range(2, last + 1)}
     stats[f"cross{last}"] = admm.layer_cross(z[-1] + u[-1], a[-1])
     if params.get("score"):
-        stats.update(_scores(z[-1], params["loss"], block["labels"][rows], "train"))
+        stats.update(_scores(z[-1], params["loss"], block["labels"], "train"))
         for split, (pixels, labels) in block["evaluation"].items():
             logits = admm.forward(weights, scaled_input(pixels, mean))
             stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
     # z_L is not kept: the output update starts from W_L new
-    stored_product = block.get("input_product")
-    return dict(block, a=a, z=z[:-1], u=[with_rows(full, rows, part) for full, part in zip(block["u"], u)],
-                input_product=product if stored_product is None else with_rows(stored_product, rows, product),
-                rows=np.array([rows.start, rows.stop])), _timed(stats, started)
+    return dict(block, a=a, z=z[:-1], u=u, input_product=product), _timed(stats, started)
 
 
 def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
@@ -266,14 +240,13 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     layer, next_weight = params["layer"], params["next_weight"]
-    rows = slice(*block["rows"])
-    activations, z, u = block["a"], list(block["z"]), [multiplier[rows] for multiplier in block["u"]]
+    activations, z, u = block["a"], list(block["z"]), list(block["u"])
     last = len(u)
     multiplier_updates = params["multiplier_updates"]
     stats: Stats = {}
     if layer == last - 1:
         m = admm.affine(next_weight, activations[layer - 1])
-        targets = admm.one_hot(block["labels"][rows], m.shape[1])
+        targets = admm.one_hot(block["labels"], m.shape[1])
         z_next = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
         # always, warm-up included: with a and z restarted from the network every iteration,
         # u_L is what carries the loss into the W_L solve
@@ -287,7 +260,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     a = admm.update_activation(forward_z, z_next + u[layer], next_weight, params["inverse"],
                                params["beta_next"], params["gamma"])
     z[layer - 1] = admm.update_preactivation(a, forward_z - u[layer - 1], params["beta"], params["gamma"])
-    inputs = scaled_input(block["pixels"][rows], params["mean"]) if layer == 1 else activations[layer - 2]
+    inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else activations[layer - 2]
     stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
@@ -295,11 +268,9 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         # the first half of u_1 += z_1 - W_1 [a_0, 1]: the next forward pass subtracts the product with W_1 new
         if multiplier_updates:
             u[0] = u[0] + z[0]
-    full_u = [with_rows(full, rows, part) for full, part in zip(block["u"], u)]
-    if layer == 1:
-        return dict(block, a=[], z=[], u=full_u), _timed(stats, started)
+        return dict(block, a=[], z=[], u=u), _timed(stats, started)
     # keep only what the rest of the sweep reads: the inputs a_1..a_{l-1}, the forward z below l and the new z_l
-    return dict(block, a=activations[:layer - 1], z=z[:layer], u=full_u), _timed(stats, started)
+    return dict(block, a=activations[:layer - 1], z=z[:layer], u=u), _timed(stats, started)
 
 
 @dataclasses.dataclass
@@ -397,8 +368,7 @@ class AdmmTrainer:
             weights = admm.centre_input([np.asarray(w, np.float32) for w in self.initial_weights], mean)
         else:
             weights = admm.he_initial_weights(list(hp.layer_sizes), np.random.default_rng(hp.seed))
-        steps = hp.steps_per_epoch
-        sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean, "loss": hp.loss, "steps": steps})
+        sums = self.backend.run_pass(init_pass, {"weights": weights, "mean": mean, "loss": hp.loss})
         pop_timers(sums)
         for key, value in sums.items():
             if not np.isfinite(value).all():
@@ -408,9 +378,9 @@ class AdmmTrainer:
         if self.initial_weights is None:
             # a random network's output layer starts as the ridge least-squares fit of the targets
             weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{hp.layers}"], hp.init_ridge)
-        # per chunk: its input Gram (constant for the whole run) and sample count; the other statistics follow
-        chunks = [{"gram1": sums[f"gram1@{step}"], "samples": sums[f"samples@{step}"]} for step in range(steps)]
-        return DriverState(epoch=0, weights=weights, recent=[], theta=0.0, chunks=chunks, mean=mean,
+        # the input Gram is the only statistic that lives across iterations
+        constant = {"gram1": sums["gram1"], "samples": totals["samples"]}
+        return DriverState(epoch=0, weights=weights, new_weights=None, sums=constant, mean=mean,
                            best_weights=None, best_loss=math.inf, best_epoch=0, stale=0, history=[],
                            pending_timers={})
 
@@ -419,7 +389,7 @@ class AdmmTrainer:
         """Run one pass, add its timers (wall clock as ``name``, worker phases summed) and check its residuals."""
         tick = time.perf_counter()
         sums = (self.backend.run_pass if update else self.backend.inspect)(function, params)
-        timers[name] = timers.get(name, 0.0) + time.perf_counter() - tick
+        timers[name] = time.perf_counter() - tick
         for phase, seconds in pop_timers(sums).items():
             timers[phase] = timers.get(phase, 0.0) + seconds
         check_finite(sums, epoch)
@@ -442,70 +412,55 @@ class AdmmTrainer:
         hp = self.hp
         history = self.history = [EpochReport.from_record(r) for r in state.history]
         stopped_early = False
-        last, steps = hp.layers, hp.steps_per_epoch
+        last, samples = hp.layers, int(state.sums["samples"])
         common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output}
 
-        def restart(step: int, epoch: int) -> dict[str, Any]:
-            """Params of the forward pass of ``step``: finish the chunk's previous visit (u_1 step), restart from the network."""
+        def finish_previous() -> dict[str, Any]:
+            """Params that finish the previous iteration (u_1 step), score it, and restart from its network."""
             if state.new_weights is None:
                 return {"weights": state.weights, "input_weight": state.weights[0], "theta": 0.0}
-            return {"weights": state.weights, "input_weight": state.new_weights[0], "theta": state.theta,
-                    "score": step == 0, "finish": epoch > 1 and epoch - 1 > hp.warmup_epochs}
-
-        def total(key: str, layer: int) -> tuple[np.ndarray, int]:
-            """Sum of statistic ``key`` of ``layer`` over the chunks that have one, and their sample count."""
-            present = [chunk for chunk in state.chunks if f"{key}{layer}" in chunk]
-            return sum(chunk[f"{key}{layer}"] for chunk in present), sum(int(chunk["samples"]) for chunk in present)
+            # W_ext = W_new + theta (W_new - W_new previous); iteration 1 had nothing to extrapolate from
+            theta = hp.extrapolation_at(state.epoch) if state.epoch > 1 else 0.0
+            return {"weights": state.weights, "input_weight": state.new_weights[0], "theta": theta, "score": True,
+                    "finish": state.epoch > hp.warmup_epochs}
 
         for epoch in range(state.epoch + 1, hp.epochs + 1):
             started = time.perf_counter()
             timers = {"solve": 0.0, "worker": 0.0}
             multiplier_updates = epoch > hp.warmup_epochs
-            for step in range(steps):
-                chunk_params = {**common, "chunk": (step, steps)}
-                sums = self._pass(forward_pass, {**chunk_params, **restart(step, epoch)}, timers, "forward", epoch)
-                if "train_count" in sums:
-                    stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
-                    if stopped_early:
-                        break
-                chunk = state.chunks[step]
-                chunk.update({key: sums[key] for key in sums if key.startswith(("gram", "cross"))})
-                new = list(state.weights)
+            sums = self._pass(forward_pass, {**common, **finish_previous()}, timers, "forward", epoch)
+            if "train_count" in sums:
+                stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
+                if stopped_early:
+                    break
+            grams = {**sums, "gram1": state.sums["gram1"]}
+            new = list(state.weights)
+            tick = time.perf_counter()
+            new[last - 1] = self._solve(sums[f"cross{last}"], grams[f"gram{last}"], samples, last, epoch)
+            timers["solve"] += time.perf_counter() - tick
+            for layer in range(last - 1, 0, -1):
                 tick = time.perf_counter()
-                cross, samples = total("cross", last)
-                new[last - 1] = self._solve(cross, total("gram", last)[0], samples, last, epoch)
+                beta_next = hp.beta_of(layer + 1)
+                params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
+                          "next_weight": new[layer], "beta": hp.beta_of(layer), "beta_next": beta_next,
+                          "gamma": hp.gamma, "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma)}
                 timers["solve"] += time.perf_counter() - tick
-                for layer in range(last - 1, 0, -1):
-                    tick = time.perf_counter()
-                    beta_next = hp.beta_of(layer + 1)
-                    params = {**chunk_params, "multiplier_updates": multiplier_updates, "layer": layer,
-                              "next_weight": new[layer], "beta": hp.beta_of(layer), "beta_next": beta_next,
-                              "gamma": hp.gamma, "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma)}
-                    timers["solve"] += time.perf_counter() - tick
-                    sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)
-                    chunk[f"cross{layer}"] = sums[f"cross{layer}"]
-                    tick = time.perf_counter()
-                    cross, samples = total("cross", layer)
-                    new[layer - 1] = self._solve(cross, total("gram", layer)[0], samples, layer, epoch)
-                    timers["solve"] += time.perf_counter() - tick
-                # W = W_new + theta (W_new - W_new of one epoch before): the chunk visited next last saw that network
-                previous = state.recent[0] if len(state.recent) == steps else None
-                state.theta = hp.extrapolation_at(epoch) if previous is not None else 0.0
-                state.weights = admm.extrapolate(new, previous, state.theta)
-                state.recent = (state.recent + [new])[-steps:]
-                if not all(np.isfinite(w).all() for w in state.weights):
-                    raise NumericalFailure(f"epoch {epoch}: weights are not finite")
-            if stopped_early:
-                break
+                sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)
+                tick = time.perf_counter()
+                new[layer - 1] = self._solve(sums[f"cross{layer}"], grams[f"gram{layer}"], samples, layer, epoch)
+                timers["solve"] += time.perf_counter() - tick
+            state.weights = admm.extrapolate(new, state.new_weights, hp.extrapolation_at(epoch))
+            state.new_weights = new
             state.epoch = epoch
+            if not all(np.isfinite(w).all() for w in state.weights):
+                raise NumericalFailure(f"epoch {epoch}: weights are not finite")
             state.pending_timers = dict(timers, iteration_seconds=time.perf_counter() - started)
             if self.checkpoints and self.checkpoint_every and epoch % self.checkpoint_every == 0 and epoch < hp.epochs:
                 state.history = [r.as_record() for r in history]
                 self.checkpoints.save(self.backend, state)
         if not stopped_early and state.new_weights is not None:
             tail: dict[str, float] = {}
-            sums = self._pass(forward_pass, {**common, "chunk": (0, steps), **restart(0, state.epoch + 1)}, tail,
-                              "score", state.epoch, update=False)
+            sums = self._pass(forward_pass, {**common, **finish_previous()}, tail, "score", state.epoch, update=False)
             self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=tail["score"]))
         best = state.best_weights if state.best_weights is not None else state.weights
         return TrainingResult(admm.fold_input_mean(best, state.mean), state.best_epoch, history, stopped_early,
