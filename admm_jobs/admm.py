@@ -105,18 +105,55 @@ def update_activation(
     return (rhs @ inverse).astype(np.float32)
 
 
+def place_hidden(
+    z_forward: np.ndarray,
+    m: np.ndarray,
+    target_next: np.ndarray,
+    next_weights: np.ndarray,
+    inverse: np.ndarray,
+    beta_next: float,
+    beta: float,
+    gamma: float,
+    rounds: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(a_l, z_l) by ``rounds`` rounds of exact alternating minimisation of the layer-local problem
+
+        beta_{l+1} ||t - W a - b||^2 + gamma ||a - relu(z)||^2 + beta ||z - m||^2,
+
+    with t = z_{l+1} + u_{l+1}, W, b = W_{l+1} and m = W_l [a_{l-1}, 1] - u_l, starting from the
+    network's own pre-activation ``z_forward``. Each round is :func:`update_activation` then
+    :func:`update_preactivation`, so the objective never rises; one round is the classic ADMM step,
+    more rounds carry the targets further toward the joint minimiser. The part of the a-update that
+    does not depend on z, beta (t - b) W^T... = beta (t - b) (W M), M = ``inverse``, is computed once.
+    """
+    weight, bias = next_weights[:, :-1], next_weights[:, -1]
+    pull = (beta_next * (target_next - bias)) @ (weight @ inverse)
+    z = z_forward
+    for _ in range(rounds):
+        a = (pull + gamma * relu(z) @ inverse).astype(np.float32)
+        z = update_preactivation(a, m, beta, gamma)
+    return a, z
+
+
 def update_preactivation(a: np.ndarray, m: np.ndarray, beta: float, gamma: float) -> np.ndarray:
     """z = argmin_z gamma (a - relu(z))^2 + beta (z - m)^2, elementwise, with m = W_l [a_{l-1}, 1] - u_l.
 
-    On z >= 0 the minimiser is max((gamma a + beta m)/(gamma + beta), 0); on
-    z <= 0 it is min(m, 0) with cost gamma a^2 + beta (z - m)^2. The update
-    takes whichever branch has the lower objective.
+    On z >= 0 the minimiser is z+ = max((gamma a + beta m)/(gamma + beta), 0); on z <= 0 it is
+    min(m, 0). Comparing the two branch costs in closed form: for m > 0 the z >= 0 branch is never
+    worse (its cost gap is -(gamma a + beta m)^2 / (gamma + beta) where z+ > 0, and both give 0
+    otherwise); for m <= 0 it wins iff gamma beta / (gamma + beta) (a - m)^2 <= gamma a^2, i.e.
+    a >= -k m with k = sqrt(c) / (sqrt(gamma) - sqrt(c)), c = gamma beta / (gamma + beta). Ties take z+.
     """
-    z_pos = np.maximum((gamma * a + beta * m) / (gamma + beta), 0.0)
-    z_neg = np.minimum(m, 0.0)
-    cost_pos = gamma * (a - z_pos) ** 2 + beta * (z_pos - m) ** 2
-    cost_neg = gamma * a**2 + beta * (z_neg - m) ** 2
-    return np.where(cost_pos <= cost_neg, z_pos, z_neg).astype(np.float32)
+    mix = np.float32(gamma / (gamma + beta))
+    z = a * mix
+    z += m * (np.float32(1.0) - mix)
+    np.maximum(z, 0.0, out=z)
+    c = gamma * beta / (gamma + beta)
+    slope = np.float32(np.sqrt(c) / (np.sqrt(gamma) - np.sqrt(c)))
+    negative = m <= 0.0
+    negative &= a < -slope * m
+    np.copyto(z, m, where=negative)
+    return z.astype(np.float32, copy=False)
 
 
 def prox_least_squares(targets: np.ndarray, v: np.ndarray, beta: float) -> np.ndarray:

@@ -51,6 +51,8 @@ class TrainConfig:
     beta: float = setting(1.0, "penalty weight of the hidden layers' z_l = W_l [a_{l-1}, 1]", exclusiveMinimum=0, maximum=1e6)
     beta_output: float = setting(0.3, "penalty weight of the output layer's constraint", exclusiveMinimum=0, maximum=1e6)
     gamma: float = setting(10.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
+    target_rounds: int = setting(5, "rounds of exact alternating a/z minimisation that place each hidden layer's "
+                                 "targets per sweep (1: the classic one-step ADMM update)", minimum=1, maximum=50)
     ridge_input: float = setting(1e-2, "ridge of the first layer's weight solve, per training sample", minimum=0, maximum=1e3)
     ridge: float = setting(1e-4, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
     ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)

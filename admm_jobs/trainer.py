@@ -67,6 +67,7 @@ class Hyperparameters:
     warmup_epochs: int = 0
     patience: int = 10
     seed: int = 0
+    target_rounds: int = 5
 
     @property
     def layers(self) -> int:
@@ -231,7 +232,8 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     2. a = argmin_a beta_{l+1} ||z_{l+1} + u_{l+1} - W_{l+1} [a, 1]||^2 + gamma ||a - relu(z_l)||^2
        (exact least squares, W_{l+1} new);
     3. z_l = elementwise prox at m_l - u_l with m_l = W_l [a_{l-1}, 1]: the forward z_l, since
-       W_l has not changed since the forward pass;
+       W_l has not changed since the forward pass; steps 2-3 alternate ``target_rounds`` times
+       (``admm.place_hidden``), each round starting from the z_l of the one before;
     4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
 
     ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations.
@@ -257,9 +259,9 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         if multiplier_updates:
             u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activations[layer - 1]))
     forward_z = z[layer - 1]
-    a = admm.update_activation(forward_z, z_next + u[layer], next_weight, params["inverse"],
-                               params["beta_next"], params["gamma"])
-    z[layer - 1] = admm.update_preactivation(a, forward_z - u[layer - 1], params["beta"], params["gamma"])
+    a, z[layer - 1] = admm.place_hidden(forward_z, forward_z - u[layer - 1], z_next + u[layer], next_weight,
+                                        params["inverse"], params["beta_next"], params["beta"], params["gamma"],
+                                        params["target_rounds"])
     inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else activations[layer - 2]
     stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
@@ -443,7 +445,8 @@ class AdmmTrainer:
                 beta_next = hp.beta_of(layer + 1)
                 params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
                           "next_weight": new[layer], "beta": hp.beta_of(layer), "beta_next": beta_next,
-                          "gamma": hp.gamma, "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma)}
+                          "gamma": hp.gamma, "target_rounds": hp.target_rounds,
+                          "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma)}
                 timers["solve"] += time.perf_counter() - tick
                 sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)
                 tick = time.perf_counter()

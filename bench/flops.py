@@ -26,8 +26,10 @@ from study import blocks, load
 from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend
 
 
-def iteration_products(sizes: list[int], rows: int, evaluation_rows: int) -> list[dict]:
+def iteration_products(sizes: list[int], rows: int, evaluation_rows: int, rounds: int) -> list[dict]:
     """Every matrix product one block makes in one iteration: (name, m, k, n, symmetric).
+
+    ``rounds`` is the number of a/z alternations that place each hidden layer's targets (``target_rounds``).
 
     ``symmetric`` marks X^T X (numpy hands it to BLAS syrk, which computes one triangle: half the FLOPs).
     """
@@ -46,11 +48,12 @@ def iteration_products(sizes: list[int], rows: int, evaluation_rows: int) -> lis
     for layer in range(1, layers + 1):
         add(f"score evaluation z{layer}", evaluation_rows, sizes[layer - 1], sizes[layer])
     # sweep pass of hidden layer l: the next layer's product with W new (output prox or u step),
-    # the activation update (two products), the cross term of the W_l solve
+    # the z-free part of the activation update once, one product per a/z round, the cross term of the W_l solve
     for layer in range(layers - 1, 0, -1):
         add(f"pass{layer} a{layer} W{layer + 1}^T (new)", rows, sizes[layer], sizes[layer + 1])
-        add(f"pass{layer} (z{layer + 1}+u{layer + 1}-b) W{layer + 1}", rows, sizes[layer + 1], sizes[layer])
-        add(f"pass{layer} rhs (beta W^T W + gamma I)^-1", rows, sizes[layer], sizes[layer])
+        add(f"pass{layer} beta (z{layer + 1}+u{layer + 1}-b) (W{layer + 1} M)", rows, sizes[layer + 1], sizes[layer])
+        for round_ in range(1, rounds + 1):
+            add(f"pass{layer} round {round_}: gamma relu(z{layer}) M", rows, sizes[layer], sizes[layer])
         add(f"pass{layer} cross{layer} = (z{layer}+u{layer})^T a{layer - 1}", sizes[layer], rows, sizes[layer - 1])
     return products
 
@@ -67,7 +70,7 @@ def driver_flops(sizes: list[int]) -> float:
         width = fan_in + 1
         total += width**3 / 3 + 2.0 * 2 * width**2 * fan_out
     for width, next_width in zip(sizes[1:-1], sizes[2:]):
-        total += 2.0 * width * next_width * width + 2.0 * width**3
+        total += 2.0 * width * next_width * width + 2.0 * width**3 + 2.0 * next_width * width**2  # W^T W, inverse, W M
     return total
 
 
@@ -123,14 +126,14 @@ def main() -> None:
     worker_seconds = statistics.median(r.timers["worker"] for r in steady)
 
     products = [p for rows, evaluation in zip(train_rows, evaluation_rows)
-                for p in iteration_products(sizes, rows, evaluation)]
+                for p in iteration_products(sizes, rows, evaluation, hp.target_rounds)]
     gemm_flops = sum(product_flops(p) for p in products)
     total_flops = gemm_flops + driver_flops(sizes)
     rng = np.random.default_rng(0)
     gemm_seconds = time_products(products, 5, rng)
     peak = square_peak(2048, 5, rng)
     per_product = {}
-    for product in iteration_products(sizes, sum(train_rows), sum(evaluation_rows)):
+    for product in iteration_products(sizes, sum(train_rows), sum(evaluation_rows), hp.target_rounds):
         per_product[product["name"]] = round(product_flops(product) / 1e9, 3)
 
     load_average = os.getloadavg()
@@ -140,7 +143,7 @@ def main() -> None:
         "machine": machine(), "load_average_1_5_15": [round(v, 2) for v in load_average],
         "uptime": uptime(),
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default (all cores)"),
-        "layer_sizes": sizes, "train_samples": sum(train_rows), "evaluation_samples": sum(evaluation_rows),
+        "layer_sizes": sizes, "target_rounds": hp.target_rounds, "train_samples": sum(train_rows), "evaluation_samples": sum(evaluation_rows),
         "gflop_per_iteration": round(total_flops / 1e9, 2),
         "gflop_per_iteration_products": per_product,
         "gflop_driver": round(driver_flops(sizes) / 1e9, 3),

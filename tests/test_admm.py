@@ -26,6 +26,42 @@ def test_preactivation_update_is_the_elementwise_minimiser():
         assert objective(zi, ai, mi) <= objective(brute, ai, mi) + 1e-5
 
 
+def test_preactivation_update_takes_the_cheaper_branch_at_extreme_ratios():
+    grid = np.linspace(-6, 6, 241, dtype=np.float32)
+    a, m = (values.ravel() for values in np.meshgrid(grid, grid))
+    for beta, gamma in [(1.0, 10.0), (0.3, 10.0), (10.0, 0.1), (1.0, 1.0)]:
+        z = admm.update_preactivation(a, m, beta, gamma)
+        cost = gamma * (a - np.maximum(z, 0)) ** 2 + beta * (z - m) ** 2
+        branches = [np.maximum((gamma * a + beta * m) / (gamma + beta), 0), np.minimum(m, 0)]
+        best = np.min([gamma * (a - np.maximum(b, 0)) ** 2 + beta * (b - m) ** 2 for b in branches], axis=0)
+        np.testing.assert_allclose(cost, best, rtol=1e-5, atol=1e-4)
+
+
+def test_hidden_placement_rounds_lower_the_layer_local_objective():
+    """Each round of a/z alternation is exact in its block, so the joint objective never rises;
+    one round is the classic activation-then-preactivation step."""
+    n, width, out = 200, 12, 6
+    z_forward, m = RNG.normal(size=(n, width)).astype(np.float32), RNG.normal(size=(n, width)).astype(np.float32)
+    target = RNG.normal(size=(n, out)).astype(np.float32)
+    weights = RNG.normal(size=(out, width + 1)).astype(np.float32)
+    beta_next, beta, gamma = 0.7, 1.0, 2.0
+    inverse = admm.activation_operator(weights, beta_next, gamma)
+
+    def objective(a, z):
+        return (beta_next * ((target - admm.affine(weights, a)) ** 2).sum()
+                + gamma * ((a - admm.relu(z)) ** 2).sum() + beta * ((z - m) ** 2).sum())
+
+    classic_a = admm.update_activation(z_forward, target, weights, inverse, beta_next, gamma)
+    classic = (classic_a, admm.update_preactivation(classic_a, m, beta, gamma))
+    one = admm.place_hidden(z_forward, m, target, weights, inverse, beta_next, beta, gamma, 1)
+    for got, wanted in zip(one, classic):
+        np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-4)
+    values = [objective(*admm.place_hidden(z_forward, m, target, weights, inverse, beta_next, beta, gamma, rounds))
+              for rounds in (1, 2, 3, 6)]
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(values, values[1:]))
+    assert values[-1] < 0.99 * values[0]
+
+
 def test_activation_update_solves_its_least_squares_problem():
     n, width, out = 50, 7, 5
     z, z_next = RNG.normal(size=(n, width)), RNG.normal(size=(n, out))
@@ -125,7 +161,7 @@ def test_blocked_training_equals_single_process_training(epochs, tolerance):
     for w_one, w_many in zip(one.weights, many.weights):
         np.testing.assert_allclose(w_many, w_one, rtol=0, atol=tolerance * np.abs(w_one).max())
     assert [r.metrics["train_loss"] for r in one.history] == pytest.approx(
-        [r.metrics["train_loss"] for r in many.history], rel=1e-3)
+        [r.metrics["train_loss"] for r in many.history], rel=1e-3, abs=1e-6)  # the toy fit reaches ~1e-8
 
 
 def _dense_recipe(pixels, labels, hp, iterations):
@@ -160,9 +196,11 @@ def _dense_recipe(pixels, labels, hp, iterations):
         for layer in range(last - 1, 0, -1):
             beta_next = hp.beta_of(layer + 1)
             inverse = admm.activation_operator(new[layer], beta_next, hp.gamma)
-            a = admm.update_activation(forward_z[layer - 1], z_next + multipliers[layer], new[layer], inverse,
-                                       beta_next, hp.gamma)
-            z = admm.update_preactivation(a, forward_z[layer - 1] - multipliers[layer - 1], hp.beta_of(layer), hp.gamma)
+            z = forward_z[layer - 1]
+            for _ in range(hp.target_rounds):
+                a = admm.update_activation(z, z_next + multipliers[layer], new[layer], inverse, beta_next, hp.gamma)
+                z = admm.update_preactivation(a, forward_z[layer - 1] - multipliers[layer - 1], hp.beta_of(layer),
+                                              hp.gamma)
             new[layer - 1] = solve(layer, z + multipliers[layer - 1])
             if iteration > hp.warmup_epochs:  # warm-up freezes the hidden multipliers only
                 multipliers[layer - 1] += z - admm.affine(new[layer - 1], inputs[layer - 1])
@@ -171,15 +209,16 @@ def _dense_recipe(pixels, labels, hp, iterations):
     return admm.fold_input_mean(weights, (x.mean(axis=0)).astype(np.float32))
 
 
-@pytest.mark.parametrize("loss, layer_sizes, warmup", [("squared_hinge", (20, 16, 12, 3), 0),
-                                                       ("least_squares", (20, 16, 12, 3), 0),
-                                                       ("squared_hinge", (20, 16, 3), 0),
-                                                       ("squared_hinge", (20, 16, 12, 3), 2)])
-def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup):
+@pytest.mark.parametrize("loss, layer_sizes, warmup, rounds", [("squared_hinge", (20, 16, 12, 3), 0, 1),
+                                                               ("least_squares", (20, 16, 12, 3), 0, 1),
+                                                               ("squared_hinge", (20, 16, 3), 0, 1),
+                                                               ("squared_hinge", (20, 16, 12, 3), 2, 1),
+                                                               ("squared_hinge", (20, 16, 12, 3), 0, 3)])
+def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup, rounds):
     """The trainer splits an iteration into passes and reductions; the result is the recipe's."""
     pixels, labels = _toy_problem()
     hp = Hyperparameters(layer_sizes=layer_sizes, loss=loss, epochs=9, extrapolation_epochs=2, warmup_epochs=warmup,
-                         patience=0)
+                         patience=0, target_rounds=rounds)
     result = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
     best_weights_of_epoch = result.best_epoch
     expected = _dense_recipe(pixels, labels, hp, best_weights_of_epoch)
