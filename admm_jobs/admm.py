@@ -89,6 +89,20 @@ def activation_operator(next_weights: np.ndarray, beta_next: float, gamma: float
     return np.linalg.inv(system).astype(np.float32)
 
 
+def activation_pull(target_next: np.ndarray, next_weights: np.ndarray, inverse: np.ndarray,
+                    beta_next: float) -> np.ndarray:
+    """The z-free part beta (t - b) W M of the activation update, M = ``inverse``, W, b = W_{l+1}."""
+    weight, bias = next_weights[:, :-1], next_weights[:, -1]
+    return ((beta_next * (target_next - bias)) @ (weight @ inverse)).astype(np.float32, copy=False)
+
+
+def activation_from_pull(z: np.ndarray, pull: np.ndarray, scaled_inverse: np.ndarray) -> np.ndarray:
+    """a = pull + relu(z) (gamma M): the activation update given its z-free part and ``scaled_inverse`` = gamma M."""
+    a = relu(z) @ scaled_inverse
+    a += pull
+    return a
+
+
 def update_activation(
     z: np.ndarray,
     target_next: np.ndarray,
@@ -102,9 +116,8 @@ def update_activation(
     The minimiser is (beta W^T W + gamma I)^{-1} (beta W^T (t - b) + gamma relu(z_l)),
     with the inverse from ``activation_operator`` (it is symmetric).
     """
-    weight, bias = next_weights[:, :-1], next_weights[:, -1]
-    rhs = beta_next * ((target_next - bias) @ weight) + gamma * relu(z)
-    return (rhs @ inverse).astype(np.float32)
+    pull = activation_pull(target_next, next_weights, inverse, beta_next)
+    return activation_from_pull(z, pull, (gamma * inverse).astype(np.float32))
 
 
 def place_hidden(
@@ -126,17 +139,15 @@ def place_hidden(
     network's own pre-activation ``z_forward``. Each round is :func:`update_activation` then
     :func:`update_preactivation`, so the objective never rises; one round is the classic ADMM step,
     more rounds carry the targets further toward the joint minimiser. What does not change between
-    rounds is computed once: the z-free part of the a-update, beta (t - b) (W M) with M = ``inverse``,
-    and the m-only parts of the z-update (:func:`preactivation_rule`).
+    rounds is computed once: the z-free part of the a-update (:func:`activation_pull`) and the m-only
+    parts of the z-update (:func:`preactivation_rule`).
     """
-    weight, bias = next_weights[:, :-1], next_weights[:, -1]
-    pull = ((beta_next * (target_next - bias)) @ (weight @ inverse)).astype(np.float32, copy=False)
+    pull = activation_pull(target_next, next_weights, inverse, beta_next)
     scaled_inverse = (gamma * inverse).astype(np.float32)
     place = preactivation_rule(m, beta, gamma)
     z = z_forward
     for _ in range(rounds):
-        a = relu(z) @ scaled_inverse
-        a += pull
+        a = activation_from_pull(z, pull, scaled_inverse)
         z = place(a)
     return a, z
 
