@@ -24,6 +24,7 @@ the bias, which multiplies the constant 1 appended to the layer input.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -69,7 +70,7 @@ def layer_gram(a_prev: np.ndarray) -> np.ndarray:
     return gram
 
 
-def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float) -> np.ndarray:
+def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float, dropout: float = 0.0) -> np.ndarray:
     """W = argmin ||T - [A, 1] W^T||^2 + ridge ||W||^2 for targets T (rows z_l + u_l).
 
     With C = T^T [A, 1] and G = [A, 1]^T [A, 1] (``layer_cross``/``layer_gram``
@@ -78,46 +79,67 @@ def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float) -> np.ndarr
     left-hand side. Returns float32 (n_out, n_in + 1), bias in the last column.
     """
     system = gram + ridge * np.eye(gram.shape[0])
+    if dropout:
+        inputs = np.arange(gram.shape[0] - 1)
+        system[inputs, inputs] += dropout / (1.0 - dropout) * gram[inputs, inputs]
     factor = scipy.linalg.cho_factor(system, lower=True, check_finite=True)
     return scipy.linalg.cho_solve(factor, cross.T).T.astype(np.float32)
 
 
-def activation_operator(next_weights: np.ndarray, beta_next: float, gamma: float) -> np.ndarray:
-    """The inverse (beta W^T W + gamma I)^{-1} of the activation update, W without its bias column."""
+@dataclasses.dataclass(frozen=True)
+class ActivationOperator:
+    """The activation update's operator M = (beta W^T W + gamma I)^{-1} (W = W_{l+1} without its bias column),
+    kept in the cheaper of two exact forms.
+
+    The update is a = beta (t - b) W M + relu(z) (gamma M). ``pull_matrix`` is beta W M. When W is
+    narrow (2 n_out < n_in, as the output layer's W_L), Woodbury's identity gives the low-rank form
+    gamma M = I - W^T K W with K = (gamma / beta I + W W^T)^{-1}: ``smooth`` then costs two thin
+    products instead of one n_in x n_in product. Otherwise ``smoothing`` holds gamma M densely.
+    """
+
+    pull_matrix: np.ndarray  # beta W M, (n_out, n_in)
+    smoothing: np.ndarray | None  # gamma M (n_in, n_in), dense form only
+    correction: tuple[np.ndarray, np.ndarray] | None  # (W^T, K W), low-rank form only
+
+    def pull(self, target_next: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """The z-free part beta (t - b) W M of the activation update."""
+        return ((target_next - bias) @ self.pull_matrix).astype(np.float32, copy=False)
+
+    def smooth(self, r: np.ndarray) -> np.ndarray:
+        """r (gamma M) for rows r: dense, or r - (r W^T) (K W) in the low-rank form."""
+        if self.smoothing is not None:
+            return r @ self.smoothing
+        left, right = self.correction
+        return r - (r @ left) @ right
+
+
+def activation_operator(next_weights: np.ndarray, beta_next: float, gamma: float) -> ActivationOperator:
+    """:class:`ActivationOperator` of the activation update below layer l + 1, W = W_{l+1}, computed in float64."""
     weight = next_weights[:, :-1].astype(np.float64)
-    system = beta_next * weight.T @ weight + gamma * np.eye(weight.shape[1])
-    return np.linalg.inv(system).astype(np.float32)
+    out, width = weight.shape
+    if 2 * out < width:
+        k_weight = np.linalg.solve(gamma / beta_next * np.eye(out) + weight @ weight.T, weight)  # K W
+        weight_inverse = (weight - (weight @ weight.T) @ k_weight) / gamma  # W M = (W - W W^T K W) / gamma
+        return ActivationOperator((beta_next * weight_inverse).astype(np.float32), None,
+                                  (weight.T.astype(np.float32), k_weight.astype(np.float32)))
+    inverse = np.linalg.inv(beta_next * weight.T @ weight + gamma * np.eye(width))
+    return ActivationOperator((beta_next * weight @ inverse).astype(np.float32),
+                              (gamma * inverse).astype(np.float32), None)
 
 
-def activation_pull(target_next: np.ndarray, next_weights: np.ndarray, inverse: np.ndarray,
-                    beta_next: float) -> np.ndarray:
-    """The z-free part beta (t - b) W M of the activation update, M = ``inverse``, W, b = W_{l+1}."""
-    weight, bias = next_weights[:, :-1], next_weights[:, -1]
-    return ((beta_next * (target_next - bias)) @ (weight @ inverse)).astype(np.float32, copy=False)
+def update_activation(z: np.ndarray, target_next: np.ndarray, next_weights: np.ndarray,
+                      operator: ActivationOperator) -> np.ndarray:
+    """a_l = argmin_a beta ||t - W a - b||^2 + gamma ||a - relu(z_l)||^2, with t = z_{l+1} + u_{l+1}.
 
-
-def activation_from_pull(z: np.ndarray, pull: np.ndarray, scaled_inverse: np.ndarray) -> np.ndarray:
-    """a = pull + relu(z) (gamma M): the activation update given its z-free part and ``scaled_inverse`` = gamma M."""
-    a = relu(z) @ scaled_inverse
-    a += pull
+    The minimiser is (beta W^T W + gamma I)^{-1} (beta W^T (t - b) + gamma relu(z_l)) =
+    beta (t - b) W M + relu(z_l) (gamma M) in rows, M symmetric (``operator``, :func:`activation_operator`).
+    """
+    a = operator.smooth(relu(z))
+    a += operator.pull(target_next, next_weights[:, -1])
     return a
 
 
-def update_activation(
-    z: np.ndarray,
-    target_next: np.ndarray,
-    next_weights: np.ndarray,
-    inverse: np.ndarray,
-    beta_next: float,
-    gamma: float,
-) -> np.ndarray:
-    """a_l = argmin_a beta ||t - W a - b||^2 + gamma ||a - relu(z_l)||^2, with t = z_{l+1} + u_{l+1}.
-
-    The minimiser is (beta W^T W + gamma I)^{-1} (beta W^T (t - b) + gamma relu(z_l)),
-    with the inverse from ``activation_operator`` (it is symmetric).
-    """
-    pull = activation_pull(target_next, next_weights, inverse, beta_next)
-    return activation_from_pull(z, pull, (gamma * inverse).astype(np.float32))
+TILE_ROWS = 1024  # rows placed together: the rounds' elementwise work then stays in cache
 
 
 def place_hidden(
@@ -125,11 +147,11 @@ def place_hidden(
     m: np.ndarray,
     target_next: np.ndarray,
     next_weights: np.ndarray,
-    inverse: np.ndarray,
-    beta_next: float,
+    operator: ActivationOperator,
     beta: float,
     gamma: float,
     rounds: int,
+    tile_rows: int = TILE_ROWS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(a_l, z_l) by ``rounds`` rounds of exact alternating minimisation of the layer-local problem
 
@@ -139,16 +161,21 @@ def place_hidden(
     network's own pre-activation ``z_forward``. Each round is :func:`update_activation` then
     :func:`update_preactivation`, so the objective never rises; one round is the classic ADMM step,
     more rounds carry the targets further toward the joint minimiser. What does not change between
-    rounds is computed once: the z-free part of the a-update (:func:`activation_pull`) and the m-only
-    parts of the z-update (:func:`preactivation_rule`).
+    rounds is computed once: the z-free part of the a-update and the m-only parts of the z-update
+    (:func:`preactivation_rule`). Rows are independent, so they are placed ``tile_rows`` at a time.
     """
-    pull = activation_pull(target_next, next_weights, inverse, beta_next)
-    scaled_inverse = (gamma * inverse).astype(np.float32)
-    place = preactivation_rule(m, beta, gamma)
-    z = z_forward
-    for _ in range(rounds):
-        a = activation_from_pull(z, pull, scaled_inverse)
-        z = place(a)
+    a, z = np.empty_like(z_forward), np.empty_like(z_forward)
+    bias = next_weights[:, -1]
+    for start in range(0, z_forward.shape[0], tile_rows):
+        rows = slice(start, start + tile_rows)
+        pull = operator.pull(target_next[rows], bias)
+        place = preactivation_rule(m[rows], beta, gamma)
+        z_tile = z_forward[rows]
+        for _ in range(rounds):
+            a_tile = operator.smooth(relu(z_tile))
+            a_tile += pull
+            z_tile = place(a_tile)
+        a[rows], z[rows] = a_tile, z_tile
     return a, z
 
 

@@ -68,6 +68,8 @@ class Hyperparameters:
     patience: int = 10
     seed: int = 0
     target_rounds: int = 5
+    dropout: float = 0.0
+    dropout_input: float = 0.0
 
     @property
     def layers(self) -> int:
@@ -260,8 +262,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
             u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activations[layer - 1]))
     forward_z = z[layer - 1]
     a, z[layer - 1] = admm.place_hidden(forward_z, forward_z - u[layer - 1], z_next + u[layer], next_weight,
-                                        params["inverse"], params["beta_next"], params["beta"], params["gamma"],
-                                        params["target_rounds"])
+                                        params["activation"], params["beta"], params["gamma"], params["target_rounds"])
     inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else activations[layer - 2]
     stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
@@ -360,7 +361,8 @@ class AdmmTrainer:
         if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
             raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer} are not finite "
                                    "(NaN/Inf in the data or a diverged state)")
-        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples))
+        dropout = self.hp.dropout_input if layer == 1 else self.hp.dropout
+        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples), dropout)
 
     def _initialise(self) -> DriverState:
         hp = self.hp
@@ -442,11 +444,10 @@ class AdmmTrainer:
             timers["solve"] += time.perf_counter() - tick
             for layer in range(last - 1, 0, -1):
                 tick = time.perf_counter()
-                beta_next = hp.beta_of(layer + 1)
                 params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
-                          "next_weight": new[layer], "beta": hp.beta_of(layer), "beta_next": beta_next,
-                          "gamma": hp.gamma, "target_rounds": hp.target_rounds,
-                          "inverse": admm.activation_operator(new[layer], beta_next, hp.gamma)}
+                          "next_weight": new[layer], "beta": hp.beta_of(layer), "gamma": hp.gamma,
+                          "target_rounds": hp.target_rounds,
+                          "activation": admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)}
                 timers["solve"] += time.perf_counter() - tick
                 sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)
                 tick = time.perf_counter()

@@ -53,7 +53,12 @@ def iteration_products(sizes: list[int], rows: int, evaluation_rows: int, rounds
         add(f"pass{layer} a{layer} W{layer + 1}^T (new)", rows, sizes[layer], sizes[layer + 1])
         add(f"pass{layer} beta (z{layer + 1}+u{layer + 1}-b) (W{layer + 1} M)", rows, sizes[layer + 1], sizes[layer])
         for round_ in range(1, rounds + 1):
-            add(f"pass{layer} round {round_}: gamma relu(z{layer}) M", rows, sizes[layer], sizes[layer])
+            if 2 * sizes[layer + 1] < sizes[layer]:  # Woodbury's low-rank form of gamma M (admm.ActivationOperator)
+                add(f"pass{layer} round {round_}: relu(z{layer}) W{layer + 1}^T", rows, sizes[layer], sizes[layer + 1])
+                add(f"pass{layer} round {round_}: (relu(z{layer}) W{layer + 1}^T) (K W{layer + 1})", rows,
+                    sizes[layer + 1], sizes[layer])
+            else:
+                add(f"pass{layer} round {round_}: relu(z{layer}) (gamma M)", rows, sizes[layer], sizes[layer])
         add(f"pass{layer} cross{layer} = (z{layer}+u{layer})^T a{layer - 1}", sizes[layer], rows, sizes[layer - 1])
     return products
 
@@ -64,13 +69,17 @@ def product_flops(product: dict) -> float:
 
 
 def driver_flops(sizes: list[int]) -> float:
-    """Cholesky solve of every W_l (factor + triangular solves) and the activation operators' inverses."""
+    """Cholesky solve of every W_l (factor + triangular solves) and the activation operators (dense inverse,
+    or Woodbury's small solve for a narrow next layer)."""
     total = 0.0
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         width = fan_in + 1
         total += width**3 / 3 + 2.0 * 2 * width**2 * fan_out
     for width, next_width in zip(sizes[1:-1], sizes[2:]):
-        total += 2.0 * width * next_width * width + 2.0 * width**3 + 2.0 * next_width * width**2  # W^T W, inverse, W M
+        if 2 * next_width < width:  # W W^T, K W, W W^T (K W)
+            total += 2.0 * next_width * width * next_width + 2.0 * next_width**3 / 3 + 2.0 * 2 * next_width**2 * width
+        else:  # W^T W, inverse, W M
+            total += 2.0 * width * next_width * width + 2.0 * width**3 + 2.0 * next_width * width**2
     return total
 
 

@@ -45,30 +45,46 @@ def test_hidden_placement_rounds_lower_the_layer_local_objective():
     target = RNG.normal(size=(n, out)).astype(np.float32)
     weights = RNG.normal(size=(out, width + 1)).astype(np.float32)
     beta_next, beta, gamma = 0.7, 1.0, 2.0
-    inverse = admm.activation_operator(weights, beta_next, gamma)
+    operator = admm.activation_operator(weights, beta_next, gamma)
 
     def objective(a, z):
         return (beta_next * ((target - admm.affine(weights, a)) ** 2).sum()
                 + gamma * ((a - admm.relu(z)) ** 2).sum() + beta * ((z - m) ** 2).sum())
 
-    classic_a = admm.update_activation(z_forward, target, weights, inverse, beta_next, gamma)
+    classic_a = admm.update_activation(z_forward, target, weights, operator)
     classic = (classic_a, admm.update_preactivation(classic_a, m, beta, gamma))
-    one = admm.place_hidden(z_forward, m, target, weights, inverse, beta_next, beta, gamma, 1)
+    one = admm.place_hidden(z_forward, m, target, weights, operator, beta, gamma, 1)
     for got, wanted in zip(one, classic):
         np.testing.assert_allclose(got, wanted, rtol=1e-4, atol=1e-4)
-    values = [objective(*admm.place_hidden(z_forward, m, target, weights, inverse, beta_next, beta, gamma, rounds))
+    values = [objective(*admm.place_hidden(z_forward, m, target, weights, operator, beta, gamma, rounds))
               for rounds in (1, 2, 3, 6)]
     assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(values, values[1:]))
     assert values[-1] < 0.99 * values[0]
 
 
-def test_activation_update_solves_its_least_squares_problem():
-    n, width, out = 50, 7, 5
+def test_hidden_placement_is_the_same_tile_by_tile():
+    """Rows are independent: placing them 64 at a time (a ragged last tile included) changes nothing."""
+    n, width, out = 300, 24, 16
+    z_forward, m = RNG.normal(size=(n, width)).astype(np.float32), RNG.normal(size=(n, width)).astype(np.float32)
+    target = RNG.normal(size=(n, out)).astype(np.float32)
+    weights = RNG.normal(size=(out, width + 1)).astype(np.float32)
+    operator = admm.activation_operator(weights, 0.7, 2.0)
+    whole = admm.place_hidden(z_forward, m, target, weights, operator, 1.0, 2.0, 4, tile_rows=n)
+    tiled = admm.place_hidden(z_forward, m, target, weights, operator, 1.0, 2.0, 4, tile_rows=64)
+    for got, wanted in zip(tiled, whole):
+        np.testing.assert_allclose(got, wanted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width, out, low_rank", [(7, 5, False), (16, 3, True)])
+def test_activation_update_solves_its_least_squares_problem(width, out, low_rank):
+    """Both forms of the operator (dense inverse; Woodbury's low rank for a narrow next layer) solve it exactly."""
+    n = 50
     z, z_next = RNG.normal(size=(n, width)), RNG.normal(size=(n, out))
     weights = RNG.normal(size=(out, width + 1))
     beta, gamma = 2.0, 0.5
-    inverse = admm.activation_operator(weights, beta, gamma)
-    a = admm.update_activation(z, z_next, weights, inverse, beta, gamma)
+    operator = admm.activation_operator(weights, beta, gamma)
+    assert (operator.correction is not None) == low_rank
+    a = admm.update_activation(z.astype(np.float32), z_next.astype(np.float32), weights.astype(np.float32), operator)
     # stacked least squares: sqrt(beta) (W a + b - z_next) and sqrt(gamma) (a - relu(z)), per sample
     W, b = weights[:, :-1], weights[:, -1]
     stacked = np.vstack([np.sqrt(beta) * W, np.sqrt(gamma) * np.eye(width)])
@@ -194,11 +210,10 @@ def _dense_recipe(pixels, labels, hp, iterations):
         z_next = admm.OUTPUT_PROX[hp.loss](targets, m - multipliers[-1], hp.beta_output)
         multipliers[-1] += z_next - m
         for layer in range(last - 1, 0, -1):
-            beta_next = hp.beta_of(layer + 1)
-            inverse = admm.activation_operator(new[layer], beta_next, hp.gamma)
+            operator = admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)
             z = forward_z[layer - 1]
             for _ in range(hp.target_rounds):
-                a = admm.update_activation(z, z_next + multipliers[layer], new[layer], inverse, beta_next, hp.gamma)
+                a = admm.update_activation(z, z_next + multipliers[layer], new[layer], operator)
                 z = admm.update_preactivation(a, forward_z[layer - 1] - multipliers[layer - 1], hp.beta_of(layer),
                                               hp.gamma)
             new[layer - 1] = solve(layer, z + multipliers[layer - 1])
