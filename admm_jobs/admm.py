@@ -70,7 +70,7 @@ def layer_gram(a_prev: np.ndarray) -> np.ndarray:
     return gram
 
 
-def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float, dropout: float = 0.0) -> np.ndarray:
+def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float) -> np.ndarray:
     """W = argmin ||T - [A, 1] W^T||^2 + ridge ||W||^2 for targets T (rows z_l + u_l).
 
     With C = T^T [A, 1] and G = [A, 1]^T [A, 1] (``layer_cross``/``layer_gram``
@@ -79,9 +79,6 @@ def solve_weights(cross: np.ndarray, gram: np.ndarray, ridge: float, dropout: fl
     left-hand side. Returns float32 (n_out, n_in + 1), bias in the last column.
     """
     system = gram + ridge * np.eye(gram.shape[0])
-    if dropout:
-        inputs = np.arange(gram.shape[0] - 1)
-        system[inputs, inputs] += dropout / (1.0 - dropout) * gram[inputs, inputs]
     factor = scipy.linalg.cho_factor(system, lower=True, check_finite=True)
     return scipy.linalg.cho_solve(factor, cross.T).T.astype(np.float32)
 

@@ -68,8 +68,6 @@ class Hyperparameters:
     patience: int = 10
     seed: int = 0
     target_rounds: int = 5
-    dropout: float = 0.0
-    dropout_input: float = 0.0
 
     @property
     def layers(self) -> int:
@@ -361,8 +359,7 @@ class AdmmTrainer:
         if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
             raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer} are not finite "
                                    "(NaN/Inf in the data or a diverged state)")
-        dropout = self.hp.dropout_input if layer == 1 else self.hp.dropout
-        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples), dropout)
+        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples))
 
     def _initialise(self) -> DriverState:
         hp = self.hp

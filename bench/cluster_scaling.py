@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from admm_jobs import train
+from admm_jobs import admm, train
 from admm_jobs.cluster import StandaloneCluster, job_conf
 from admm_jobs.spark_backend import SparkBackend, executor_scratch_directory
 from admm_jobs.trainer import AdmmTrainer
@@ -85,10 +85,10 @@ def pass_sizes(layer_sizes: list[int]) -> dict[str, float]:
     grams = {f"gram{layer}": (widths[layer - 1] + 1, widths[layer - 1] + 1) for layer in range(2, last + 1)}
     crosses = {f"cross{layer}": (widths[layer], widths[layer - 1] + 1) for layer in range(1, last + 1)}
     weights = [np.zeros((widths[i + 1], widths[i] + 1), np.float32) for i in range(last)]
-    inverses = [np.zeros((widths[layer], widths[layer]), np.float32) for layer in range(1, last)]
+    operators = [admm.activation_operator(weights[layer], 1.0, 10.0) for layer in range(1, last)]
     statistics_bytes = sum(8 * a * b for a, b in [*grams.values(), *crosses.values()])
     broadcast_bytes = (len(pickle.dumps({"weights": weights, "input_weight": weights[0]}))
-                       + sum(len(pickle.dumps({"next_weight": weights[layer], "inverse": inverses[layer - 1]}))
+                       + sum(len(pickle.dumps({"next_weight": weights[layer], "activation": operators[layer - 1]}))
                              for layer in range(1, last)))
     return {"statistics_bytes_per_block": statistics_bytes, "broadcast_bytes": broadcast_bytes,
             "forward_gram_shapes": {**grams, f"cross{last}": crosses[f"cross{last}"]}}
