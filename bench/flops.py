@@ -69,12 +69,12 @@ def product_flops(product: dict) -> float:
 
 
 def driver_flops(sizes: list[int]) -> float:
-    """Cholesky solve of every W_l (factor + triangular solves) and the activation operators (dense inverse,
+    """LU solve of every W_l (factor + triangular solves) and the activation operators (dense inverse,
     or Woodbury's small solve for a narrow next layer)."""
     total = 0.0
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         width = fan_in + 1
-        total += width**3 / 3 + 2.0 * 2 * width**2 * fan_out
+        total += 2.0 * width**3 / 3 + 2.0 * 2 * width**2 * fan_out
     for width, next_width in zip(sizes[1:-1], sizes[2:]):
         if 2 * next_width < width:  # W W^T, K W, W W^T (K W)
             total += 2.0 * next_width * width * next_width + 2.0 * next_width**3 / 3 + 2.0 * 2 * next_width**2 * width

@@ -13,7 +13,7 @@
   10 Gbit/s (on one host the cluster's reduction job is within the noise of a no-op job);
 * B(n): broadcast bytes per iteration (weights and activation operators); beta = the same assumed 10 Gbit/s,
   Spark's torrent broadcast growing as log2(E + 1) rounds (an assumption: measured at E <= 2 only);
-* d(n): the driver's weight solves and activation operators per iteration (Cholesky and inverse, O(n^3)),
+* d(n): the driver's weight solves and activation operators per iteration (LU solves and inverse, O(n^3)),
   measured here for n up to 2048 and fitted as d0 + d3 n^3;
 * p = 3 passes per iteration; s0, s1: scheduling of a pass that does nothing, fitted on the cluster runs
   (fixed, and per task in sequence on an executor; the driver's own per-task cost, a few ms in Spark, cannot
