@@ -35,17 +35,28 @@ class BlockStateLost(RuntimeError):
     """A block's files are not on this executor (it was lost or the task ran elsewhere)."""
 
 
-def _write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
+def _write_arrays(directory: Path, arrays: dict[str, np.ndarray],
+                  unchanged: dict[int, tuple[np.ndarray, Path]] | None = None) -> None:
     """Write one ``.npy`` file per array into ``directory``, all or nothing.
 
     The files go to a temporary directory renamed into place. A complete directory of the same
     name can only come from another attempt of the same deterministic task, so it is kept.
     Plain ``.npy`` files rather than one ``.npz``: no zip CRC to compute, and reads can map them.
+    An array that is one of ``unchanged`` (id -> (the read-only map, its file)) is hard-linked
+    rather than written again: a pass changes only some of a block's state.
     """
     temporary = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
+    unchanged = unchanged or {}
     for key, array in arrays.items():
+        source = unchanged.get(id(array))
+        if source is not None and source[0] is array:
+            try:
+                os.link(source[1], temporary / f"{key}.npy")
+                continue
+            except OSError:
+                pass  # a filesystem without hard links: write the copy
         np.save(temporary / f"{key}.npy", array, allow_pickle=False)
     try:
         os.rename(temporary, directory)
@@ -55,9 +66,17 @@ def _write_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _read_arrays(directory: Path) -> dict[str, np.ndarray]:
-    """The arrays of a directory written by :func:`_write_arrays`, memory-mapped read-only."""
-    return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in directory.glob("*.npy")}
+def _read_arrays(directory: Path, files: dict[int, tuple[np.ndarray, Path]] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a directory written by :func:`_write_arrays`, memory-mapped read-only.
+
+    With ``files``, records id -> (array, file) of each array read, for :func:`_write_arrays`.
+    """
+    arrays = {}
+    for path in directory.glob("*.npy"):
+        arrays[path.stem] = np.load(path, mmap_mode="r", allow_pickle=False)
+        if files is not None:
+            files[id(arrays[path.stem])] = (arrays[path.stem], path)
+    return arrays
 
 
 def state_directory(generation: int) -> str:
@@ -69,6 +88,7 @@ class BlockStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.loaded_state: dict[int, tuple[np.ndarray, Path]] = {}  # the state arrays of the last load
 
     def _directory(self, index: int) -> Path:
         return self.root / f"block-{index:05d}"
@@ -100,15 +120,16 @@ class BlockStore:
             evaluation[split] = (array, labels) if field == "pixels" else (pixels, array)
         block = {"index": int(data["index"]), "pixels": data["pixels"], "labels": data["labels"],
                  "evaluation": evaluation}
+        self.loaded_state = {}
         if generation:
-            block.update(unflatten(_read_arrays(paths[1])))
+            block.update(unflatten(_read_arrays(paths[1], self.loaded_state)))
         return block
 
     def save_state(self, block: dict[str, Any], generation: int) -> None:
         """Write the block's ADMM state as ``generation`` and drop generations older than ``generation - 1``."""
         directory = self._directory(block["index"])
         state = {key: value for key, value in block.items() if key not in DATA_KEYS}
-        _write_arrays(directory / state_directory(generation), flatten(state))
+        _write_arrays(directory / state_directory(generation), flatten(state), self.loaded_state)
         for path in directory.glob("state-*"):
             if path.is_dir() and int(path.name.split("-")[1]) < generation - 1:
                 shutil.rmtree(path, ignore_errors=True)

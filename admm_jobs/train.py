@@ -61,7 +61,7 @@ class TrainConfig:
     extrapolation_epochs: int = setting(7, "iterations up to which --extrapolation is used (the first iteration has "
                                         "nothing to extrapolate from)", minimum=0, maximum=10_000)
     extrapolation_late: float = setting(0.5, "theta in the later iterations", minimum=0, exclusiveMaximum=1)
-    epochs: int = setting(50, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
+    epochs: int = setting(100, "ADMM iterations (sweeps over the layers), warm-up included", minimum=1, maximum=10_000)
     warmup_epochs: int = setting(0, "first iterations without hidden-layer multiplier updates", minimum=0, maximum=10_000)
     patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)

@@ -63,7 +63,7 @@ class Hyperparameters:
     extrapolation_epochs: int = 7
     extrapolation_late: float = 0.5
     init_ridge: float = 1e-3
-    epochs: int = 50
+    epochs: int = 100
     warmup_epochs: int = 0
     patience: int = 10
     seed: int = 0

@@ -78,6 +78,30 @@ def test_a_task_retried_after_writing_its_result_reads_the_same_input_and_rewrit
     assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
 
 
+def test_state_a_pass_left_unchanged_is_linked_not_copied(tmp_path):
+    """A pass that replaces one array of the state writes that one; the others are hard links to the previous
+    generation's files, and dropping the older generation leaves them readable."""
+    store = BlockStore(tmp_path)
+    store.save_data(_block())
+    store.save_state({"index": 3, **_state(1)}, 1)
+    store = BlockStore(tmp_path)  # a new task, as on an executor
+    loaded = store.load(3, 1)
+    replaced = np.full((5, 10), 7.0, np.float32)
+    store.save_state(dict(loaded, u=[loaded["u"][0], replaced]), 2)
+    state = tmp_path / "block-00003"
+    first = {name: (state / "state-000001" / name).stat().st_ino for name in ("a.0.npy", "u.1.npy")}
+    second = {name: (state / "state-000002" / name).stat().st_ino for name in ("a.0.npy", "u.1.npy")}
+    assert second["a.0.npy"] == first["a.0.npy"] and second["u.1.npy"] != first["u.1.npy"]
+    for generation in (3, 4):  # generations 1 and 2 are dropped on the way
+        store = BlockStore(tmp_path)
+        store.save_state(store.load(3, generation - 1), generation)
+    assert sorted(path.name for path in state.glob("state-*")) == ["state-000003", "state-000004"]
+    assert {name: (state / "state-000004" / name).stat().st_ino for name in second} == second
+    block = BlockStore(tmp_path).load(3, 4)
+    np.testing.assert_array_equal(block["a"][0], _state(1)["a"][0])
+    np.testing.assert_array_equal(block["u"][1], replaced)
+
+
 def test_missing_state_names_the_block_and_the_file(tmp_path):
     store = BlockStore(tmp_path)
     store.save_data(_block())
