@@ -9,7 +9,8 @@ scheduler sends every later task of the block back to that executor.
 
 Generations: a pass that updates the state reads generation g and writes
 g + 1 under a temporary name renamed into place, so a retried task still
-finds generation g intact and rewrites the same result. Generation 0 is the
+finds generation g intact and rewrites the same result. Arrays the pass
+left as they were are hard links to generation g's files, not copies. Generation 0 is the
 block's data without any state; generations older than g are removed once
 g + 1 is written. If the files are gone (the executor was lost), reading
 raises :class:`BlockStateLost`; the trainer then reloads the blocks' data
