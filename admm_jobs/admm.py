@@ -285,9 +285,9 @@ OUTPUT_PROX = {
 }
 
 
-def update_multiplier(multiplier: np.ndarray, z: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Scaled Lagrange step on z_l = W_l [a_{l-1}, 1]: u_l <- u_l + z_l - W_l [a_{l-1}, 1] (m is the latter)."""
-    return (multiplier + z - m).astype(np.float32)
+def update_multiplier(multiplier: np.ndarray, z: np.ndarray, m: np.ndarray, step: float = 1.0) -> np.ndarray:
+    """Scaled Lagrange step on z_l = W_l [a_{l-1}, 1]: u_l <- u_l + alpha (z_l - W_l [a_{l-1}, 1]) (m is the latter)."""
+    return (multiplier + np.float32(step) * (z - m)).astype(np.float32)
 
 
 def extrapolate(new: list[np.ndarray], previous: list[np.ndarray] | None, theta: float) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from admm_jobs.config import configure_logging, parse_config, setting, validate_fields
+from admm_jobs.deploy import PYTHON_WORKER_CONF
 
 log = logging.getLogger("admm_jobs.cluster")
 
@@ -51,6 +52,7 @@ def job_conf(executor_memory: str = "1g") -> dict[str, str]:
         "spark.locality.wait.process": "600s",
         "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
         "spark.ui.showConsoleProgress": "false",
+        **PYTHON_WORKER_CONF,
     }
 
 

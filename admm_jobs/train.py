@@ -53,6 +53,9 @@ class TrainConfig:
     gamma: float = setting(10.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
     target_rounds: int = setting(5, "rounds of exact alternating a/z minimisation that place each hidden layer's "
                                  "targets per sweep (1: the classic one-step ADMM update)", minimum=1, maximum=50)
+    multiplier_step: float = setting(1.6, "step length alpha of the multiplier updates u_l += alpha (z_l - W_l [a_{l-1}, 1]) "
+                                     "(1: the plain ADMM step; above (1 + sqrt 5) / 2 even convex ADMM may diverge)",
+                                     exclusiveMinimum=0, maximum=2)
     ridge_input: float = setting(1e-2, "ridge of the first layer's weight solve, per training sample", minimum=0, maximum=1e3)
     ridge: float = setting(1e-4, "ridge of the hidden layers' weight solves, per training sample", minimum=0, maximum=1e3)
     ridge_output: float = setting(1e-4, "ridge of the output layer's weight solve, per training sample", minimum=0, maximum=1e3)

@@ -68,6 +68,7 @@ class Hyperparameters:
     patience: int = 10
     seed: int = 0
     target_rounds: int = 5
+    multiplier_step: float = 1.6
 
     @property
     def layers(self) -> int:
@@ -219,7 +220,7 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     u = list(block["u"])
     product = input_product(params["input_weight"], block["pixels"], mean)
     if params.get("finish"):
-        u[0] = (u[0] - product).astype(np.float32)
+        u[0] = (u[0] - np.float32(params["multiplier_step"]) * product).astype(np.float32)
     first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
     a, z = admm.forward_from(first, weights[1:])
     last = len(weights)
@@ -262,12 +263,13 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         z_next = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
         # always, warm-up included: with a and z restarted from the network every iteration,
         # u_L is what carries the loss into the W_L solve
-        u[last - 1] = admm.update_multiplier(u[last - 1], z_next, m)
+        u[last - 1] = admm.update_multiplier(u[last - 1], z_next, m, params["multiplier_step"])
         stats[f"residual{last}"] = float(((z_next - m) ** 2).sum())
     else:
         z_next = z[layer]
         if multiplier_updates:
-            u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activations[layer - 1]))
+            u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activations[layer - 1]),
+                                              params["multiplier_step"])
     forward_z = z[layer - 1]
     a, z[layer - 1] = admm.place_hidden(forward_z, forward_z - u[layer - 1], z_next + u[layer], next_weight,
                                         params["activation"], params["beta"], params["gamma"], params["target_rounds"])
@@ -278,7 +280,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     if layer == 1:
         # the first half of u_1 += z_1 - W_1 [a_0, 1]: the next forward pass subtracts the product with W_1 new
         if multiplier_updates:
-            u[0] = u[0] + z[0]
+            u[0] = u[0] + np.float32(params["multiplier_step"]) * z[0]
         return dict(block, a=[], z=[], u=u), _timed(stats, started)
     # keep only what the rest of the sweep reads: the inputs a_1..a_{l-1}, the forward z below l and the new z_l
     return dict(block, a=activations[:layer - 1], z=z[:layer], u=u), _timed(stats, started)
@@ -424,7 +426,8 @@ class AdmmTrainer:
         history = self.history = [EpochReport.from_record(r) for r in state.history]
         stopped_early = False
         last, samples = hp.layers, int(state.sums["samples"])
-        common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output}
+        common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output,
+                  "multiplier_step": hp.multiplier_step}
 
         def finish_previous() -> dict[str, Any]:
             """Params that finish the previous iteration (u_1 step), score it, and restart from its network."""

@@ -136,6 +136,7 @@ def test_output_update_is_the_exact_prox_of_the_loss(loss):
 def test_multiplier_update_is_the_scaled_constraint_residual():
     multiplier, z, m = RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4)), RNG.normal(size=(3, 4))
     np.testing.assert_allclose(admm.update_multiplier(multiplier, z, m), multiplier + z - m, rtol=1e-6)
+    np.testing.assert_allclose(admm.update_multiplier(multiplier, z, m, 1.6), multiplier + 1.6 * (z - m), rtol=1e-6)
 
 
 def test_extrapolation_and_input_mean_folding():
@@ -208,7 +209,7 @@ def _dense_recipe(pixels, labels, hp, iterations):
         new[-1] = solve(last, forward_z[-1] + multipliers[-1])
         m = admm.affine(new[-1], inputs[last - 1])
         z_next = admm.OUTPUT_PROX[hp.loss](targets, m - multipliers[-1], hp.beta_output)
-        multipliers[-1] += z_next - m
+        multipliers[-1] += hp.multiplier_step * (z_next - m)
         for layer in range(last - 1, 0, -1):
             operator = admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)
             z = forward_z[layer - 1]
@@ -218,22 +219,23 @@ def _dense_recipe(pixels, labels, hp, iterations):
                                               hp.gamma)
             new[layer - 1] = solve(layer, z + multipliers[layer - 1])
             if iteration > hp.warmup_epochs:  # warm-up freezes the hidden multipliers only
-                multipliers[layer - 1] += z - admm.affine(new[layer - 1], inputs[layer - 1])
+                multipliers[layer - 1] += hp.multiplier_step * (z - admm.affine(new[layer - 1], inputs[layer - 1]))
             z_next = z
         weights, previous = admm.extrapolate(new, previous, hp.extrapolation_at(iteration)), new
     return admm.fold_input_mean(weights, (x.mean(axis=0)).astype(np.float32))
 
 
-@pytest.mark.parametrize("loss, layer_sizes, warmup, rounds", [("squared_hinge", (20, 16, 12, 3), 0, 1),
-                                                               ("least_squares", (20, 16, 12, 3), 0, 1),
-                                                               ("squared_hinge", (20, 16, 3), 0, 1),
-                                                               ("squared_hinge", (20, 16, 12, 3), 2, 1),
-                                                               ("squared_hinge", (20, 16, 12, 3), 0, 3)])
-def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup, rounds):
+@pytest.mark.parametrize("loss, layer_sizes, warmup, rounds, step", [("squared_hinge", (20, 16, 12, 3), 0, 1, 1.6),
+                                                                     ("least_squares", (20, 16, 12, 3), 0, 1, 1.6),
+                                                                     ("squared_hinge", (20, 16, 3), 0, 1, 1.6),
+                                                                     ("squared_hinge", (20, 16, 12, 3), 2, 1, 1.6),
+                                                                     ("squared_hinge", (20, 16, 12, 3), 0, 3, 1.6),
+                                                                     ("squared_hinge", (20, 16, 12, 3), 0, 3, 1.0)])
+def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup, rounds, step):
     """The trainer splits an iteration into passes and reductions; the result is the recipe's."""
     pixels, labels = _toy_problem()
     hp = Hyperparameters(layer_sizes=layer_sizes, loss=loss, epochs=9, extrapolation_epochs=2, warmup_epochs=warmup,
-                         patience=0, target_rounds=rounds)
+                         patience=0, target_rounds=rounds, multiplier_step=step)
     result = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
     best_weights_of_epoch = result.best_epoch
     expected = _dense_recipe(pixels, labels, hp, best_weights_of_epoch)
