@@ -68,7 +68,8 @@ class TrainConfig:
     warmup_epochs: int = setting(0, "first iterations without hidden-layer multiplier updates", minimum=0, maximum=10_000)
     patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)
-    partitions: int = setting(4, "Spark partitions, i.e. sample blocks", minimum=1, maximum=10_000)
+    partitions: int | None = setting(None, "Spark partitions, i.e. sample blocks (none: one per executor core, "
+                                     "Spark's default parallelism)", minimum=1, maximum=10_000)
     seed: int = setting(0, "seed of the weight initialisation", minimum=0)
     train_limit: int | None = setting(None, "use only the first N training samples (none: all)", minimum=1)
     checkpoint_every: int = setting(5, "save a resumable checkpoint every N iterations (0: never)", minimum=0, maximum=10_000)
@@ -193,10 +194,12 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
 
     initial_weights, init = initial_network(config, hp)
     log.info("start: %s", json.dumps(init, sort_keys=True))
-    trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": config.partitions,
+    # one block per core: every pass is then one wave of tasks, and each task's fixed cost is paid once per core
+    partitions = config.partitions or spark_context.defaultParallelism
+    trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": partitions,
                   "train_limit": config.train_limit, "init": init}
     checkpoints = CheckpointStore(storage.join(config.output_uri, CHECKPOINT_DIR), fingerprint(trajectory))
-    backend = SparkBackend(spark_context, block_specs(config.dataset_uri, config.partitions, config.train_limit), load_block)
+    backend = SparkBackend(spark_context, block_specs(config.dataset_uri, partitions, config.train_limit), load_block)
     started = time.perf_counter()
     trainer = AdmmTrainer(hp, backend, on_epoch, checkpoints, config.checkpoint_every, initial_weights)
     try:
@@ -212,7 +215,7 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
         biases=[w[:, -1].copy() for w in result.weights],
         input_scale=INPUT_SCALE,
         metadata={
-            "hyperparameters": {**dataclasses.asdict(hp), "partitions": config.partitions,
+            "hyperparameters": {**dataclasses.asdict(hp), "partitions": partitions,
                                 "train_limit": config.train_limit},
             "dataset": {"uri": config.dataset_uri, "version": manifest["version"]},
             "final_metrics": best.metrics,

@@ -231,15 +231,17 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         for split, (pixels, labels) in block["evaluation"].items():
             logits = admm.forward_from(input_product(weights[0], pixels, mean), weights[1:])[1][-1]
             stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
-    # z_L is not kept: the output update starts from W_L new
-    return dict(block, a=a, z=z[:-1], u=u, input_product=product), _timed(stats, started)
+    # z_L is not kept: the output update starts from W_L new; nor is a_l = relu(z_l): recomputing it is cheaper
+    # than writing and reading it back
+    return dict(block, z=z[:-1], u=u, input_product=product), _timed(stats, started)
 
 
 def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """The per-sample work between the solves of W_{l+1} and W_l, for hidden layer l = ``layer``.
 
-    1. l = L-1: m = W_L [a_{L-1}, 1]; z_L = prox of the loss at m - u_L; u_L += z_L - m.
-       l < L-1: u_{l+1} += z_{l+1} - W_{l+1} [a_l, 1], the multiplier step of the layer just solved;
+    1. l = L-1: m = W_L [a_{L-1}, 1]; z_L = prox of the loss at m - u_L; u_L += alpha (z_L - m).
+       l < L-1: u_{l+1} += alpha (z_{l+1} - W_{l+1} [a_l, 1]), the multiplier step of the layer just solved
+       (alpha = ``multiplier_step``);
     2. a = argmin_a beta_{l+1} ||z_{l+1} + u_{l+1} - W_{l+1} [a, 1]||^2 + gamma ||a - relu(z_l)||^2
        (exact least squares, W_{l+1} new);
     3. z_l = elementwise prox at m_l - u_l with m_l = W_l [a_{l-1}, 1]: the forward z_l, since
@@ -247,18 +249,21 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
        (``admm.place_hidden``), each round starting from the z_l of the one before;
     4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
 
-    ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations.
+    ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations,
+    recomputed as relu of the forward z_{l-1} that the block keeps.
     Between iterations a block keeps only the multipliers (u_1 with z_1 already added, see
     ``forward_pass``) and its last product W_1 [a_0, 1].
     """
     started = time.perf_counter()
     layer, next_weight = params["layer"], params["next_weight"]
-    activations, z, u = block["a"], list(block["z"]), list(block["u"])
+    z, u = list(block["z"]), list(block["u"])
     last = len(u)
     multiplier_updates = params["multiplier_updates"]
+    forward_z = z[layer - 1]  # z_1..z_l are still the forward pass's
+    activation = admm.relu(forward_z)  # the input a_l of W_{l+1}
     stats: Stats = {}
     if layer == last - 1:
-        m = admm.affine(next_weight, activations[layer - 1])
+        m = admm.affine(next_weight, activation)
         targets = admm.one_hot(block["labels"], m.shape[1])
         z_next = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
         # always, warm-up included: with a and z restarted from the network every iteration,
@@ -268,12 +273,11 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     else:
         z_next = z[layer]
         if multiplier_updates:
-            u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activations[layer - 1]),
+            u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activation),
                                               params["multiplier_step"])
-    forward_z = z[layer - 1]
     a, z[layer - 1] = admm.place_hidden(forward_z, forward_z - u[layer - 1], z_next + u[layer], next_weight,
                                         params["activation"], params["beta"], params["gamma"], params["target_rounds"])
-    inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else activations[layer - 2]
+    inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else admm.relu(z[layer - 2])
     stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
@@ -281,9 +285,9 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
         # the first half of u_1 += z_1 - W_1 [a_0, 1]: the next forward pass subtracts the product with W_1 new
         if multiplier_updates:
             u[0] = u[0] + np.float32(params["multiplier_step"]) * z[0]
-        return dict(block, a=[], z=[], u=u), _timed(stats, started)
-    # keep only what the rest of the sweep reads: the inputs a_1..a_{l-1}, the forward z below l and the new z_l
-    return dict(block, a=activations[:layer - 1], z=z[:layer], u=u), _timed(stats, started)
+        return dict(block, z=[], u=u), _timed(stats, started)
+    # keep only what the rest of the sweep reads: the forward z below l (the inputs a = relu(z)) and the new z_l
+    return dict(block, z=z[:layer], u=u), _timed(stats, started)
 
 
 @dataclasses.dataclass
