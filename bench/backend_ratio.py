@@ -1,6 +1,6 @@
 """Seconds per ADMM epoch: the Spark trainer against the same math in one numpy process, same cores.
 
-    .venv/bin/python bench/backend_ratio.py [--epochs 4] [--partitions 4] [--cores 2]
+    .venv/bin/python bench/backend_ratio.py [--epochs 4] [--partitions CORES] [--cores 2]
 
 Writes bench/results/backend_ratio.json and prints a markdown table.
 """
@@ -28,10 +28,12 @@ def epoch_seconds(backend, hp) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="sample blocks (default: one per core, as the trainer's own default)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--train-limit", type=int, default=None)
     args = parser.parse_args()
+    args.partitions = args.partitions or args.cores
 
     dataset_uri = mnist_dataset_uri()
     config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=args.epochs,

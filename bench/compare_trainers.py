@@ -150,11 +150,13 @@ def summary(curve: list[dict], key: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="sample blocks (default: one per core, as the trainer's own default)")
     parser.add_argument("--admm-epochs", type=int, default=50)
     parser.add_argument("--mllib-iterations", default="10,25,50,75,100,150")
     parser.add_argument("--adam-epochs", type=int, default=20)
     args = parser.parse_args()
+    args.partitions = args.partitions or args.cores
 
     dataset_uri = mnist_dataset_uri()
     load_before = uptime()
