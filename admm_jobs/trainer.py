@@ -202,8 +202,8 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
 
     1. m_1 = W_1 [a_0, 1] with ``input_weight``, W_1 new of the previous iteration (the
        initial W_1 in the first): the pass's only product with the wide input. With
-       ``finish`` it completes that iteration's multiplier step, u_1 -= m_1 (the sweep
-       already added z_1). The extrapolated layer's pre-activation follows by linearity,
+       ``finish`` it completes that iteration's multiplier step, u_1 -= alpha m_1 (the sweep
+       already added alpha z_1). The extrapolated layer's pre-activation follows by linearity,
        W_ext [a_0, 1] = m_1 + theta (m_1 - m_1'), where m_1' is the block's previous m_1:
        one product with a_0 instead of two;
     2. a_l, z_l <- the forward pass of the current (extrapolated) ``weights``. Only the
@@ -282,7 +282,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
     if layer == 1:
-        # the first half of u_1 += z_1 - W_1 [a_0, 1]: the next forward pass subtracts the product with W_1 new
+        # the first half of u_1 += alpha (z_1 - W_1 [a_0, 1]): the next forward pass subtracts the product with W_1 new
         if multiplier_updates:
             u[0] = u[0] + np.float32(params["multiplier_step"]) * z[0]
         return dict(block, z=[], u=u), _timed(stats, started)
