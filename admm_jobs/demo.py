@@ -185,6 +185,9 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+MAX_RESTARTS = 3  # per service, while the backfill runs
+
+
 class AirflowServices:
     """api-server, scheduler and dag-processor as subprocesses (each its own process group), and a REST client."""
 
@@ -194,6 +197,7 @@ class AirflowServices:
         self.env, self.logs, self.port, self.password = env, logs, port, password
         self.url = f"http://127.0.0.1:{port}"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
         self.client = None
 
     def migrate_db(self) -> None:
@@ -205,12 +209,31 @@ class AirflowServices:
             raise RuntimeError(f"airflow db migrate failed (exit {completed.returncode}):\n{_tail(log_file)}")
 
     def start(self) -> None:
-        arguments = {"api-server": ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]}
         for name in self.SERVICES:
-            with open(self.logs / f"{name}.log", "wb") as output:
-                self.processes[name] = subprocess.Popen(
-                    [str(VENV_BIN / "airflow"), name, *arguments.get(name, [])], env=self.env,
-                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            self._launch(name)
+
+    def _launch(self, name: str) -> None:
+        arguments = {"api-server": ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]}
+        with open(self.logs / f"{name}.log", "ab") as output:  # a restart appends to the same log
+            self.processes[name] = subprocess.Popen(
+                [str(VENV_BIN / "airflow"), name, *arguments.get(name, [])], env=self.env,
+                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def revive(self) -> None:
+        """Restart a service that exited, as a process supervisor would (up to ``MAX_RESTARTS`` times each).
+
+        Airflow's scheduler can die on a race with the backfill API (SQLAlchemy ObjectDeletedError on a
+        DagRun the backfill request replaced while the scheduling loop held it); it resumes cleanly.
+        """
+        for name, process in list(self.processes.items()):
+            if process.poll() is None:
+                continue
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if self.restarts[name] > MAX_RESTARTS:
+                raise RuntimeError(f"{name} exited {self.restarts[name]} times\n{self.diagnostics()}")
+            log.warning("%s exited with %s; restarting it (%d of %d):\n%s", name, process.returncode,
+                        self.restarts[name], MAX_RESTARTS, _tail(self.logs / f"{name}.log", 5))
+            self._launch(name)
 
     def diagnostics(self) -> str:
         return "\n".join(f"--- {name} (exit {process.poll()}), {self.logs / (name + '.log')}:\n"
@@ -292,6 +315,7 @@ def backfill_and_wait(services: AirflowServices, dates: list[datetime.date], con
     wanted = {day.isoformat() for day in dates}
     deadline, task_states = time.monotonic() + timeout, {}
     while True:
+        services.revive()
         weeks = poll_runs(services, wanted, finished, task_states)
         if finished.keys() == wanted:
             return

@@ -167,3 +167,31 @@ def test_tiny_demo_backfills_three_weeks_through_airflow(tmp_path):
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             pass
     assert leftovers == []
+
+
+def test_a_service_that_exits_is_restarted_a_bounded_number_of_times(tmp_path, monkeypatch):
+    """The scheduler can die on a race with the backfill API; the demo restarts it, but not forever."""
+    import subprocess
+    import sys
+
+    services = demo.AirflowServices(env={}, logs=tmp_path, port=0, password="")
+    (tmp_path / "scheduler.log").write_text("sqlalchemy.orm.exc.ObjectDeletedError\n")
+    launched = []
+
+    def launch(name):  # a service that exits at once, as the crashed scheduler did
+        launched.append(name)
+        services.processes[name] = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+        services.processes[name].wait()
+
+    monkeypatch.setattr(services, "_launch", launch)
+    launch("scheduler")
+    services.processes["api-server"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for _ in range(demo.MAX_RESTARTS):
+            services.revive()
+        assert launched == ["scheduler"] * (demo.MAX_RESTARTS + 1)  # the running api-server is left alone
+        with pytest.raises(RuntimeError, match=r"(?s)scheduler exited 4 times.*ObjectDeletedError"):
+            services.revive()
+    finally:
+        services.processes["api-server"].kill()
+        services.processes["api-server"].wait()
