@@ -223,7 +223,8 @@ class AirflowServices:
         """Restart a service that exited, as a process supervisor would (up to ``MAX_RESTARTS`` times each).
 
         Airflow's scheduler can die on a race with the backfill API (SQLAlchemy ObjectDeletedError on a
-        DagRun the backfill request replaced while the scheduling loop held it); it resumes cleanly.
+        DagRun the backfill request replaced while the scheduling loop held it, seen once in CI); its
+        state is in the metadata DB, so a new scheduler takes the backfill's runs up again.
         """
         for name, process in list(self.processes.items()):
             if process.poll() is None:
