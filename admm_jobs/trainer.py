@@ -36,6 +36,7 @@ Stats = dict[str, Any]
 PassFunction = Callable[[Block, dict[str, Any]], tuple[Block, Stats]]
 
 INPUT_SCALE = 1.0 / 255.0
+CONSTANT_SUMS = ("gram1", "samples")  # the statistics that stay valid for the whole run
 MAX_BLOCK_RELOADS = 3  # block losses survived in one fit before giving up to the task's own retry
 
 log = logging.getLogger(__name__)
@@ -172,21 +173,31 @@ def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     return block, {"input_sum": pixels.sum(axis=0, dtype=np.float64) * INPUT_SCALE, "samples": pixels.shape[0]}
 
 
-def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
-    """Every u_l = 0, and the statistics of the initial least-squares fit of the output layer.
+def hidden_grams(activations: list[np.ndarray]) -> Stats:
+    """G_l = [a_{l-1}, 1]^T [a_{l-1}, 1] of layers 2..L, from the forward activations a_1..a_{L-1}."""
+    return {f"gram{layer}": admm.layer_gram(a) for layer, a in enumerate(activations, start=2)}
 
-    Emits the input Gram (constant for the whole run), the Gram of the
-    forward a_{L-1} of the initial weights and its cross term with the
-    loss's fit targets (``admm.fit_targets``).
+
+def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+    """Every u_l = 0, the forward state of the initial weights, and the statistics of the initial
+    least-squares fit of the output layer.
+
+    Emits the input Gram (constant for the whole run), the Grams of the forward a_1..a_{L-1} of
+    the initial weights and the cross term of a_{L-1} with the loss's fit targets
+    (``admm.fit_targets``). Only W_L changes before iteration 1, and the forward a_l (l < L) do
+    not depend on it, so the block keeps what iteration 1's forward pass would write (z_1..z_{L-1}
+    and the product W_1 [a_0, 1]) and that pass is not run (see ``AdmmTrainer._initialise``).
     """
     started = time.perf_counter()
     weights = params["weights"]
     a0 = scaled_input(block["pixels"], params["mean"])
     activations, preactivations = admm.forward_state(weights, a0)
     targets = admm.fit_targets(params["loss"], admm.one_hot(block["labels"], weights[-1].shape[0]))
-    stats = {"gram1": admm.layer_gram(a0), f"gram{len(weights)}": admm.layer_gram(activations[-1]),
+    stats = {"gram1": admm.layer_gram(a0), **hidden_grams(activations),
              "cross_targets": admm.layer_cross(targets, activations[-1])}
-    return dict(block, u=[np.zeros_like(z) for z in preactivations]), _timed(stats, started)
+    state = {"z": preactivations[:-1], "u": [np.zeros_like(z) for z in preactivations],
+             "input_product": preactivations[0]}
+    return dict(block, **state), _timed(stats, started)
 
 
 def _scores(logits: np.ndarray, loss: str, labels: np.ndarray, prefix: str) -> Stats:
@@ -224,7 +235,7 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
     a, z = admm.forward_from(first, weights[1:])
     last = len(weights)
-    stats: Stats = {f"gram{layer}": admm.layer_gram(a[layer - 2]) for layer in range(2, last + 1)}
+    stats = hidden_grams(a)
     stats[f"cross{last}"] = admm.layer_cross(z[-1] + u[-1], a[-1])
     if params.get("score"):
         stats.update(_scores(z[-1], params["loss"], block["labels"], "train"))
@@ -345,7 +356,8 @@ class AdmmTrainer:
     One iteration t (L layers, L passes):
 
     * forward pass: finish layer 1 of iteration t-1 (u_1 step), score the weights of
-      iteration t-1, restart a_l, z_l from their forward pass; W_L = solve(sums);
+      iteration t-1, restart a_l, z_l from their forward pass; W_L = solve(sums) (iteration 1
+      of a fresh start has none: the initialisation pass already ran that network forward);
     * for l = L-1..1, one sweep pass (z_L and u_L, or the u_{l+1} step; a_l, z_l),
       then W_l = solve(sums);
     * extrapolate every W: W = W_new + theta_t (W_new - W_new of iteration t-1).
@@ -392,12 +404,17 @@ class AdmmTrainer:
                 layer = re.sub(r"\D", "", key) or hp.layers
                 raise NumericalFailure(f"epoch 0 (initialisation): the statistics of layer {layer} are not finite "
                                        "(NaN/Inf in the input data)")
+        last = hp.layers
         if self.initial_weights is None:
             # a random network's output layer starts as the ridge least-squares fit of the targets
-            weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{hp.layers}"], hp.init_ridge)
-        # the input Gram is the only statistic that lives across iterations
+            weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{last}"], hp.init_ridge)
+        # the input Gram is the only statistic that lives across iterations; the others are iteration 1's
+        # forward pass (init_pass): its Grams, and the cross term of z_L + u_L = W_L [a_{L-1}, 1] (u = 0),
+        # which is W_L G_L
+        first_forward = {f"gram{layer}": sums[f"gram{layer}"] for layer in range(2, last + 1)}
+        first_forward[f"cross{last}"] = weights[-1].astype(np.float64) @ sums[f"gram{last}"]
         constant = {"gram1": sums["gram1"], "samples": totals["samples"]}
-        return DriverState(epoch=0, weights=weights, new_weights=None, sums=constant, mean=mean,
+        return DriverState(epoch=0, weights=weights, new_weights=None, sums={**constant, **first_forward}, mean=mean,
                            best_weights=None, best_loss=math.inf, best_epoch=0, stale=0, history=[],
                            pending_timers={})
 
@@ -446,7 +463,11 @@ class AdmmTrainer:
             started = time.perf_counter()
             timers = {"solve": 0.0, "worker": 0.0}
             multiplier_updates = epoch > hp.warmup_epochs
-            sums = self._pass(forward_pass, {**common, **finish_previous()}, timers, "forward", epoch)
+            first_forward = {key: value for key, value in state.sums.items() if key not in CONSTANT_SUMS}
+            if first_forward:  # the initialisation ran iteration 1's forward pass
+                sums, state.sums = first_forward, {key: state.sums[key] for key in CONSTANT_SUMS}
+            else:
+                sums = self._pass(forward_pass, {**common, **finish_previous()}, timers, "forward", epoch)
             if "train_count" in sums:
                 stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
                 if stopped_early:
