@@ -51,8 +51,10 @@ class TrainConfig:
     beta: float = setting(1.0, "penalty weight of the hidden layers' z_l = W_l [a_{l-1}, 1]", exclusiveMinimum=0, maximum=1e6)
     beta_output: float = setting(0.3, "penalty weight of the output layer's constraint", exclusiveMinimum=0, maximum=1e6)
     gamma: float = setting(10.0, "penalty weight of a_l = relu(z_l)", exclusiveMinimum=0, maximum=1e6)
-    target_rounds: int = setting(5, "rounds of exact alternating a/z minimisation that place each hidden layer's "
+    target_rounds: int = setting(5, "rounds of exact alternating a/z minimisation that place the last hidden layer's "
                                  "targets per sweep (1: the classic one-step ADMM update)", minimum=1, maximum=50)
+    inner_target_rounds: int = setting(3, "the same for the hidden layers below the last one (each round there costs an "
+                                       "n x width x width product)", minimum=1, maximum=50)
     multiplier_step: float = setting(1.6, "step length alpha of the multiplier updates u_l += alpha (z_l - W_l [a_{l-1}, 1]) "
                                      "(1: the plain ADMM step; above (1 + sqrt 5) / 2 even convex ADMM may diverge)",
                                      exclusiveMinimum=0, maximum=2)

@@ -69,6 +69,7 @@ class Hyperparameters:
     patience: int = 10
     seed: int = 0
     target_rounds: int = 5
+    inner_target_rounds: int = 3
     multiplier_step: float = 1.6
 
     @property
@@ -78,6 +79,11 @@ class Hyperparameters:
     def beta_of(self, layer: int) -> float:
         """beta_l of layer l (1-based): beta_output on the last layer."""
         return self.beta_output if layer == self.layers else self.beta
+
+    def rounds_of(self, layer: int) -> int:
+        """Target-placement rounds of hidden layer l: ``target_rounds`` on the last hidden layer (each of its
+        rounds is cheap, W_L being narrow), ``inner_target_rounds`` on the ones below it."""
+        return self.target_rounds if layer == self.layers - 1 else self.inner_target_rounds
 
     def extrapolation_at(self, epoch: int) -> float:
         """theta of iteration ``epoch``: strong over-relaxation early, milder once the fit settles."""
@@ -256,7 +262,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     2. a = argmin_a beta_{l+1} ||z_{l+1} + u_{l+1} - W_{l+1} [a, 1]||^2 + gamma ||a - relu(z_l)||^2
        (exact least squares, W_{l+1} new);
     3. z_l = elementwise prox at m_l - u_l with m_l = W_l [a_{l-1}, 1]: the forward z_l, since
-       W_l has not changed since the forward pass; steps 2-3 alternate ``target_rounds`` times
+       W_l has not changed since the forward pass; steps 2-3 alternate ``target_rounds`` times (``Hyperparameters.rounds_of``)
        (``admm.place_hidden``), each round starting from the z_l of the one before;
     4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
 
@@ -481,7 +487,7 @@ class AdmmTrainer:
                 tick = time.perf_counter()
                 params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
                           "next_weight": new[layer], "beta": hp.beta_of(layer), "gamma": hp.gamma,
-                          "target_rounds": hp.target_rounds,
+                          "target_rounds": hp.rounds_of(layer),
                           "activation": admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)}
                 timers["solve"] += time.perf_counter() - tick
                 sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)

@@ -26,14 +26,14 @@ from study import blocks, load
 from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend
 
 
-def iteration_products(sizes: list[int], rows: int, evaluation_rows: int, rounds: int) -> list[dict]:
+def iteration_products(hp: Hyperparameters, rows: int, evaluation_rows: int) -> list[dict]:
     """Every matrix product one block makes in one iteration: (name, m, k, n, symmetric).
 
-    ``rounds`` is the number of a/z alternations that place each hidden layer's targets (``target_rounds``).
+    Each hidden layer l places its targets in ``hp.rounds_of(l)`` a/z alternations.
 
     ``symmetric`` marks X^T X (numpy hands it to BLAS syrk, which computes one triangle: half the FLOPs).
     """
-    layers = len(sizes) - 1
+    sizes, layers = hp.layer_sizes, hp.layers
     products = []
 
     def add(name, m, k, n, symmetric=False):
@@ -52,7 +52,7 @@ def iteration_products(sizes: list[int], rows: int, evaluation_rows: int, rounds
     for layer in range(layers - 1, 0, -1):
         add(f"pass{layer} a{layer} W{layer + 1}^T (new)", rows, sizes[layer], sizes[layer + 1])
         add(f"pass{layer} beta (z{layer + 1}+u{layer + 1}-b) (W{layer + 1} M)", rows, sizes[layer + 1], sizes[layer])
-        for round_ in range(1, rounds + 1):
+        for round_ in range(1, hp.rounds_of(layer) + 1):
             if 2 * sizes[layer + 1] < sizes[layer]:  # Woodbury's low-rank form of gamma M (admm.ActivationOperator)
                 add(f"pass{layer} round {round_}: relu(z{layer}) W{layer + 1}^T", rows, sizes[layer], sizes[layer + 1])
                 add(f"pass{layer} round {round_}: (relu(z{layer}) W{layer + 1}^T) (K W{layer + 1})", rows,
@@ -135,14 +135,14 @@ def main() -> None:
     worker_seconds = statistics.median(r.timers["worker"] for r in steady)
 
     products = [p for rows, evaluation in zip(train_rows, evaluation_rows)
-                for p in iteration_products(sizes, rows, evaluation, hp.target_rounds)]
+                for p in iteration_products(hp, rows, evaluation)]
     gemm_flops = sum(product_flops(p) for p in products)
     total_flops = gemm_flops + driver_flops(sizes)
     rng = np.random.default_rng(0)
     gemm_seconds = time_products(products, 5, rng)
     peak = square_peak(2048, 5, rng)
     per_product = {}
-    for product in iteration_products(sizes, sum(train_rows), sum(evaluation_rows), hp.target_rounds):
+    for product in iteration_products(hp, sum(train_rows), sum(evaluation_rows)):
         per_product[product["name"]] = round(product_flops(product) / 1e9, 3)
 
     load_average = os.getloadavg()
@@ -152,7 +152,8 @@ def main() -> None:
         "machine": machine(), "load_average_1_5_15": [round(v, 2) for v in load_average],
         "uptime": uptime(),
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default (all cores)"),
-        "layer_sizes": sizes, "target_rounds": hp.target_rounds, "train_samples": sum(train_rows), "evaluation_samples": sum(evaluation_rows),
+        "layer_sizes": sizes, "target_rounds": hp.target_rounds,
+        "inner_target_rounds": hp.inner_target_rounds, "train_samples": sum(train_rows), "evaluation_samples": sum(evaluation_rows),
         "gflop_per_iteration": round(total_flops / 1e9, 2),
         "gflop_per_iteration_products": per_product,
         "gflop_driver": round(driver_flops(sizes) / 1e9, 3),

@@ -213,7 +213,7 @@ def _dense_recipe(pixels, labels, hp, iterations):
         for layer in range(last - 1, 0, -1):
             operator = admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)
             z = forward_z[layer - 1]
-            for _ in range(hp.target_rounds):
+            for _ in range(hp.target_rounds if layer == last - 1 else hp.inner_target_rounds):
                 a = admm.update_activation(z, z_next + multipliers[layer], new[layer], operator)
                 z = admm.update_preactivation(a, forward_z[layer - 1] - multipliers[layer - 1], hp.beta_of(layer),
                                               hp.gamma)
@@ -225,17 +225,19 @@ def _dense_recipe(pixels, labels, hp, iterations):
     return admm.fold_input_mean(weights, (x.mean(axis=0)).astype(np.float32))
 
 
-@pytest.mark.parametrize("loss, layer_sizes, warmup, rounds, step", [("squared_hinge", (20, 16, 12, 3), 0, 1, 1.6),
-                                                                     ("least_squares", (20, 16, 12, 3), 0, 1, 1.6),
-                                                                     ("squared_hinge", (20, 16, 3), 0, 1, 1.6),
-                                                                     ("squared_hinge", (20, 16, 12, 3), 2, 1, 1.6),
-                                                                     ("squared_hinge", (20, 16, 12, 3), 0, 3, 1.6),
-                                                                     ("squared_hinge", (20, 16, 12, 3), 0, 3, 1.0)])
-def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup, rounds, step):
+@pytest.mark.parametrize("loss, layer_sizes, warmup, rounds, inner_rounds, step", [
+    ("squared_hinge", (20, 16, 12, 3), 0, 1, 1, 1.6),
+    ("least_squares", (20, 16, 12, 3), 0, 1, 1, 1.6),
+    ("squared_hinge", (20, 16, 3), 0, 1, 1, 1.6),
+    ("squared_hinge", (20, 16, 12, 3), 2, 1, 1, 1.6),
+    ("squared_hinge", (20, 16, 12, 3), 0, 3, 3, 1.6),
+    ("squared_hinge", (20, 16, 12, 3), 0, 3, 3, 1.0),
+    ("squared_hinge", (20, 16, 12, 8, 3), 0, 4, 2, 1.6)])
+def test_the_pass_structure_computes_the_dense_recipe(loss, layer_sizes, warmup, rounds, inner_rounds, step):
     """The trainer splits an iteration into passes and reductions; the result is the recipe's."""
     pixels, labels = _toy_problem()
     hp = Hyperparameters(layer_sizes=layer_sizes, loss=loss, epochs=9, extrapolation_epochs=2, warmup_epochs=warmup,
-                         patience=0, target_rounds=rounds, multiplier_step=step)
+                         patience=0, target_rounds=rounds, inner_target_rounds=inner_rounds, multiplier_step=step)
     result = AdmmTrainer(hp, LocalBackend(_blocks(pixels, labels, 1))).fit()
     best_weights_of_epoch = result.best_epoch
     expected = _dense_recipe(pixels, labels, hp, best_weights_of_epoch)
