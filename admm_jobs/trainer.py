@@ -36,6 +36,7 @@ Stats = dict[str, Any]
 PassFunction = Callable[[Block, dict[str, Any]], tuple[Block, Stats]]
 
 INPUT_SCALE = 1.0 / 255.0
+INPUT_TILE_ROWS = 2048  # rows of the uint8 input converted to float32 at a time (6 MiB at 784 pixels: stays in cache)
 CONSTANT_SUMS = ("gram1", "samples")  # the statistics that stay valid for the whole run
 MAX_BLOCK_RELOADS = 3  # block losses survived in one fit before giving up to the task's own retry
 
@@ -149,18 +150,45 @@ def make_block(index: int, pixels: np.ndarray, labels: np.ndarray,
 
 def scaled_input(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """a_0 = x / 255 - mu: grey levels in [0, 1], centred on the training mean."""
-    return pixels.astype(np.float32) * np.float32(INPUT_SCALE) - mean
+    a0 = pixels.astype(np.float32)
+    a0 *= np.float32(INPUT_SCALE)
+    a0 -= mean
+    return a0
+
+
+def row_tiles(rows: int) -> Iterable[slice]:
+    """Consecutive ``INPUT_TILE_ROWS``-row slices of a block's wide input."""
+    return (slice(start, start + INPUT_TILE_ROWS) for start in range(0, rows, INPUT_TILE_ROWS))
 
 
 def input_product(weight: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """W [a_0, 1] for a_0 = ``scaled_input(pixels, mean)``, from the raw pixels x: x (W / 255)^T + (b - W mu).
 
-    Folding the scale and the mean into the weights leaves one conversion pass over the wide input
-    instead of three.
+    Folding the scale and the mean into the weights leaves one conversion of the wide input,
+    made a row tile at a time: no float copy of the whole block is allocated.
     """
     folded = admm.fold_input_mean([weight], mean)[0]
     folded[:, :-1] *= np.float32(INPUT_SCALE)
-    return admm.affine(folded, pixels.astype(np.float32)).astype(np.float32, copy=False)
+    product = np.empty((pixels.shape[0], weight.shape[0]), np.float32)
+    for rows in row_tiles(pixels.shape[0]):
+        product[rows] = admm.affine(folded, pixels[rows].astype(np.float32))
+    return product
+
+
+def input_cross(target: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """C_1 = T^T [a_0, 1] (``admm.layer_cross``) for a_0 = ``scaled_input(pixels, mean)``, summed over row tiles."""
+    cross = np.zeros((target.shape[1], pixels.shape[1] + 1))
+    for rows in row_tiles(pixels.shape[0]):
+        cross += admm.layer_cross(target[rows], scaled_input(pixels[rows], mean))
+    return cross
+
+
+def input_gram(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """G_1 = [a_0, 1]^T [a_0, 1] (``admm.layer_gram``) for a_0 = ``scaled_input(pixels, mean)``, summed over row tiles."""
+    gram = np.zeros((pixels.shape[1] + 1,) * 2)
+    for rows in row_tiles(pixels.shape[0]):
+        gram += admm.layer_gram(scaled_input(pixels[rows], mean))
+    return gram
 
 
 def _timed(stats: Stats, started: float) -> Stats:
@@ -196,10 +224,10 @@ def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     weights = params["weights"]
-    a0 = scaled_input(block["pixels"], params["mean"])
-    activations, preactivations = admm.forward_state(weights, a0)
+    activations, preactivations = admm.forward_from(input_product(weights[0], block["pixels"], params["mean"]),
+                                                    weights[1:])
     targets = admm.fit_targets(params["loss"], admm.one_hot(block["labels"], weights[-1].shape[0]))
-    stats = {"gram1": admm.layer_gram(a0), **hidden_grams(activations),
+    stats = {"gram1": input_gram(block["pixels"], params["mean"]), **hidden_grams(activations),
              "cross_targets": admm.layer_cross(targets, activations[-1])}
     state = {"z": preactivations[:-1], "u": [np.zeros_like(z) for z in preactivations],
              "input_product": preactivations[0]}
@@ -294,8 +322,9 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
                                               params["multiplier_step"])
     a, z[layer - 1] = admm.place_hidden(forward_z, forward_z - u[layer - 1], z_next + u[layer], next_weight,
                                         params["activation"], params["beta"], params["gamma"], params["target_rounds"])
-    inputs = scaled_input(block["pixels"], params["mean"]) if layer == 1 else admm.relu(z[layer - 2])
-    stats[f"cross{layer}"] = admm.layer_cross(z[layer - 1] + u[layer - 1], inputs)
+    target = z[layer - 1] + u[layer - 1]
+    stats[f"cross{layer}"] = (input_cross(target, block["pixels"], params["mean"]) if layer == 1
+                              else admm.layer_cross(target, admm.relu(z[layer - 2])))
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
     if layer == 1:
