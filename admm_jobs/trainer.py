@@ -18,6 +18,7 @@ solves run in one pass, so an iteration of an L-layer network costs L passes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from admm_jobs import admm
 from admm_jobs.checkpoint import DriverState
@@ -410,6 +412,10 @@ class AdmmTrainer:
         self.checkpoints = checkpoints
         self.checkpoint_every = checkpoint_every
         self.history: list[EpochReport] = []  # every epoch so far, restored ones included
+        # The driver's solves are small (G_1 is 785 x 785: ~10 ms on one core). With more BLAS threads they ran
+        # 2-3x slower on Spark local[2] (0.065-0.107 s vs 0.030 s per iteration), as those threads contend with
+        # the executors for the same cores, and spinning idle they slowed the pass that followed.
+        self.one_blas_thread = functools.partial(ThreadpoolController().limit, limits=1, user_api="blas")
         # warm start: [W_l, b_l] of a trained network for raw input (a_0 = x / 255, as a Model stores them)
         self.initial_weights = initial_weights
         if initial_weights is not None:
@@ -422,7 +428,8 @@ class AdmmTrainer:
         if not (np.isfinite(cross).all() and np.isfinite(gram).all()):
             raise NumericalFailure(f"epoch {epoch}: the weight statistics of layer {layer} are not finite "
                                    "(NaN/Inf in the data or a diverged state)")
-        return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples))
+        with self.one_blas_thread():
+            return admm.solve_weights(cross, gram, self.hp.ridge_of(layer, samples))
 
     def _initialise(self) -> DriverState:
         hp = self.hp
@@ -442,7 +449,8 @@ class AdmmTrainer:
         last = hp.layers
         if self.initial_weights is None:
             # a random network's output layer starts as the ridge least-squares fit of the targets
-            weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{last}"], hp.init_ridge)
+            with self.one_blas_thread():
+                weights[-1] = admm.solve_weights(sums["cross_targets"], sums[f"gram{last}"], hp.init_ridge)
         # the input Gram is the only statistic that lives across iterations; the others are iteration 1's
         # forward pass (init_pass): its Grams, and the cross term of z_L + u_L = W_L [a_{L-1}, 1] (u = 0),
         # which is W_L G_L
@@ -514,10 +522,12 @@ class AdmmTrainer:
             timers["solve"] += time.perf_counter() - tick
             for layer in range(last - 1, 0, -1):
                 tick = time.perf_counter()
+                with self.one_blas_thread():
+                    activation = admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)
                 params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
                           "next_weight": new[layer], "beta": hp.beta_of(layer), "gamma": hp.gamma,
                           "target_rounds": hp.rounds_of(layer),
-                          "activation": admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)}
+                          "activation": activation}
                 timers["solve"] += time.perf_counter() - tick
                 sums = self._pass(sweep_pass, params, timers, f"pass{layer}", epoch)
                 tick = time.perf_counter()

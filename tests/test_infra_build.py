@@ -2,7 +2,7 @@
 wherever it is unpacked, and --upload puts the artifacts on S3 (moto).
 
 The virtualenv here holds only pip (no network in tests); the full runtime set
-(numpy, scipy, pyarrow, jsonschema: ~130 MB) is built the same way by the default command.
+(numpy, scipy, threadpoolctl, pyarrow, jsonschema: ~130 MB) is built the same way by the default command.
 """
 
 from __future__ import annotations
