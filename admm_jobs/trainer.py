@@ -292,8 +292,8 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     2. a = argmin_a beta_{l+1} ||z_{l+1} + u_{l+1} - W_{l+1} [a, 1]||^2 + gamma ||a - relu(z_l)||^2
        (exact least squares, W_{l+1} new);
     3. z_l = elementwise prox at m_l - u_l with m_l = W_l [a_{l-1}, 1]: the forward z_l, since
-       W_l has not changed since the forward pass; steps 2-3 alternate ``target_rounds`` times (``Hyperparameters.rounds_of``)
-       (``admm.place_hidden``), each round starting from the z_l of the one before;
+       W_l has not changed since the forward pass; steps 2-3 alternate ``target_rounds`` times
+       (``Hyperparameters.rounds_of``, ``admm.place_hidden``), each round starting from the z_l of the one before;
     4. emits the cross term [a_{l-1}, 1]^T (z_l + u_l) of the W_l solve.
 
     ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations,
@@ -413,8 +413,8 @@ class AdmmTrainer:
         self.checkpoint_every = checkpoint_every
         self.history: list[EpochReport] = []  # every epoch so far, restored ones included
         # The driver's solves are small (G_1 is 785 x 785: ~10 ms on one core). With more BLAS threads they ran
-        # 2-3x slower on Spark local[2] (0.065-0.107 s vs 0.030 s per iteration), as those threads contend with
-        # the executors for the same cores, and spinning idle they slowed the pass that followed.
+        # 2-3x slower on Spark local[2] (0.065-0.107 s vs 0.030-0.038 s per iteration): the driver's threads
+        # contend with the executors' workers for the same cores.
         self.one_blas_thread = functools.partial(ThreadpoolController().limit, limits=1, user_api="blas")
         # warm start: [W_l, b_l] of a trained network for raw input (a_0 = x / 255, as a Model stores them)
         self.initial_weights = initial_weights
