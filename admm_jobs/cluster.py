@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from admm_jobs.config import configure_logging, parse_config, setting, validate_fields
-from admm_jobs.deploy import PYTHON_WORKER_CONF
+from admm_jobs.deploy import TRAINING_SPARK_CONF
 
 log = logging.getLogger("admm_jobs.cluster")
 
@@ -45,15 +45,7 @@ def job_conf(executor_memory: str = "1g") -> dict[str, str]:
     loaded); each block's tasks kept on the executor holding its files (an executor lost during a
     pass is noticed by the backend, not by this wait); single-threaded BLAS in the Python workers.
     """
-    return {
-        "spark.executor.memory": executor_memory,
-        "spark.scheduler.minRegisteredResourcesRatio": "1.0",
-        "spark.scheduler.maxRegisteredResourcesWaitingTime": "300s",
-        "spark.locality.wait.process": "600s",
-        "spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
-        "spark.ui.showConsoleProgress": "false",
-        **PYTHON_WORKER_CONF,
-    }
+    return {"spark.executor.memory": executor_memory, "spark.ui.showConsoleProgress": "false", **TRAINING_SPARK_CONF}
 
 
 @dataclasses.dataclass(frozen=True)
