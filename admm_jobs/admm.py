@@ -25,7 +25,7 @@ the bias, which multiplies the constant 1 appended to the layer input.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -139,6 +139,11 @@ def update_activation(z: np.ndarray, target_next: np.ndarray, next_weights: np.n
 TILE_ROWS = 1024  # rows placed together: the rounds' elementwise work then stays in cache
 
 
+def row_tiles(rows: int, tile_rows: int) -> Iterable[slice]:
+    """Consecutive ``tile_rows``-row slices covering ``rows`` rows (per-sample work done a tile at a time)."""
+    return (slice(start, start + tile_rows) for start in range(0, rows, tile_rows))
+
+
 def place_hidden(
     z_forward: np.ndarray,
     m: np.ndarray,
@@ -163,8 +168,7 @@ def place_hidden(
     """
     a, z = np.empty_like(z_forward), np.empty_like(z_forward)
     bias = next_weights[:, -1]
-    for start in range(0, z_forward.shape[0], tile_rows):
-        rows = slice(start, start + tile_rows)
+    for rows in row_tiles(z_forward.shape[0], tile_rows):
         pull = operator.pull(target_next[rows], bias)
         place = preactivation_rule(m[rows], beta, gamma)
         z_tile = z_forward[rows]
@@ -326,13 +330,9 @@ def sample_losses(loss: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarr
     raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
 
 
-def forward_state(weights: list[np.ndarray], a0: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The network's forward pass, kept: z_l = W_l [a_{l-1}, 1] for l = 1..L and a_l = relu(z_l) for l < L."""
-    return forward_from(affine(weights[0], a0).astype(np.float32, copy=False), weights[1:])
-
-
 def forward_from(z1: np.ndarray, upper_weights: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """:func:`forward_state` from a first pre-activation z_1 already computed, with the weights W_2..W_L."""
+    """The network's forward pass from its first pre-activation z_1, kept: z_l = W_l [a_{l-1}, 1] for
+    l = 2..L (``upper_weights`` = W_2..W_L) and a_l = relu(z_l) for l < L."""
     activations, preactivations = [], [z1]
     for weight in upper_weights:
         activations.append(relu(preactivations[-1]))
@@ -341,8 +341,8 @@ def forward_from(z1: np.ndarray, upper_weights: list[np.ndarray]) -> tuple[list[
 
 
 def forward(weights: list[np.ndarray], a0: np.ndarray) -> np.ndarray:
-    """Network logits z_L of :func:`forward_state`."""
-    return forward_state(weights, a0)[1][-1]
+    """Network logits z_L for input rows a_0 (:func:`forward_from` with z_1 = W_1 [a_0, 1])."""
+    return forward_from(affine(weights[0], a0).astype(np.float32, copy=False), weights[1:])[1][-1]
 
 
 def he_initial_weights(layer_sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:

@@ -158,11 +158,6 @@ def scaled_input(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return a0
 
 
-def row_tiles(rows: int) -> Iterable[slice]:
-    """Consecutive ``INPUT_TILE_ROWS``-row slices of a block's wide input."""
-    return (slice(start, start + INPUT_TILE_ROWS) for start in range(0, rows, INPUT_TILE_ROWS))
-
-
 def input_product(weight: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """W [a_0, 1] for a_0 = ``scaled_input(pixels, mean)``, from the raw pixels x: x (W / 255)^T + (b - W mu).
 
@@ -172,7 +167,7 @@ def input_product(weight: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> n
     folded = admm.fold_input_mean([weight], mean)[0]
     folded[:, :-1] *= np.float32(INPUT_SCALE)
     product = np.empty((pixels.shape[0], weight.shape[0]), np.float32)
-    for rows in row_tiles(pixels.shape[0]):
+    for rows in admm.row_tiles(pixels.shape[0], INPUT_TILE_ROWS):
         product[rows] = admm.affine(folded, pixels[rows].astype(np.float32))
     return product
 
@@ -180,7 +175,7 @@ def input_product(weight: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> n
 def input_cross(target: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """C_1 = T^T [a_0, 1] (``admm.layer_cross``) for a_0 = ``scaled_input(pixels, mean)``, summed over row tiles."""
     cross = np.zeros((target.shape[1], pixels.shape[1] + 1))
-    for rows in row_tiles(pixels.shape[0]):
+    for rows in admm.row_tiles(pixels.shape[0], INPUT_TILE_ROWS):
         cross += admm.layer_cross(target[rows], scaled_input(pixels[rows], mean))
     return cross
 
@@ -188,7 +183,7 @@ def input_cross(target: np.ndarray, pixels: np.ndarray, mean: np.ndarray) -> np.
 def input_gram(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """G_1 = [a_0, 1]^T [a_0, 1] (``admm.layer_gram``) for a_0 = ``scaled_input(pixels, mean)``, summed over row tiles."""
     gram = np.zeros((pixels.shape[1] + 1,) * 2)
-    for rows in row_tiles(pixels.shape[0]):
+    for rows in admm.row_tiles(pixels.shape[0], INPUT_TILE_ROWS):
         gram += admm.layer_gram(scaled_input(pixels[rows], mean))
     return gram
 
