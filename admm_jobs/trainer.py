@@ -243,9 +243,9 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """The first pass of an iteration: re-synchronise the per-sample variables with the network.
 
     1. m_1 = W_1 [a_0, 1] with ``input_weight``, W_1 new of the previous iteration (the
-       initial W_1 in the first): the pass's only product with the wide input. With
-       ``finish`` it completes that iteration's multiplier step, u_1 -= alpha m_1 (the sweep
-       already added alpha z_1). The extrapolated layer's pre-activation follows by linearity,
+       initial W_1 in the first): the pass's only product with the wide input, kept for the
+       layer-1 sweep, which completes that iteration's multiplier step with it (u_1 -= alpha m_1;
+       the previous sweep already added alpha z_1). The extrapolated layer's pre-activation follows by linearity,
        W_ext [a_0, 1] = m_1 + theta (m_1 - m_1'), where m_1' is the block's previous m_1:
        one product with a_0 instead of two;
     2. a_l, z_l <- the forward pass of the current (extrapolated) ``weights``. Only the
@@ -259,10 +259,8 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     weights, mean, theta = params["weights"], params["mean"], params["theta"]
-    u = list(block["u"])
+    u = block["u"]
     product = input_product(params["input_weight"], block["pixels"], mean)
-    if params.get("finish"):
-        u[0] = (u[0] - np.float32(params["multiplier_step"]) * product).astype(np.float32)
     first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
     a, z = admm.forward_from(first, weights[1:])
     last = len(weights)
@@ -275,12 +273,14 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
             stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
     # z_L is not kept: the output update starts from W_L new; nor is a_l = relu(z_l): recomputing it is cheaper
     # than writing and reading it back
-    return dict(block, z=z[:-1], u=u, input_product=product), _timed(stats, started)
+    return dict(block, z=z[:-1], input_product=product), _timed(stats, started)
 
 
 def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """The per-sample work between the solves of W_{l+1} and W_l, for hidden layer l = ``layer``.
 
+    0. l = 1 with ``finish``: u_1 -= alpha m_1, m_1 = W_1 [a_0, 1] of the forward pass, completes the
+       previous iteration's multiplier step of layer 1 (the forward pass itself writes no u);
     1. l = L-1: m = W_L [a_{L-1}, 1]; z_L = prox of the loss at m - u_L; u_L += alpha (z_L - m).
        l < L-1: u_{l+1} += alpha (z_{l+1} - W_{l+1} [a_l, 1]), the multiplier step of the layer just solved
        (alpha = ``multiplier_step``);
@@ -293,12 +293,14 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
 
     ``a`` only serves to place z_l: the inputs a_{l-1} of every solve stay the forward activations,
     recomputed as relu of the forward z_{l-1} that the block keeps.
-    Between iterations a block keeps only the multipliers (u_1 with z_1 already added, see
-    ``forward_pass``) and its last product W_1 [a_0, 1].
+    Between iterations a block keeps only the multipliers (u_1 with alpha z_1 already added, step 0
+    subtracts the product with W_1 new) and its last product W_1 [a_0, 1].
     """
     started = time.perf_counter()
     layer, next_weight = params["layer"], params["next_weight"]
     z, u = list(block["z"]), list(block["u"])
+    if layer == 1 and params["finish"]:
+        u[0] = (u[0] - np.float32(params["multiplier_step"]) * block["input_product"]).astype(np.float32)
     last = len(u)
     multiplier_updates = params["multiplier_updates"]
     forward_z = z[layer - 1]  # z_1..z_l are still the forward pass's
@@ -325,7 +327,7 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
     stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
     if layer == 1:
-        # the first half of u_1 += alpha (z_1 - W_1 [a_0, 1]): the next forward pass subtracts the product with W_1 new
+        # the first half of u_1 += alpha (z_1 - W_1 [a_0, 1]): the next layer-1 sweep subtracts the product with W_1 new
         if multiplier_updates:
             u[0] = u[0] + np.float32(params["multiplier_step"]) * z[0]
         return dict(block, z=[], u=u), _timed(stats, started)
@@ -387,14 +389,14 @@ class AdmmTrainer:
 
     One iteration t (L layers, L passes):
 
-    * forward pass: finish layer 1 of iteration t-1 (u_1 step), score the weights of
-      iteration t-1, restart a_l, z_l from their forward pass; W_L = solve(sums) (iteration 1
-      of a fresh start has none: the initialisation pass already ran that network forward);
-    * for l = L-1..1, one sweep pass (z_L and u_L, or the u_{l+1} step; a_l, z_l),
-      then W_l = solve(sums);
+    * forward pass: score the weights of iteration t-1, restart a_l, z_l from their forward
+      pass; W_L = solve(sums) (iteration 1 of a fresh start has none: the initialisation pass
+      already ran that network forward);
+    * for l = L-1..1, one sweep pass (z_L and u_L, or the u_{l+1} step; a_l, z_l; at l = 1
+      first the rest of iteration t-1's u_1 step), then W_l = solve(sums);
     * extrapolate every W: W = W_new + theta_t (W_new - W_new of iteration t-1).
 
-    A final pass finishes layer 1 and scores the last iteration.
+    A final pass scores the last iteration.
     """
 
     def __init__(self, hp: Hyperparameters, backend: Backend, on_epoch: Callable[[EpochReport], None] | None = None,
@@ -488,24 +490,25 @@ class AdmmTrainer:
         common = {"mean": state.mean, "loss": hp.loss, "beta_output": hp.beta_output,
                   "multiplier_step": hp.multiplier_step}
 
-        def finish_previous() -> dict[str, Any]:
-            """Params that finish the previous iteration (u_1 step), score it, and restart from its network."""
+        def restart_previous() -> dict[str, Any]:
+            """Params that score the previous iteration and restart from its network."""
             if state.new_weights is None:
                 return {"weights": state.weights, "input_weight": state.weights[0], "theta": 0.0}
             # W_ext = W_new + theta (W_new - W_new previous); iteration 1 had nothing to extrapolate from
             theta = hp.extrapolation_at(state.epoch) if state.epoch > 1 else 0.0
-            return {"weights": state.weights, "input_weight": state.new_weights[0], "theta": theta, "score": True,
-                    "finish": state.epoch > hp.warmup_epochs}
+            return {"weights": state.weights, "input_weight": state.new_weights[0], "theta": theta, "score": True}
 
         for epoch in range(state.epoch + 1, hp.epochs + 1):
             started = time.perf_counter()
             timers = {"solve": 0.0, "worker": 0.0}
             multiplier_updates = epoch > hp.warmup_epochs
+            # the previous iteration's u_1 step waits for the product with its W_1 new (the forward pass's)
+            finish = state.new_weights is not None and state.epoch > hp.warmup_epochs
             first_forward = {key: value for key, value in state.sums.items() if key not in CONSTANT_SUMS}
             if first_forward:  # the initialisation ran iteration 1's forward pass
                 sums, state.sums = first_forward, {key: state.sums[key] for key in CONSTANT_SUMS}
             else:
-                sums = self._pass(forward_pass, {**common, **finish_previous()}, timers, "forward", epoch)
+                sums = self._pass(forward_pass, {**common, **restart_previous()}, timers, "forward", epoch)
             if "train_count" in sums:
                 stopped_early = self._report(state, history, epoch - 1, sums, state.pending_timers)
                 if stopped_early:
@@ -519,7 +522,7 @@ class AdmmTrainer:
                 tick = time.perf_counter()
                 with self.one_blas_thread():
                     activation = admm.activation_operator(new[layer], hp.beta_of(layer + 1), hp.gamma)
-                params = {**common, "multiplier_updates": multiplier_updates, "layer": layer,
+                params = {**common, "multiplier_updates": multiplier_updates, "finish": finish, "layer": layer,
                           "next_weight": new[layer], "beta": hp.beta_of(layer), "gamma": hp.gamma,
                           "target_rounds": hp.rounds_of(layer),
                           "activation": activation}
@@ -539,7 +542,7 @@ class AdmmTrainer:
                 self.checkpoints.save(self.backend, state)
         if not stopped_early and state.new_weights is not None:
             tail: dict[str, float] = {}
-            sums = self._pass(forward_pass, {**common, **finish_previous()}, tail, "score", state.epoch, update=False)
+            sums = self._pass(forward_pass, {**common, **restart_previous()}, tail, "score", state.epoch, update=False)
             self._report(state, history, state.epoch, sums, dict(state.pending_timers, score=tail["score"]))
         best = state.best_weights if state.best_weights is not None else state.weights
         return TrainingResult(admm.fold_input_mean(best, state.mean), state.best_epoch, history, stopped_early,
