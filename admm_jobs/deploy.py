@@ -58,20 +58,23 @@ VENV_ARCHIVE = "venv.tar.gz"
 ARCHIVE_ALIAS = "environment"
 ARCHIVE_PYTHON = f"./{ARCHIVE_ALIAS}/bin/python"
 
-# Every pass is one short task per block: over TCP each task's exchange with its Python worker
-# waited ~40 ms more than over a Unix domain socket (Spark >= 4.1; older Sparks ignore the key).
-PYTHON_WORKER_CONF = {"spark.python.unix.domain.socket.enabled": "true"}
-# What every training job needs wherever it runs (the DAG's targets and the local standalone cluster):
-# each Python worker runs one task, and BLAS threads beyond one per task oversubscribe the cores (the
-# driver's solves limit themselves to one thread, see AdmmTrainer). Each block's ADMM state lives in files
-# on the executor that loaded it: its tasks wait for that executor (while it lives) rather than run
+# What every training job needs wherever it runs (the DAG's targets, the local standalone cluster, the
+# benchmarks): each Python worker runs one task, and BLAS threads beyond one per task oversubscribe the
+# cores (the driver's solves limit themselves to one thread, see AdmmTrainer). Each block's ADMM state lives
+# in files on the executor that loaded it: its tasks wait for that executor (while it lives) rather than run
 # elsewhere and find no state, which costs a reload.
 TRAINING_SPARK_CONF = {"spark.executorEnv.OPENBLAS_NUM_THREADS": "1",
                        "spark.locality.wait.process": "600s",
                        # blocks are placed once, when the job starts: wait for every executor so they spread evenly
                        "spark.scheduler.minRegisteredResourcesRatio": "1.0",
                        "spark.scheduler.maxRegisteredResourcesWaitingTime": "300s",
-                       **PYTHON_WORKER_CONF}
+                       # Every pass is one short task per block: over TCP each task's exchange with its Python
+                       # worker waited ~40 ms more than over a Unix domain socket (Spark >= 4.1; older Sparks
+                       # ignore the key).
+                       "spark.python.unix.domain.socket.enabled": "true",
+                       # A pass's result per block (the first layer's cross term: 256 x 785 float64, 1.6 MB) is
+                       # over the 1 MiB default: it went through the block manager, one more fetch per pass.
+                       "spark.task.maxDirectResultSize": "16m"}
 BASE_SPARK_CONF = {"spark.driver.memory": "4g", "spark.log.level": "WARN", **TRAINING_SPARK_CONF}
 
 _URI = r"^{schemes}://[a-z0-9][a-z0-9._-]{{1,220}}[a-z0-9](/\S*)?$"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from admm_jobs import ingest
-from admm_jobs.deploy import PYTHON_WORKER_CONF
+from admm_jobs.deploy import TRAINING_SPARK_CONF
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work"
@@ -47,7 +47,6 @@ def spark_session(cores: int, app: str, driver_memory: str = "8g"):
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return (SparkSession.builder.master(f"local[{cores}]").appName(app).config(map=PYTHON_WORKER_CONF)
+    return (SparkSession.builder.master(f"local[{cores}]").appName(app).config(map=TRAINING_SPARK_CONF)
             .config("spark.driver.memory", driver_memory).config("spark.ui.enabled", "false")
-            .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1").getOrCreate())
+            .config("spark.ui.showConsoleProgress", "false").getOrCreate())

@@ -18,7 +18,7 @@ from admm_jobs import model as model_io
 from admm_jobs import storage, train
 from admm_jobs.spark_backend import SparkBackend
 from admm_jobs.checkpoint import CheckpointStore
-from admm_jobs.deploy import PYTHON_WORKER_CONF
+from admm_jobs.deploy import TRAINING_SPARK_CONF
 from admm_jobs.trainer import AdmmTrainer, BlocksLost, LocalBackend, sum_pass
 
 
@@ -29,7 +29,7 @@ def spark_context():
     spark = (SparkSession.builder.master("local[2,4]")  # 4 attempts per task, as on a cluster
              .appName("test-train")
              .config("spark.ui.enabled", "false").config("spark.pyspark.python", sys.executable)
-             .config("spark.executorEnv.OPENBLAS_NUM_THREADS", "1").config(map=PYTHON_WORKER_CONF)
+             .config(map=TRAINING_SPARK_CONF)
              .getOrCreate())
     yield spark.sparkContext
     spark.stop()
