@@ -259,13 +259,12 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     weights, mean, theta = params["weights"], params["mean"], params["theta"]
-    u = block["u"]
     product = input_product(params["input_weight"], block["pixels"], mean)
     first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
     a, z = admm.forward_from(first, weights[1:])
     last = len(weights)
     stats = hidden_grams(a)
-    stats[f"cross{last}"] = admm.layer_cross(z[-1] + u[-1], a[-1])
+    stats[f"cross{last}"] = admm.layer_cross(z[-1] + block["u"][-1], a[-1])
     if params.get("score"):
         stats.update(_scores(z[-1], params["loss"], block["labels"], "train"))
         for split, (pixels, labels) in block["evaluation"].items():
