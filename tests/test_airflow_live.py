@@ -11,22 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from admm_jobs import storage
+from admm_jobs import demo, storage
 
 pytestmark = pytest.mark.slow
 
 DAG_ID = "mnist_admm_retraining"
-VENV_BIN = Path(sys.executable).parent
-USER, PASSWORD = "admin", "live-test-password"
+USER, PASSWORD = demo.USER, "live-test-password"
 TRIGGERED_DATE = "2026-03-09T00:00:00Z"  # not test_dag's date: the session shares one DB
 TRIGGERED_KEY = "20260309T000000"
 BACKFILL_DATES = ("2026-01-04T00:00:00Z", "2026-01-11T00:00:00Z")  # two Sundays: the DAG is @weekly
@@ -41,85 +37,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-class Airflow:
-    """Airflow's services started as subprocesses (own process groups), and a REST client signed in as admin."""
+class Airflow(demo.AirflowServices):
+    """The demo's supervised services (``demo.AirflowServices``: own process groups, a service that exits is
+    restarted, a REST client at /api/v2 signed in as admin), with the test's helpers."""
 
     def __init__(self, env: dict[str, str], logs: Path, port: int):
-        self.env, self.logs, self.url = env, logs, f"http://127.0.0.1:{port}"
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.client: httpx.Client | None = None
+        super().__init__(env, logs, port, PASSWORD)
 
-    def start(self, name: str, *args: str) -> None:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            self.processes[name] = subprocess.Popen(
-                [str(VENV_BIN / "airflow"), name, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def diagnostics(self) -> str:
-        return "\n".join(f"--- {name} (exit {process.poll()}):\n{_tail(self.logs / f'{name}.log')}"
-                         for name, process in self.processes.items())
-
-    def wait_until_ready(self, timeout: float = 240) -> None:
-        """Wait for a healthy scheduler and dag-processor and for the DAG to be parsed, then sign in."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.client is None:
-                    token = httpx.post(f"{self.url}/auth/token", json={"username": USER, "password": PASSWORD},
-                                       timeout=10).raise_for_status().json()["access_token"]
-                    self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"},
-                                               timeout=30)
-                health = self.client.get("/api/v2/monitor/health").json()
-                if (all(health.get(part, {}).get("status") == "healthy" for part in ("scheduler", "dag_processor"))
-                        and self.client.get(f"/api/v2/dags/{DAG_ID}").status_code == 200):
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            exited = [name for name, process in self.processes.items() if process.poll() is not None]
-            if exited or time.monotonic() > deadline:
-                raise RuntimeError(f"Airflow did not come up (exited: {exited})\n{self.diagnostics()}")
-            time.sleep(2)
-
-    def stop(self) -> None:
-        if self.client is not None:
-            self.client.close()
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    # --- REST helpers ------------------------------------------------------------------------
-
-    def api(self, method: str, path: str, **kwargs) -> dict:
-        response = self.client.request(method, f"/api/v2{path}", **kwargs)
-        assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json()
-
-    def create_backfill(self, body: dict, attempts: int = 10) -> dict:
-        """POST /backfills, again while SQLite reports the database locked (503) by the scheduler's writes."""
-        for _ in range(attempts - 1):
-            response = self.client.post("/api/v2/backfills", json=body)
-            if response.status_code != 503:
-                break
-            time.sleep(1)
-        else:
-            response = self.client.post("/api/v2/backfills", json=body)
-        assert response.is_success, f"POST /backfills: {response.status_code} {response.text}"
-        return response.json()
+    def create_backfill(self, body: dict) -> dict:
+        return self.api("POST", "/backfills", json=body)  # sent again while SQLite answers 503 (database locked)
 
     def wait_for_runs(self, run_ids: list[str]) -> dict[str, dict]:
         """Poll until every run has finished; fail with the failed tasks' logs if one did not succeed."""
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while True:
+            self.revive()  # the scheduler can die on a race with the backfill request (demo.AirflowServices.revive)
             runs = {run_id: self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}") for run_id in run_ids}
             if all(run["state"] in ("success", "failed") for run in runs.values()):
                 break
@@ -178,9 +110,7 @@ def airflow(airflow_db, storage_roots, tmp_path_factory):
     }
     services = Airflow(env, logs, port)
     try:
-        services.start("api-server", "--port", str(port), "--host", "127.0.0.1", "--workers", "1")
-        services.start("scheduler")
-        services.start("dag-processor")
+        services.start()
         services.wait_until_ready()
         services.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
         yield services
@@ -225,12 +155,12 @@ def test_report_link_opens_the_evaluation_report(airflow, triggered_run):
     links = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{triggered_run}/taskInstances/evaluate/links")
     link = links["extra_links"]["Evaluation report"]
     assert link == f"admm-reports/files/runs/{TRIGGERED_KEY}/evaluation/report.html"
-    report = airflow.client.get("/" + link)
+    report = airflow.client.get(f"{airflow.url}/{link}")
     assert report.status_code == 200 and "<img" in report.text
     assert httpx.get(f"{airflow.url}/{link}").status_code == 401  # not signed in
     published = airflow.api("GET", f"/dags/{DAG_ID}/dagRuns/{triggered_run}/taskInstances/publish/links")
     assert published["extra_links"]["Evaluation report"].startswith("admm-reports/files/registry/mnist-admm/")
-    run_tab = airflow.client.get(f"/admm-reports/runs/{DAG_ID}/{triggered_run}", follow_redirects=True)
+    run_tab = airflow.client.get(f"{airflow.url}/admm-reports/runs/{DAG_ID}/{triggered_run}", follow_redirects=True)
     assert run_tab.status_code == 200 and run_tab.url.path == "/" + link
 
 
