@@ -37,7 +37,7 @@ def warm_up(spark, cores: int) -> float:
     """Seconds of one empty Python job on every core: the session's first job starts the JVM's task machinery
     and the Python workers (about 2 s), which would otherwise count as the first trainer's time only."""
     started = time.perf_counter()
-    spark.sparkContext.parallelize(range(cores), cores).map(lambda value: value).count()
+    spark.sparkContext.parallelize(range(cores), cores).count()  # a Python job: PySpark counts in the workers
     return time.perf_counter() - started
 
 

@@ -29,23 +29,12 @@ BACKFILL_DATES = ("2026-01-04T00:00:00Z", "2026-01-11T00:00:00Z")  # two Sundays
 RUN_TIMEOUT_S = 420
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Airflow(demo.AirflowServices):
     """The demo's supervised services (``demo.AirflowServices``: own process groups, a service that exits is
     restarted, a REST client at /api/v2 signed in as admin), with the test's helpers."""
 
     def __init__(self, env: dict[str, str], logs: Path, port: int):
         super().__init__(env, logs, port, PASSWORD)
-
-    def create_backfill(self, body: dict) -> dict:
-        return self.api("POST", "/backfills", json=body)  # sent again while SQLite answers 503 (database locked)
 
     def wait_for_runs(self, run_ids: list[str]) -> dict[str, dict]:
         """Poll until every run has finished; fail with the failed tasks' logs if one did not succeed."""
@@ -94,7 +83,7 @@ def airflow(airflow_db, storage_roots, tmp_path_factory):
     logs = tmp_path_factory.mktemp("airflow-services")
     passwords = logs / "passwords.json"
     passwords.write_text(json.dumps({USER: PASSWORD}))
-    port = _free_port()
+    port = demo.free_port()
     env = {
         **os.environ,
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -172,7 +161,7 @@ def test_backfill_runs_each_date_into_its_own_directory(airflow, triggered_run, 
     # A different model that the gate must reject: no pointer change, no model asset event.
     conf = small_conf(small_idx_source, storage_roots, hidden_layers=[16], min_accuracy=1.0)
     # One run at a time: two runs validating the same dataset at once race on its validation/ directory.
-    backfill = airflow.create_backfill({
+    backfill = airflow.api("POST", "/backfills", json={  # sent again while SQLite answers 503
         "dag_id": DAG_ID, "from_date": BACKFILL_DATES[0], "to_date": BACKFILL_DATES[1],
         "dag_run_conf": conf, "max_active_runs": 1})
     runs = [run for run in airflow.api("GET", f"/dags/{DAG_ID}/dagRuns", params={"limit": 10})["dag_runs"]
