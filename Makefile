@@ -39,14 +39,14 @@ $(AIRFLOW_HOME)/airflow.db: $(VENV)/.installed
 
 # make run [DATE=YYYY-MM-DD] [PARAMS='{...}']: one DAG run for that logical date (default: now, UTC).
 run: $(AIRFLOW_HOME)/airflow.db
-	$(BIN)/python -m admm_jobs.run_pipeline --params '$(PARAMS)' $(if $(DATE),--logical-date '$(DATE)')
+	$(BIN)/python -m admm_jobs.operations.run_pipeline --params '$(PARAMS)' $(if $(DATE),--logical-date '$(DATE)')
 
 # MNIST cut into 6 weekly batches, backfilled through a real Airflow (api-server, scheduler, dag-processor with
 # their own AIRFLOW_HOME, var/demo/airflow); prints the week-by-week table, writes var/demo/weeks.{md,json,png}.
-# PARAMS='{"epochs": 10}' overrides DAG params of every run; DEMO_ARGS='--weeks 3' (python -m admm_jobs.demo --help).
+# PARAMS='{"epochs": 10}' overrides DAG params of every run; DEMO_ARGS='--weeks 3' (python -m admm_jobs.operations.demo --help).
 .PHONY: demo-retraining
 demo-retraining: $(VENV)/.installed
-	$(BIN)/python -m admm_jobs.demo --params '$(PARAMS)' $(DEMO_ARGS)
+	$(BIN)/python -m admm_jobs.operations.demo --params '$(PARAMS)' $(DEMO_ARGS)
 
 # Airflow UI + scheduler + dag-processor + triggerer (airflow standalone) on this machine.
 # Log in with AIRFLOW_USER / AIRFLOW_PASSWORD (SimpleAuthManager; development only).
@@ -73,7 +73,7 @@ CLUSTER_MEMORY ?= 1g
 CLUSTER_PORT ?= 7077
 CLUSTER_WEBUI_PORT ?= 8077
 cluster: $(VENV)/.installed
-	$(BIN)/python -m admm_jobs.cluster --workers $(CLUSTER_WORKERS) --cores $(CLUSTER_CORES) --memory $(CLUSTER_MEMORY) \
+	$(BIN)/python -m admm_jobs.operations.cluster --workers $(CLUSTER_WORKERS) --cores $(CLUSTER_CORES) --memory $(CLUSTER_MEMORY) \
 		--port $(CLUSTER_PORT) --webui-port $(CLUSTER_WEBUI_PORT) --directory $(CURDIR)/var/cluster
 
 test: $(VENV)/.installed

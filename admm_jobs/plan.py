@@ -4,9 +4,9 @@
         [--logical-date ISO] -- <train options>
 
 Nothing new means no retraining: the *training key* is a hash of the dataset version, the
-training code (the content of the modules that determine the weights, so a commit that touches
-only docs or the pipeline around training retrains nothing) and every training setting that
-shapes the model. When the registry history
+training code (the definitions in the modules that determine the weights, whichever file holds
+them: a commit that touches only docs, imports, the pipeline around training or where code lives
+retrains nothing) and every training setting that shapes the model. When the registry history
 already holds a gate decision (accepted or rejected) for that key, the run skips training,
 evaluation and publishing, records a ``skipped`` decision and says why. Otherwise it trains,
 starting from the published model with ``--init published`` (the train stage falls back to
@@ -18,16 +18,20 @@ dataset_version, dataset_uri, training_key, code_version, init, init_model_uri.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import logging
+import sys
 from typing import Any
 
-from admm_jobs import dataset, registry, storage
-from admm_jobs.config import configure_logging, parse_config, setting, validate_fields
-from admm_jobs.train import TrainConfig, code_version
+from admm_jobs.cli.command import run_command
+from admm_jobs.cli.config import parse_config, setting, validate_fields
+from admm_jobs.lake import dataset, storage
+from admm_jobs.registry import store as registry
+from admm_jobs.trainer.config import TrainConfig, code_version
 
 log = logging.getLogger("admm_jobs.plan")
 
@@ -35,7 +39,8 @@ PLAN_FILE = "plan.json"
 # Train settings that do not shape the model: where it runs and how often it checkpoints.
 NOT_IN_KEY = ("dataset_uri", "output_uri", "init_model_uri", "checkpoint_every")
 # The modules whose code determines the trained weights.
-TRAINING_CODE = ("admm.py", "trainer.py", "train.py", "dataset.py", "model.py")
+TRAINING_CODE = ("admm_jobs.train", "admm_jobs.trainer.admm", "admm_jobs.trainer.loop", "admm_jobs.trainer.config",
+                 "admm_jobs.trainer.blocks", "admm_jobs.lake.dataset", "admm_jobs.registry.model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +56,47 @@ class PlanConfig:
         validate_fields(self)
 
 
+def is_entry_point(statement: ast.stmt) -> bool:
+    """``def main`` or the ``if __name__ == "__main__"`` guard: how a module is called, not what it computes."""
+    if isinstance(statement, ast.FunctionDef):
+        return statement.name == "main"
+    return isinstance(statement, ast.If) and "__main__" in ast.unparse(statement.test)
+
+
+def code_units(source: str) -> list[str]:
+    """The top-level statements of a module's source, each as written (decorators and inner comments included).
+
+    Left out: imports (they say where code lives), the module docstring and the entry point
+    (:func:`is_entry_point`); what remains is the code the module contributes, wherever it is kept.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    docstring = ast.get_docstring(tree, clean=False) is not None
+    units = []
+    for index, statement in enumerate(tree.body):
+        if (index == 0 and docstring) or isinstance(statement, (ast.Import, ast.ImportFrom)) or is_entry_point(statement):
+            continue
+        first = min([statement.lineno, *(d.lineno for d in getattr(statement, "decorator_list", []))])
+        units.append("\n".join(lines[first - 1:statement.end_lineno]))
+    return units
+
+
 def training_code_version() -> str:
-    """12 hex digits of sha256 over the source of :data:`TRAINING_CODE` (read through the package, so a
-    zipped deployment hashes the same bytes)."""
-    package = importlib.resources.files("admm_jobs")
-    digest = hashlib.sha256()
-    for name in TRAINING_CODE:
-        digest.update(name.encode() + b"\0" + package.joinpath(name).read_bytes())
-    return digest.hexdigest()[:12]
+    """12 hex digits of sha256 over the sorted sha256 digests of the code units of :data:`TRAINING_CODE`.
+
+    The sources are read through the import system (a zipped deployment hashes the same text). A
+    digest of units, not of files, does not change when code moves between modules or a module is
+    renamed: only a change to what the code computes retrains.
+    """
+    digests = sorted(hashlib.sha256(unit.encode()).hexdigest()
+                     for module in TRAINING_CODE for unit in code_units(module_source(module)))
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:12]
+
+
+def module_source(module: str) -> str:
+    """The source text of an importable module, from a directory or a zip archive alike."""
+    spec = importlib.util.find_spec(module)
+    return spec.loader.get_source(module)
 
 
 def training_key(dataset_version: str, code: str, train_config: TrainConfig) -> str:
@@ -111,27 +149,14 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import sys
-
-    configure_logging()
     plan_argv, train_argv = split_argv(list(sys.argv[1:] if argv is None else argv))
-    config = parse_config(PlanConfig, plan_argv)
-    train_config = parse_config(TrainConfig, ["--dataset-uri", config.dataset_uri, "--output-uri", config.run_uri,
-                                              *train_argv])
-    plan = plan_run(config, train_config)
-    print(json.dumps(plan, sort_keys=True))
-    return plan
 
+    def plan_with_train_settings(config: PlanConfig) -> dict[str, Any]:
+        train_config = parse_config(TrainConfig, ["--dataset-uri", config.dataset_uri, "--output-uri", config.run_uri,
+                                                  *train_argv])
+        return plan_run(config, train_config)
 
-def airflow_task(argv: list[str], ti=None) -> bool:
-    """:func:`main` for a ``ShortCircuitOperator``: False (nothing new) skips everything downstream.
-
-    The plan goes to XCom under the key ``plan`` (the train task reads ``init_model_uri``).
-    """
-    plan = main(argv)
-    if ti is not None:
-        ti.xcom_push(key="plan", value=plan)
-    return plan["retrain"]
+    return run_command(PlanConfig, plan_with_train_settings, plan_argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Publish a trained, evaluated model (the challenger) to the registry, behind a quality gate.
 
-The registry's layout, pointer, versions and history are :mod:`admm_jobs.registry`'s.
+The registry's layout, pointer, versions and history are :mod:`admm_jobs.registry.store`'s.
 
 Quality gate (:func:`quality_gate`). The champion is the published model. The challenger is
 accepted iff
@@ -17,12 +17,12 @@ in between), the gate is run against the new champion: it is scored here on the 
 test accuracy the pointer records). A rejection leaves the pointer and the versions alone and
 is a normal outcome (exit 0); a missing or corrupt artifact raises.
 
-Every decision is appended to the registry history (:func:`admm_jobs.registry.record_decision`)
+Every decision is appended to the registry history (:func:`admm_jobs.registry.store.record_decision`)
 with the training key and logical date the DAG passes, the dataset version and batch ids, both
 models' scores and the reasons.
 
 Concurrent publishes: the read-pointer / gate / switch-pointer sequence runs under
-:func:`admm_jobs.registry.locked` on local disk; on object stores the pointer switch is a
+:func:`admm_jobs.registry.store.locked` on local disk; on object stores the pointer switch is a
 conditional PUT and the gate is re-run against the new pointer when another publisher got
 there first.
 """
@@ -31,19 +31,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 from typing import Any
 
-from admm_jobs import evaluate, registry, storage
-from admm_jobs import model as model_io
-from admm_jobs.config import configure_logging, parse_config, require, setting, validate_fields
-from admm_jobs.onnx_export import verified_onnx
+from admm_jobs.cli.command import run_command
+from admm_jobs.cli.config import require, setting, validate_fields
+from admm_jobs.lake import storage
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
+from admm_jobs.scoring import metrics
+from admm_jobs.serving.onnx_export import verified_onnx
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
 
 DEFAULT_MODEL_NAME = registry.DEFAULT_MODEL_NAME
-NEWEST_BATCH = evaluate.NEWEST_BATCH
+NEWEST_BATCH = metrics.NEWEST_BATCH
 # Accuracies are ratios of counts; this keeps a drop of exactly the allowed size from failing by rounding.
 TOLERANCE = 1e-12
 
@@ -184,7 +186,7 @@ def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri:
     if evaluated and evaluated.get("version") == pointer["version"]:
         batch = evaluated.get(NEWEST_BATCH)
         return Scores(float(evaluated["test"]["accuracy"]), batch["accuracy"] if batch else None)
-    if candidate.evaluation.get("format") != evaluate.EVALUATION_FORMAT or not candidate.dataset_uri:
+    if candidate.evaluation.get("format") != metrics.EVALUATION_FORMAT or not candidate.dataset_uri:
         return Scores(float(pointer["test_accuracy"]))
     log.info(
         "the published model is %s, not the %s the evaluation compared with: scoring it on %s",
@@ -193,7 +195,7 @@ def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri:
         candidate.dataset_uri,
     )
     model_uri = storage.join(registry.version_uri(registry_uri, pointer["version"], model_name), registry.MODEL_DIR)
-    scored = evaluate.score_champion(model_uri, candidate.dataset_uri)
+    scored = metrics.score_champion(model_uri, candidate.dataset_uri)
     batch = scored[NEWEST_BATCH]
     return Scores(scored["test"]["accuracy"], batch["accuracy"] if batch else None)
 
@@ -335,7 +337,7 @@ def history_entry(
     training_key: str | None,
     logical_date: str | None,
 ) -> dict[str, Any]:
-    """The registry history line of a gate decision (see :func:`admm_jobs.registry.record_decision`)."""
+    """The registry history line of a gate decision (see :func:`admm_jobs.registry.store.record_decision`)."""
     return {
         # "unchanged" is an acceptance that leaves the pointer where it is.
         "decision": registry.REJECTED if decision.outcome == "rejected" else registry.ACCEPTED,
@@ -369,56 +371,7 @@ def log_decision(candidate: Candidate, decision: Decision) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(PublishConfig, argv)
-    configure_logging()
-    result = publish_run(
-        config.run_uri,
-        config.registry_uri,
-        model_name=config.model_name,
-        min_accuracy=config.min_accuracy,
-        max_regression=config.max_regression,
-        max_batch_regression=config.max_batch_regression,
-        training_key=config.training_key,
-        logical_date=config.logical_date,
-    )
-    print(json.dumps(result, sort_keys=True))
-    return result
-
-
-# --- lineage (Airflow) ------------------------------------------------------------------------
-
-
-def published_model_asset(model_name: str = DEFAULT_MODEL_NAME):
-    """The Airflow Asset of the published model: updated only when the gate accepts a new version.
-
-    Logical identity ``x-admm://registry/<model_name>`` (the registry's location is a run
-    parameter); each event's extra says where the version is (see :func:`airflow_task`).
-    """
-    from airflow.sdk import Asset
-
-    return Asset(name=f"{model_name}-published-model", uri=f"x-admm://registry/{model_name}", group="model")
-
-
-def publications_alias(model_name: str = DEFAULT_MODEL_NAME):
-    """The publish task's outlet: events are added to it at run time, so a rejected model emits none."""
-    from airflow.sdk import AssetAlias
-
-    return AssetAlias(name=f"{model_name}-publications", group="model")
-
-
-def airflow_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
-    """:func:`main` as an Airflow task: an accepted model becomes an event of :func:`published_model_asset`.
-
-    The event's extra is the new registry pointer plus ``model_uri`` and ``model_name``;
-    a rejected model, or one that is already the published version, emits no event.
-    """
-    result = main(argv)
-    if outlet_events is not None and result["decision"] == "accepted":
-        outlet_events[publications_alias(result["model_name"])].add(
-            published_model_asset(result["model_name"]),
-            extra={**result["current"], "model_uri": result["model_uri"], "model_name": result["model_name"]},
-        )
-    return result
+    return run_command(PublishConfig, lambda config: publish_run(**dataclasses.asdict(config)), argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import math
 import tempfile
@@ -37,12 +36,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from admm_jobs import ingest, registry, storage
-from admm_jobs import model as model_io
-from admm_jobs.config import parse_config, setting, validate_fields
-from admm_jobs.dataset import (
-    SPLITS, DatasetError, batch_file_uris, check_schema, load_manifest, read_batch, read_split, split_file_uris,
+from admm_jobs.cli.command import FailedWithResult, run_command
+from admm_jobs.cli.config import setting, validate_fields
+from admm_jobs.lake import batches, storage
+from admm_jobs.lake.dataset import (
+    SPLITS,
+    DatasetError,
+    batch_file_uris,
+    check_schema,
+    load_manifest,
+    read_batch,
+    read_split,
+    split_file_uris,
 )
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
 
 log = logging.getLogger("admm_jobs.validate")
 
@@ -67,12 +75,8 @@ DATA_DOCS_SITE = "local_site"
 SOURCE_COLUMNS = ("image_id", "label", "pixels")
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(FailedWithResult):
     """The dataset broke at least one expectation; ``result`` is the stage result dict."""
-
-    def __init__(self, message: str, result: dict[str, Any]):
-        super().__init__(message)
-        self.result = result
 
 
 class BatchQuarantined(ValidationFailed):
@@ -397,7 +401,7 @@ def batch_frame(pixels: np.ndarray, labels: np.ndarray, known_ids: set[str], mod
     ``known_ids`` or earlier in the batch) and, with a published model, ``model_correct``."""
     frame = image_statistics(pixels)
     frame["label"] = labels.astype(int)
-    ids = pd.Series(ingest.image_ids(pixels))
+    ids = pd.Series(batches.image_ids(pixels))
     frame["duplicate"] = ids.isin(known_ids) | ids.duplicated()
     if model is not None:
         frame["model_correct"] = (model.predict(pixels) == labels).astype(float)
@@ -504,7 +508,7 @@ def quarantine(config: ValidateConfig, manifest: Mapping[str, Any], batch: str, 
         "reference_dataset": reference.dataset_uri if reference else None,
         "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    storage.write_json(ingest.quarantine_uri(lake_dataset, batch), record)
+    storage.write_json(batches.quarantine_uri(lake_dataset, batch), record)
     if config.registry_uri:
         first = failures[0]
         registry.record_decision(config.registry_uri, {
@@ -582,44 +586,14 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
     return stage_result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(ValidateConfig, argv)
+def run(config: ValidateConfig) -> dict[str, Any]:
     settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("dataset_uri", "suite")}
-    try:
-        result = validate_dataset(config.dataset_uri, config.suite, **settings)
-    except ValidationFailed as failure:
-        # The outcome is still the last stdout line; the exception makes the exit status non-zero.
-        print(json.dumps(failure.result, sort_keys=True))
-        raise
-    print(json.dumps(result, sort_keys=True))
-    return result
+    return validate_dataset(config.dataset_uri, config.suite, **settings)
 
 
-def validated_dataset_asset(dataset_name: str = "mnist"):
-    """The Airflow Asset a passed validation updates: logical identity ``x-admm://lake/<dataset>``.
-
-    The lake's location is a run parameter; each event's extra says which dataset
-    version passed and where it is (see :func:`airflow_task`).
-    """
-    from airflow.sdk import Asset
-
-    return Asset(name=f"{dataset_name}-validated-dataset", uri=f"x-admm://lake/{dataset_name}", group="dataset")
-
-
-def airflow_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
-    """:func:`main` as an Airflow task: the asset event of a passed validation names the dataset version.
-
-    A failed validation raises, so the task fails and emits no event.
-    """
-    result = main(argv)
-    if outlet_events is not None:
-        manifest = load_manifest(result["dataset_uri"])
-        outlet_events[validated_dataset_asset(manifest["dataset"])].extra = {
-            "dataset_uri": result["dataset_uri"],
-            "dataset_version": manifest["version"],
-            "result_uri": result["result_uri"],
-        }
-    return result
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    # A failed validation still prints its result as the last stdout line, then exits non-zero.
+    return run_command(ValidateConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import json
 import statistics
 import threading
 
-from admm_jobs import train
-from admm_jobs.spark_backend import SparkBackend
-from admm_jobs.trainer import AdmmTrainer, LocalBackend
+from admm_jobs.trainer.blocks import block_specs, load_block
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer, LocalBackend
+from admm_jobs.trainer.spark_backend import SparkBackend
+
 from common import RESULTS, machine, mnist_dataset_uri, spark_session, uptime
 
 
@@ -71,15 +73,15 @@ def main() -> None:
     args.partitions = args.partitions or args.cores
 
     dataset_uri = mnist_dataset_uri()
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=args.epochs,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=args.epochs,
                                partitions=args.partitions, patience=0, train_limit=args.train_limit)
     hp = config.hyperparameters(784, 10)
-    specs = train.block_specs(dataset_uri, config.partitions, config.train_limit)
+    specs = block_specs(dataset_uri, config.partitions, config.train_limit)
 
     load_before = uptime()
     spark = spark_session(args.cores, "bench-backend-ratio")
-    backends = {"numpy": LocalBackend(train.load_block(spec) for spec in specs),
-                "spark": SparkBackend(spark.sparkContext, specs, train.load_block)}
+    backends = {"numpy": LocalBackend(load_block(spec) for spec in specs),
+                "spark": SparkBackend(spark.sparkContext, specs, load_block)}
     turns = Turns(list(backends))
     reports: dict[str, list] = {name: [] for name in backends}
     failures: list[BaseException] = []

@@ -33,10 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from admm_jobs import admm, train
-from admm_jobs.cluster import StandaloneCluster, job_conf
-from admm_jobs.spark_backend import SparkBackend, executor_scratch_directory
-from admm_jobs.trainer import AdmmTrainer
+from admm_jobs.operations.cluster import StandaloneCluster, job_conf
+from admm_jobs.trainer import admm
+from admm_jobs.trainer.blocks import block_specs, load_block
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer
+from admm_jobs.trainer.spark_backend import SparkBackend, executor_scratch_directory
+
 from common import RESULTS, WORK, machine, mnist_dataset_uri
 
 REPEATS = 7
@@ -106,10 +109,10 @@ def measure(dataset_uri: str, workers: int, samples: int, blocks: int, epochs: i
             builder = builder.config(key, value)
         spark = builder.getOrCreate()
         sc = spark.sparkContext
-        config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, patience=0,
+        config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, patience=0,
                                    partitions=blocks, train_limit=samples)
         hp = config.hyperparameters(784, 10)
-        backend = SparkBackend(sc, train.block_specs(dataset_uri, blocks, samples), train.load_block)
+        backend = SparkBackend(sc, block_specs(dataset_uri, blocks, samples), load_block)
         reports, cpu_marks = [], []
 
         def on_epoch(report):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from admm_jobs import ingest
-from admm_jobs.deploy import TRAINING_SPARK_CONF
+from admm_jobs.operations.deploy import TRAINING_SPARK_CONF
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".work"

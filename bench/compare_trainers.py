@@ -24,9 +24,12 @@ import time
 
 import numpy as np
 
-from admm_jobs import dataset, storage, train
-from admm_jobs.spark_backend import SparkBackend
-from admm_jobs.trainer import AdmmTrainer
+from admm_jobs.lake import dataset, storage
+from admm_jobs.trainer.blocks import block_specs, load_block, read_slices
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer
+from admm_jobs.trainer.spark_backend import SparkBackend
+
 from common import RESULTS, machine, mnist_dataset_uri, spark_session, uptime
 
 LAYERS = [784, 256, 256, 10]
@@ -42,7 +45,7 @@ def warm_up(spark, cores: int) -> float:
 
 
 def admm_curve(spark, dataset_uri: str, epochs: int, partitions: int) -> list[dict]:
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs,
                                partitions=partitions, patience=0)
     curve = []
     started = time.perf_counter()
@@ -52,7 +55,7 @@ def admm_curve(spark, dataset_uri: str, epochs: int, partitions: int) -> list[di
                       "test_accuracy": report.metrics["test_accuracy"], "train_accuracy": report.metrics["train_accuracy"]})
         print(f"admm epoch {report.epoch}: {curve[-1]['seconds']:.1f}s test {report.metrics['test_accuracy']:.4f}", flush=True)
 
-    backend = SparkBackend(spark.sparkContext, train.block_specs(dataset_uri, partitions, None), train.load_block)
+    backend = SparkBackend(spark.sparkContext, block_specs(dataset_uri, partitions, None), load_block)
     try:
         AdmmTrainer(config.hyperparameters(784, 10), backend, record).fit()
     finally:
@@ -94,9 +97,9 @@ def adam_curve(dataset_uri: str, epochs: int, cores: int) -> list[dict]:
     from sklearn.neural_network import MLPClassifier
     from threadpoolctl import threadpool_limits
 
-    (spec,) = train.block_specs(dataset_uri, 1, None)
-    x_train, y_train = train.read_slices(spec["train"])
-    x_test, y_test = train.read_slices(spec["test"])
+    (spec,) = block_specs(dataset_uri, 1, None)
+    x_train, y_train = read_slices(spec["train"])
+    x_test, y_test = read_slices(spec["test"])
     x_train, x_test = x_train.astype(np.float32) / 255.0, x_test.astype(np.float32) / 255.0
     classes = np.arange(LAYERS[-1])
     model = MLPClassifier(hidden_layer_sizes=tuple(LAYERS[1:-1]), solver="adam", batch_size=128, random_state=0)

@@ -20,10 +20,11 @@ import statistics
 import time
 
 import numpy as np
+from study import blocks, load
+
+from admm_jobs.trainer.loop import AdmmTrainer, Hyperparameters, LocalBackend
 
 from common import RESULTS, machine, uptime
-from study import blocks, load
-from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend
 
 
 def iteration_products(hp: Hyperparameters, rows: int, evaluation_rows: int) -> list[dict]:

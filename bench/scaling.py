@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 from pyspark import SparkFiles
 
-from admm_jobs import train
-from admm_jobs.spark_backend import SparkBackend
-from admm_jobs.checkpoint import DATA_KEYS
-from admm_jobs.trainer import AdmmTrainer, make_block
+from admm_jobs.trainer.blocks import block_specs, load_block
+from admm_jobs.trainer.checkpoint import DATA_KEYS
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer, make_block
+from admm_jobs.trainer.spark_backend import SparkBackend
+
 from common import RESULTS, machine, mnist_dataset_uri, spark_session
 
 BASE_PARTITIONS = 4
@@ -36,7 +38,7 @@ BASE_PARTITIONS = 4
 
 def replicated_block(spec: dict) -> dict:
     """The partition's MNIST rows, perturbed into ``spec['replica']``-th copies."""
-    block = train.load_block(spec)
+    block = load_block(spec)
     rng = np.random.default_rng(1000 * spec["replica"] + spec["index"])
     noise = rng.integers(-8, 9, size=block["pixels"].shape)
     pixels = np.clip(block["pixels"].astype(np.int16) + noise * (spec["replica"] > 0), 0, 255).astype(np.uint8)
@@ -51,10 +53,10 @@ def memory_pass(block: dict, params: dict):
 
 
 def measure(spark, dataset_uri: str, factor: int, epochs: int) -> dict:
-    base = train.block_specs(dataset_uri, BASE_PARTITIONS, None)
+    base = block_specs(dataset_uri, BASE_PARTITIONS, None)
     specs = [dict(spec, index=replica * BASE_PARTITIONS + spec["index"], replica=replica)
              for replica in range(factor) for spec in base]
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, patience=0,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, patience=0,
                                partitions=len(specs))
     backend = SparkBackend(spark.sparkContext, specs, replicated_block)
     reports = []

@@ -39,8 +39,11 @@ import numpy as np
 from scipy.optimize import nnls
 from threadpoolctl import threadpool_limits
 
-from admm_jobs import admm, train
-from admm_jobs.trainer import AdmmTrainer, LocalBackend, add_stats, make_block
+from admm_jobs.trainer import admm
+from admm_jobs.trainer.blocks import block_specs, load_block
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer, LocalBackend, add_stats, make_block
+
 from common import RESULTS, machine, mnist_dataset_uri
 
 PASSES = 3  # per iteration of a network with two hidden layers
@@ -84,10 +87,10 @@ def measure_compute(dataset_uri: str) -> dict[int, float]:
     """Single-threaded worker seconds per sample per iteration (the second iteration) for each width."""
     measured = {}
     for width, samples in COMPUTE_WIDTHS.items():
-        [spec] = train.block_specs(dataset_uri, 1, samples)
-        block = train.load_block(spec)
+        [spec] = block_specs(dataset_uri, 1, samples)
+        block = load_block(spec)
         block = make_block(0, block["pixels"], block["labels"], {})  # training samples only, no scoring splits
-        config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(width, width),
+        config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(width, width),
                                    epochs=2, patience=0)
         reports = []
         with threadpool_limits(1):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from admm_jobs import admm
-from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend, make_block
+from admm_jobs.trainer import admm
+from admm_jobs.trainer.loop import AdmmTrainer, Hyperparameters, LocalBackend, make_block
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "data" / "mnist"

@@ -1,6 +1,6 @@
 """Warm start against cold start after one new batch, side by side in one run.
 
-1. The vendored MNIST training file is cut into ``--batches`` dated batches (admm_jobs.demo.cut_batches).
+1. The vendored MNIST training file is cut into ``--batches`` dated batches (admm_jobs.operations.demo.cut_batches).
 2. The dataset of all batches but the newest is trained from random weights (default settings,
    ``--epochs`` iterations): the "published" model, with test accuracy A.
 3. The dataset with the newest batch added is trained twice with the same settings: from random
@@ -27,15 +27,19 @@ import json
 import subprocess
 import time
 
-from admm_jobs import demo, ingest, train
-from admm_jobs.spark_backend import SparkBackend
-from admm_jobs.trainer import AdmmTrainer
+from admm_jobs import ingest
+from admm_jobs.operations import demo
+from admm_jobs.trainer.blocks import block_specs, load_block
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer
+from admm_jobs.trainer.spark_backend import SparkBackend
+
 from common import RESULTS, ROOT, WORK, machine, spark_session
 
 
 def curve_of(spark, dataset_uri: str, epochs: int, partitions: int, initial_weights=None):
     """Train with the default settings; per-iteration accuracies against cumulative seconds, and the weights."""
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, partitions=partitions,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, partitions=partitions,
                                patience=0)
     curve = []
     started = time.perf_counter()
@@ -47,7 +51,7 @@ def curve_of(spark, dataset_uri: str, epochs: int, partitions: int, initial_weig
         print(f"  iteration {report.epoch}: {curve[-1]['seconds']:.1f}s test {report.metrics['test_accuracy']:.4f}",
               flush=True)
 
-    backend = SparkBackend(spark.sparkContext, train.block_specs(dataset_uri, partitions, None), train.load_block)
+    backend = SparkBackend(spark.sparkContext, block_specs(dataset_uri, partitions, None), load_block)
     try:
         result = AdmmTrainer(config.hyperparameters(784, 10), backend, record, initial_weights=initial_weights).fit()
     finally:

@@ -16,7 +16,8 @@ Lineage (Airflow Assets; logical URIs, since the lake and the registry are run p
 * `mnist-admm-published-model` (`x-admm://registry/mnist-admm`): updated through the alias
   `mnist-admm-publications` by `publish`, only when the quality gate accepts a new version
   (a rejected model, or a re-run of the published one, emits nothing); the event's extra is the
-  registry pointer plus `model_uri`. Schedule a consumer with `schedule=[publish.published_model_asset()]`.
+  registry pointer plus `model_uri`. Schedule a consumer with `schedule=[published_model_asset()]`
+  (`admm_jobs.orchestration.assets`).
 
 The `evaluate` and `publish` tasks link their evaluation report ("Evaluation report", from the
 `admm_reports` plugin in `plugins/`).
@@ -30,10 +31,13 @@ from pathlib import Path
 from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from admm_jobs import deploy, evaluate, ingest, plan, publish, validate
-from admm_jobs.airflow_tasks import fail_fast
-from admm_jobs.config import airflow_params, templated_argv
-from admm_jobs.train import TrainConfig
+from admm_jobs import evaluate, ingest, publish, validate
+from admm_jobs.operations import deploy
+from admm_jobs.orchestration import tasks
+from admm_jobs.orchestration.assets import publications_alias, validated_dataset_asset
+from admm_jobs.orchestration.failures import fail_fast
+from admm_jobs.orchestration.params import airflow_params, templated_argv
+from admm_jobs.trainer.config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VAR = PROJECT_ROOT / "var"
@@ -87,15 +91,15 @@ with DAG(
     )
     validate_task = PythonOperator(
         task_id="validate",
-        python_callable=fail_fast(validate.airflow_task),
+        python_callable=fail_fast(tasks.validate_task),
         op_args=[["--dataset-uri", DATASET_URI, "--registry-uri", "{{ params.registry_uri }}",
                   "--logical-date", LOGICAL_DATE, *templated_argv(validate.ValidateConfig, VALIDATE_SETTINGS)]],
-        outlets=[validate.validated_dataset_asset()],
+        outlets=[validated_dataset_asset()],
         **IO_RETRIES,
     )
     plan_task = ShortCircuitOperator(
         task_id="plan",
-        python_callable=fail_fast(plan.airflow_task),
+        python_callable=fail_fast(tasks.plan_task),
         op_args=[["--dataset-uri", DATASET_URI, "--run-uri", RUN_URI, "--registry-uri", "{{ params.registry_uri }}",
                   "--logical-date", LOGICAL_DATE, "--", *templated_argv(TrainConfig, TRAIN_SETTINGS)]],
         **IO_RETRIES,
@@ -113,8 +117,8 @@ with DAG(
     )
     publish_task = PythonOperator(
         task_id="publish",
-        python_callable=fail_fast(publish.airflow_task),
-        outlets=[publish.publications_alias()],
+        python_callable=fail_fast(tasks.publish_task),
+        outlets=[publications_alias()],
         op_args=[["--run-uri", RUN_URI, "--registry-uri", "{{ params.registry_uri }}",
                   "--training-key", "{{ " + PLAN + "['training_key'] }}", "--logical-date", LOGICAL_DATE,
                   *templated_argv(publish.PublishConfig, PUBLISH_SETTINGS)]],

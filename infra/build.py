@@ -3,7 +3,7 @@
     python infra/build.py [--out dist] [--no-venv] [--python /usr/bin/python3.11]
                           [--upload s3://bucket/releases/<version>]
 
-Writes into ``--out`` (names from :mod:`admm_jobs.deploy`):
+Writes into ``--out`` (names from :mod:`admm_jobs.operations.deploy`):
 
 * ``train.py``: the entry point (``admm_jobs/train.py`` itself, as the local target runs it);
 * ``admm_jobs.zip``: the package, for ``--py-files`` / ``python_file_uris``. It carries an
@@ -18,7 +18,7 @@ Writes into ``--out`` (names from :mod:`admm_jobs.deploy`):
 * ``build-info.json``: version, release (the version as a path segment), interpreter and
   sha256 of every file, written last.
 
-``--upload`` copies the files to an s3:// or gs:// prefix through :mod:`admm_jobs.storage`
+``--upload`` copies the files to an s3:// or gs:// prefix through :mod:`admm_jobs.lake.storage`
 (credentials from the standard chains), ``build-info.json`` last.
 """
 
@@ -30,15 +30,16 @@ import json
 import subprocess
 import sys
 import tempfile
-import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: admm_jobs comes from this checkout
 
-from admm_jobs.deploy import CODE_ARCHIVE, ENTRY_POINT, VENV_ARCHIVE  # noqa: E402
+from admm_jobs.operations.deploy import CODE_ARCHIVE, ENTRY_POINT, VENV_ARCHIVE  # noqa: E402
 
 PACKAGE = "admm_jobs"
 DISTRIBUTION = "admm_mnist"
@@ -142,7 +143,7 @@ def sha256(path: Path) -> str:
 
 def upload(out: Path, files: list[Path], destination: str) -> list[str]:
     """Copy the built files under ``destination`` (s3:// or gs://), the build info last."""
-    from admm_jobs import storage  # pyarrow: needed for uploads only, not to build
+    from admm_jobs.lake import storage  # pyarrow: needed for uploads only, not to build
 
     if storage.is_local(destination):
         raise BuildError(f"{destination}: --upload needs an s3:// or gs:// prefix")

@@ -3,7 +3,7 @@
 Served by the API server under ``/admm-reports`` (an Airflow 3 plugin FastAPI app):
 
 * ``files/<root>/<path>``: one artifact below a configured storage root, read through
-  :mod:`admm_jobs.storage` (local paths, ``file://``, ``s3://``, ``gs://``). Only report
+  :mod:`admm_jobs.lake.storage` (local paths, ``file://``, ``s3://``, ``gs://``). Only report
   pages (``report.html``), PNG plots and metrics (``metrics.json``, ``metrics.jsonl``) are
   served; a path with an empty, ``.``, ``..`` or hidden segment is refused, and on local
   disk a symlink may not lead out of its root.
@@ -38,13 +38,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, status
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
 from airflow.plugins_manager import AirflowPlugin
 from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk import BaseOperatorLink
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 # Imported lazily below: admm_jobs (pyarrow, boto3) and the API server's security and
 # database modules. Task processes load this plugin too and need none of them.
@@ -80,7 +79,7 @@ class ArtifactRefused(ValueError):
 
 def parse_roots(text: str) -> dict[str, str]:
     """``"runs=/data/runs, registry=s3://bucket/registry"`` -> ``{"runs": ..., "registry": ...}``."""
-    from admm_jobs import storage
+    from admm_jobs.lake import storage
 
     roots = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -121,7 +120,7 @@ def artifact_segments(path: str) -> list[str]:
 
 def artifact_uri(roots: dict[str, str], root: str, path: str) -> str:
     """The URI of artifact ``path`` below root ``root``; KeyError for an unknown root, ArtifactRefused."""
-    from admm_jobs import storage
+    from admm_jobs.lake import storage
 
     root_uri = roots[root]
     uri = storage.join(root_uri, *artifact_segments(path))
@@ -134,7 +133,7 @@ def artifact_uri(roots: dict[str, str], root: str, path: str) -> str:
 
 def _location(uri: str) -> tuple[str, str]:
     """(storage kind, normalised path) of a URI, so that a root and a URI below it compare by prefix."""
-    from admm_jobs import storage
+    from admm_jobs.lake import storage
 
     if storage.is_local(uri):
         return "file", os.path.normpath(os.path.abspath(storage.local_path(uri)))
@@ -260,7 +259,8 @@ def _link(label: str, uri: str | None, roots: dict[str, str]) -> str:
 def _entry_report_uri(entry: dict[str, Any], root_uri: str) -> str | None:
     """The report of a history entry: the one it names, else (older lines) the registry's copy of an
     accepted version or the run's own report."""
-    from admm_jobs import registry, storage
+    from admm_jobs.lake import storage
+    from admm_jobs.registry import store as registry
 
     if entry.get("report_uri"):
         return entry["report_uri"]
@@ -273,7 +273,7 @@ def _entry_report_uri(entry: dict[str, Any], root_uri: str) -> str | None:
 
 def _links(report_uri: str | None, roots: dict[str, str]) -> str:
     """Links to a report and to the metrics.json next to it; "" unless a root serves the report."""
-    from admm_jobs import registry
+    from admm_jobs.registry import store as registry
 
     report = _link("report", report_uri, roots)
     if not report:
@@ -288,7 +288,7 @@ def _accuracy(value: Any) -> str:
 
 def _details(entry: dict[str, Any]) -> str:
     """What a decision was about beyond its reasons: the quarantined batch's check, or the champion."""
-    from admm_jobs import registry
+    from admm_jobs.registry import store as registry
 
     parts = []
     if entry["decision"] == registry.QUARANTINED and entry.get("check"):
@@ -332,7 +332,9 @@ def _registry_section(name: str, root_uri: str, roots: dict[str, str]) -> str | 
     when the root holds no registry."""
     import base64
 
-    from admm_jobs import registry, report, storage
+    from admm_jobs.lake import storage
+    from admm_jobs.registry import store as registry
+    from admm_jobs.scoring import report
 
     if not (storage.exists(registry.pointer_uri(root_uri)) or storage.exists(registry.history_uri(root_uri))):
         return None
@@ -368,7 +370,7 @@ def create_app(roots: dict[str, str] | None = None, lookup: TaskResultLookup = t
 
     @app.get("/files/{root}/{path:path}", name="artifact", dependencies=[Depends(authenticated_user)])
     def artifact(root: str, path: str) -> Response:
-        from admm_jobs import storage
+        from admm_jobs.lake import storage
 
         try:
             uri = artifact_uri(served_roots(), root, path)

@@ -5,20 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
-import tempfile
-from pathlib import Path
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
 
 from admm_jobs import ingest
+from admm_jobs.lake import batches
+from admm_jobs.operations.ports import free_port
+
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +49,8 @@ os.environ.update({
 SMALL_TRAIN_ROWS = 1_200
 SMALL_TEST_ROWS = 400
 SMALL_VALIDATION_FRACTION = 1 / 6  # about 200 of the 1,200 training images, drawn per image from its hash
-SMALL_VALIDATION_ROWS = int(ingest.validation_mask(
-    ingest.image_ids(read_vendored(TRAIN_IMAGES)[:SMALL_TRAIN_ROWS].reshape(-1, 784)), SMALL_VALIDATION_FRACTION).sum())
+SMALL_VALIDATION_ROWS = int(batches.validation_mask(
+    batches.image_ids(read_vendored(TRAIN_IMAGES)[:SMALL_TRAIN_ROWS].reshape(-1, 784)), SMALL_VALIDATION_FRACTION).sum())
 
 
 @pytest.fixture(scope="session")
@@ -72,16 +74,10 @@ def small_dataset(small_idx_source, tmp_path_factory):
     return ingest.ingest_dataset(str(small_idx_source), str(lake), validation_fraction=SMALL_VALIDATION_FRACTION)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server in a subprocess; yields its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

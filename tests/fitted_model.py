@@ -12,7 +12,8 @@ import functools
 
 import numpy as np
 
-from admm_jobs.model import Model
+from admm_jobs.registry.model import Model
+
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
 FIT_ROWS = 2_000

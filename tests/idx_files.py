@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from admm_jobs.lake.idx import idx_bytes, write_idx  # noqa: F401 (the tests' IDX writer is the project's)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENDORED_MNIST = REPO_ROOT / "data" / "mnist"
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -15,23 +17,6 @@ TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 IDX_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The uncompressed IDX encoding of a uint8 array: magic 0x0000 08 <ndim>, dims, data."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.tobytes()
-
-
-def write_idx(path: str | Path, array: np.ndarray, gzip: bool = True) -> Path:
-    """Write ``array`` as an IDX file at ``path`` (gzip-compressed unless ``gzip=False``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = idx_bytes(array)
-    # mtime=0 keeps the .gz bytes reproducible.
-    path.write_bytes(gzip_module.compress(payload, mtime=0) if gzip else payload)
-    return path
 
 
 def read_vendored(name: str) -> np.ndarray:

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 
-from admm_jobs import registry, storage
-from admm_jobs.model import Model, save_model
+from admm_jobs.lake import storage
+from admm_jobs.registry import store as registry
+from admm_jobs.registry.model import Model, save_model
 
 HYPERPARAMETERS = {"beta": 1.0, "gamma": 10.0, "epochs": 6, "warmup_epochs": 2, "note": "<b>not bold</b>"}
 

@@ -1,7 +1,7 @@
 """Fixtures: a real Spark standalone cluster (a master and 2 one-core workers on 127.0.0.1) and jobs on it.
 
 Used through ``pytest_plugins = ["spark_cluster"]``. The daemons are started by
-:class:`admm_jobs.cluster.StandaloneCluster` (the code behind ``make cluster``), each worker with
+:class:`admm_jobs.operations.cluster.StandaloneCluster` (the code behind ``make cluster``), each worker with
 its own work and local directories under the test's tmp directory, and every process group
 is killed at the end, also when a test fails.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from admm_jobs import train
-from admm_jobs.cluster import Daemon, StandaloneCluster, job_conf
-from admm_jobs.spark_backend import STORE_PREFIX
+from admm_jobs.operations.cluster import Daemon, StandaloneCluster, job_conf
+from admm_jobs.trainer.spark_backend import STORE_PREFIX
 
 WORKER_MEMORY = "1g"
 CLUSTER_CONF = {**job_conf(WORKER_MEMORY), "spark.ui.enabled": "false"}

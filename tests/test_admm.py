@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from admm_jobs import admm
-from admm_jobs.trainer import AdmmTrainer, Hyperparameters, LocalBackend, NumericalFailure, check_finite, make_block
+from admm_jobs.trainer import admm
+from admm_jobs.trainer.loop import (
+    AdmmTrainer,
+    Hyperparameters,
+    LocalBackend,
+    NumericalFailure,
+    check_finite,
+    make_block,
+)
 
 RNG = np.random.default_rng(1234)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from admm_jobs import demo, storage
+from admm_jobs.lake import storage
+from admm_jobs.operations import demo, ports
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +84,7 @@ def airflow(airflow_db, storage_roots, tmp_path_factory):
     logs = tmp_path_factory.mktemp("airflow-services")
     passwords = logs / "passwords.json"
     passwords.write_text(json.dumps({USER: PASSWORD}))
-    port = demo.free_port()
+    port = ports.free_port()
     env = {
         **os.environ,
         "AIRFLOW__API__HOST": "127.0.0.1",

@@ -7,8 +7,9 @@ from datetime import datetime, timezone
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from admm_jobs import ingest, storage
-from admm_jobs.airflow_tasks import fail_fast
+from admm_jobs import ingest
+from admm_jobs.lake import storage
+from admm_jobs.orchestration.failures import fail_fast
 from admm_jobs.validate import ValidationFailed
 
 

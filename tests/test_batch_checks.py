@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_ingest import WEEKS, batch_files, batched_source
 
-from admm_jobs import dataset, ingest, registry, storage, validate
-from admm_jobs.model import save_model
+from admm_jobs import ingest, validate
+from admm_jobs.lake import batches, dataset, storage
+from admm_jobs.registry import store as registry
+from admm_jobs.registry.model import save_model
+
 from fitted_model import fitted_model
 from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
-from test_ingest import WEEKS, batch_files, batched_source
 
 ROWS = 400  # images per batch
 
@@ -94,7 +97,7 @@ def test_a_poisoned_batch_is_quarantined(landed, make_batch, check):
     # the record names the batch, the check, the observed value and the threshold
     assert f"batch {WEEKS[2]}: {check}: observed" in str(failure.value)
     assert failed[check]["observed"] is not None and failed[check]["threshold"] is not None
-    stored = storage.read_json(ingest.quarantine_uri(str(lake / "mnist"), WEEKS[2]))
+    stored = storage.read_json(batches.quarantine_uri(str(lake / "mnist"), WEEKS[2]))
     assert stored["batch"] == WEEKS[2] and stored["failures"] == record["failures"]
     assert storage.exists(stored["result_uri"]) and storage.exists(stored["data_docs_uri"])
     history = registry.read_history(registry_uri)

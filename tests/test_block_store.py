@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from admm_jobs.block_store import BlockStateLost, BlockStore
+from admm_jobs.trainer.block_store import BlockStateLost, BlockStore
 
 
 def _block(index=3, samples=5):

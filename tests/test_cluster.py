@@ -15,11 +15,19 @@ import sys
 import numpy as np
 import pytest
 
-from admm_jobs import model as model_io
 from admm_jobs import train
-from admm_jobs.trainer import AdmmTrainer, NumericalFailure
+from admm_jobs.registry import model as model_io
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer, NumericalFailure
+
 from spark_cluster import (
-    CLUSTER_CONF, block_directories, finish, read_until, submit_training, wait_for_idle, wait_for_no_block_files,
+    CLUSTER_CONF,
+    block_directories,
+    finish,
+    read_until,
+    submit_training,
+    wait_for_idle,
+    wait_for_no_block_files,
 )
 
 pytest_plugins = ["spark_cluster"]
@@ -160,7 +168,7 @@ def test_a_failed_training_removes_the_block_files_from_the_executors(spark_clus
         return solve(self, cross, gram, samples, layer, epoch)
 
     monkeypatch.setattr(AdmmTrainer, "_solve", fail_in_iteration_three)
-    config = train.TrainConfig(dataset_uri=small_dataset["dataset_uri"], output_uri=str(tmp_path / "run"),
+    config = TrainConfig(dataset_uri=small_dataset["dataset_uri"], output_uri=str(tmp_path / "run"),
                                hidden_layers=(24, 12), epochs=EPOCHS, partitions=2, train_limit=400, patience=0)
     try:
         with pytest.raises(NumericalFailure, match="injected"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from admm_jobs import model as model_io
-from admm_jobs import storage
+from admm_jobs.lake import storage
+from admm_jobs.registry import model as model_io
 
 DAG_ID = "mnist_admm_retraining"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
@@ -69,6 +69,7 @@ def history(registry_root) -> list[dict]:
 def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, airflow_db, tmp_path):
     """Three weeks landed, then a poisoned fourth: each run trains on what existed at its date."""
     from test_ingest import WEEKS, batch_files, batched_source
+
     from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
     source = batched_source(tmp_path / "landing", WEEKS[:3], rows_per_batch=400)

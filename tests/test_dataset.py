@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from admm_jobs import dataset, ingest, storage
+from admm_jobs import ingest
+from admm_jobs.lake import batches, dataset, storage
+
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
 
@@ -23,13 +25,13 @@ def test_read_split_returns_the_idx_content(small_dataset):
 
 
 def test_read_split_limit_spans_part_files(small_idx_source, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "ROWS_PER_FILE", 300)
+    monkeypatch.setattr(batches, "ROWS_PER_FILE", 300)
     uri = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_fraction=1 / 6)["dataset_uri"]
     train_rows = dataset.load_manifest(uri)["splits"]["train"]["rows"]
     assert len(dataset.split_file_uris(uri, "train")) == 4  # about 1,000 rows: 300 + 300 + 300 + the rest
     pixels, labels = dataset.read_split(uri, "train", limit=450)
     assert pixels.shape == (450, 784)
-    held_out = ingest.validation_mask(ingest.image_ids(read_vendored(TRAIN_IMAGES)[:1200].reshape(-1, 784)), 1 / 6)
+    held_out = batches.validation_mask(batches.image_ids(read_vendored(TRAIN_IMAGES)[:1200].reshape(-1, 784)), 1 / 6)
     kept = np.flatnonzero(~held_out)[:450]
     np.testing.assert_array_equal(pixels, read_vendored(TRAIN_IMAGES)[kept].reshape(450, -1))
     np.testing.assert_array_equal(labels, read_vendored(TRAIN_LABELS)[kept])

@@ -8,9 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from admm_jobs import demo, ingest, registry, storage
-from admm_jobs.config import ConfigError
-from admm_jobs.model import save_model
+from admm_jobs import ingest
+from admm_jobs.cli.config import ConfigError
+from admm_jobs.lake import idx, storage
+from admm_jobs.operations import demo
+from admm_jobs.registry import store as registry
+from admm_jobs.registry.model import save_model
+
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, VENDORED_MNIST, read_vendored
 from run_artifacts import random_model
 
@@ -32,8 +36,8 @@ def test_cut_batches_lands_consecutive_slices_as_dated_idx_batches(landing):
     images, labels = read_vendored(TRAIN_IMAGES), read_vendored(TRAIN_LABELS)
     for index, day in enumerate(SUNDAYS):
         batch_dir = str(root / "batches" / day.isoformat())
-        landed_images = ingest.read_source(batch_dir, TRAIN_IMAGES, 3)
-        landed_labels = ingest.read_source(batch_dir, TRAIN_LABELS, 1)
+        landed_images = idx.read_source(batch_dir, TRAIN_IMAGES, 3)
+        landed_labels = idx.read_source(batch_dir, TRAIN_LABELS, 1)
         assert landed_images.uri.endswith(".gz")
         np.testing.assert_array_equal(landed_images.array, images[index * 300:(index + 1) * 300])
         np.testing.assert_array_equal(landed_labels.array, labels[index * 300:(index + 1) * 300])

@@ -16,8 +16,8 @@ import botocore.session
 import botocore.validate
 import pytest
 
-from admm_jobs import deploy
-from admm_jobs.config import ConfigError
+from admm_jobs.cli.config import ConfigError
+from admm_jobs.operations import deploy
 
 DAG_FILE = Path(__file__).resolve().parents[1] / "dags" / "mnist_admm_retraining.py"
 ROLE = "arn:aws:iam::123456789012:role/admm-mnist-train"

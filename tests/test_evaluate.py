@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from admm_jobs import dataset, evaluate, publish, registry, storage
+from admm_jobs import evaluate, publish
+from admm_jobs.lake import dataset, storage
+from admm_jobs.registry import store as registry
+from admm_jobs.scoring import metrics
+
 from run_artifacts import HYPERPARAMETERS, make_trained_run, write_epoch_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,9 +29,9 @@ def run_evaluation(run: Path, dataset_uri: str, **kwargs) -> dict:
 def test_class_scores_on_a_hand_made_case():
     labels = np.array([0, 0, 0, 1, 1, 2])
     predictions = np.array([0, 0, 1, 1, 2, 2])
-    confusion = evaluate.confusion_matrix(labels, predictions, classes=4)
+    confusion = metrics.confusion_matrix(labels, predictions, classes=4)
     assert confusion.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
-    scores = evaluate.class_scores(confusion)
+    scores = metrics.class_scores(confusion)
     np.testing.assert_allclose(scores["precision"], [1.0, 0.5, 0.5, 0.0])
     np.testing.assert_allclose(scores["recall"], [2 / 3, 0.5, 1.0, 0.0])
     # F1 = 2PR/(P+R): class 0: 2*(2/3)/(5/3) = 0.8; class 2: 2*0.5/1.5 = 2/3; class 3 has no examples.
@@ -226,7 +230,7 @@ def test_evaluation_written_to_s3(small_dataset, s3_env, tmp_path):
 
 def test_epoch_metrics_without_epochs_are_rejected(tmp_path):
     path = write_epoch_metrics(str(tmp_path / "metrics.jsonl"), [{"phase": "admm"}])
-    with pytest.raises(evaluate.EvaluationError, match="line 1 has no integer 'epoch'"):
+    with pytest.raises(metrics.EvaluationError, match="line 1 has no integer 'epoch'"):
         evaluate.read_epoch_metrics(path)
 
 

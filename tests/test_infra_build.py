@@ -18,7 +18,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from admm_jobs import deploy
+from admm_jobs import plan
+from admm_jobs.operations import deploy
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "infra" / "build.sh"
@@ -44,7 +45,9 @@ def test_build_writes_the_entry_point_and_the_code_archive(code_build):
     assert "+" not in info["release"] and info["release"].startswith(info["version"].split("+")[0])
     assert (out / deploy.ENTRY_POINT).read_bytes() == (REPO / "admm_jobs" / "train.py").read_bytes()
     names = zipfile.ZipFile(out / deploy.CODE_ARCHIVE).namelist()
-    sources = {path.relative_to(REPO).as_posix() for path in (REPO / "admm_jobs").glob("*.py")}
+    sources = {path.relative_to(REPO).as_posix() for path in (REPO / "admm_jobs").rglob("*.py")
+               if "__pycache__" not in path.parts}
+    assert "admm_jobs/trainer/loop.py" in sources and "admm_jobs/lake/storage.py" in sources
     assert sources <= set(names) and not any("__pycache__" in name or name.endswith(".pyc") for name in names)
 
 
@@ -53,14 +56,15 @@ def test_code_archive_alone_provides_the_job(code_build, tmp_path):
     knows its version; run from an empty directory so this checkout is not importable by accident."""
     out, info = code_build
     archive = str(out / deploy.CODE_ARCHIVE)
-    probe = ("import json, admm_jobs.train as t; "
-             "print(json.dumps({'file': t.__file__, 'version': t.code_version()}))")
+    probe = ("import json, admm_jobs.train as t, admm_jobs.plan as p; "
+             "print(json.dumps({'file': t.__file__, 'version': t.code_version(), 'code': p.training_code_version()}))")
     completed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                                timeout=120, env={**os.environ, "PYTHONPATH": archive})
     assert completed.returncode == 0, completed.stderr
     found = json.loads(completed.stdout.strip().splitlines()[-1])
     assert found["file"].startswith(archive + os.sep)
     assert found["version"] == info["version"]
+    assert found["code"] == plan.training_code_version()  # the zip's training key is the checkout's
     usage = subprocess.run([sys.executable, "-m", "admm_jobs.train", "--help"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": archive})
     assert usage.returncode == 0 and "--dataset-uri" in usage.stdout

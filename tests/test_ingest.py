@@ -17,8 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from admm_jobs import dataset, ingest, storage
-from admm_jobs.config import ConfigError
+from admm_jobs import ingest
+from admm_jobs.cli.config import ConfigError
+from admm_jobs.lake import batches, dataset, landing, storage
+
 from idx_files import (
     IDX_NAMES,
     REPO_ROOT,
@@ -63,7 +65,7 @@ def checksum_manifest(arrays):
         name: {"sha256": hashlib.sha256(idx_bytes(array)).hexdigest(), "records": int(array.shape[0])}
         for name, array in arrays.items()
     }
-    return {"format": ingest.CHECKSUMS_FORMAT, "files": files}
+    return {"format": landing.CHECKSUMS_FORMAT, "files": files}
 
 
 def batch_files(root, date, images, labels):
@@ -103,7 +105,7 @@ def test_small_round_trip_matches_the_idx_content(small_dataset, small_idx_sourc
     assert batch["rows"] == {"train": rows["train"], "validation": rows["validation"]}
     for role in ("test_images", "test_labels"):
         source = manifest["test_set"]["sources"][role]
-        name = ingest.SOURCE_FILES[role][0]
+        name = landing.SOURCE_FILES[role][0]
         assert source["uri"] == str(small_idx_source / f"{name}.gz")
         assert source["sha256"] == hashlib.sha256(idx_bytes(arrays[name])).hexdigest()
 
@@ -123,15 +125,15 @@ def test_small_round_trip_matches_the_idx_content(small_dataset, small_idx_sourc
         np.testing.assert_array_equal(labels, arrays[labels_name][source_index])
         ids[split] = [i for table in tables for i in table.column("image_id").to_pylist()]
         assert ids[split][0] == hashlib.sha256(pixels[0].tobytes()).hexdigest()[:16]
-        held_out = ingest.validation_mask(ids[split], 1 / 6)
+        held_out = batches.validation_mask(ids[split], 1 / 6)
         assert held_out.all() if split == "validation" else split == "test" or not held_out.any()
     assert sorted(np.concatenate([ids["train"], ids["validation"]])) == sorted(
-        ingest.image_ids(arrays[TRAIN_IMAGES].reshape(-1, 784)))
+        batches.image_ids(arrays[TRAIN_IMAGES].reshape(-1, 784)))
     assert not set(ids["train"]) & set(ids["validation"])
 
 
 def test_splits_are_written_as_several_part_files(small_idx_source, tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "ROWS_PER_FILE", 300)
+    monkeypatch.setattr(batches, "ROWS_PER_FILE", 300)
     result = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_fraction=1 / 6)
     files = dataset.load_manifest(result["dataset_uri"])["splits"]["train"]["files"]
     assert [f["rows"] for f in files] == [300, 300, 300, result["rows"]["train"] - 900]
@@ -152,7 +154,7 @@ def test_rerun_reuses_the_dataset_untouched(small_idx_source, tmp_path):
     # The same content elsewhere, raw instead of gzip, gives the same version and byte-identical files.
     raw_source = tmp_path / "raw-source"
     for name, array in small_arrays().items():
-        write_idx(raw_source / name, array, gzip=False)
+        write_idx(raw_source / name, array, compress=False)
     other_lake = tmp_path / "other-lake"
     third = ingest.ingest_dataset(str(raw_source), str(other_lake))
     assert third["dataset_version"] == first["dataset_version"] and not third["reused"]
@@ -256,7 +258,7 @@ def test_changed_batch_under_the_same_date_is_refused(tmp_path):
 
 def test_quarantined_batches_are_left_out(tmp_path):
     source, lake = batched_source(tmp_path / "landing", WEEKS[:3]), tmp_path / "lake"
-    storage.write_json(ingest.quarantine_uri(str(lake / "mnist"), WEEKS[1]), {"batch": WEEKS[1]})
+    storage.write_json(batches.quarantine_uri(str(lake / "mnist"), WEEKS[1]), {"batch": WEEKS[1]})
     result = ingest.ingest_dataset(str(source), str(lake))
     assert result["batches"] == [WEEKS[0], WEEKS[2]] and result["quarantined"] == [WEEKS[1]]
 
@@ -302,7 +304,7 @@ def test_command_line_fails_on_bad_input(tmp_path):
 
 def committed_directories_only(lake):
     """Every lake file belongs to a directory committed by its record; no staging directory is left."""
-    records = {ingest.SPLITS_RECORD, ingest.TEST_SET_RECORD, dataset.MANIFEST_FILE, ingest.BATCH_RECORD}
+    records = {batches.SPLITS_RECORD, batches.TEST_SET_RECORD, dataset.MANIFEST_FILE, batches.BATCH_RECORD}
     for path in lake_files(lake):
         assert not any(part.startswith(".") for part in path.parts), path
         directory = lake / path.parent
@@ -312,7 +314,7 @@ def committed_directories_only(lake):
 
 
 def test_failure_while_writing_leaves_nothing_visible(small_idx_source, tmp_path, monkeypatch):
-    real_parquet_bytes = ingest.parquet_bytes
+    real_parquet_bytes = batches.parquet_bytes
     calls = []
 
     def fail_on_second_file(table):
@@ -321,13 +323,13 @@ def test_failure_while_writing_leaves_nothing_visible(small_idx_source, tmp_path
             raise OSError("disk full")
         return real_parquet_bytes(table)
 
-    monkeypatch.setattr(ingest, "parquet_bytes", fail_on_second_file)
+    monkeypatch.setattr(batches, "parquet_bytes", fail_on_second_file)
     with pytest.raises(OSError, match="disk full"):
         ingest.ingest_dataset(str(small_idx_source), str(tmp_path))
     committed_directories_only(tmp_path)
     assert not list((tmp_path / "mnist").glob("*/" + dataset.MANIFEST_FILE))  # no dataset
-    assert not list((tmp_path / "mnist").glob("batches/*/" + ingest.BATCH_RECORD))  # the batch is not ingested
-    monkeypatch.setattr(ingest, "parquet_bytes", real_parquet_bytes)
+    assert not list((tmp_path / "mnist").glob("batches/*/" + batches.BATCH_RECORD))  # the batch is not ingested
+    monkeypatch.setattr(batches, "parquet_bytes", real_parquet_bytes)
     assert ingest.ingest_dataset(str(small_idx_source), str(tmp_path))["rows"]["test"] == 400
 
 
@@ -373,7 +375,7 @@ def _same_file_twice(source):
 
 
 def _checksum_mismatch(source):
-    (source / ingest.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
+    (source / landing.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
 
     def flip_one_pixel(images):
         images = images.copy()
@@ -438,7 +440,7 @@ def test_bad_input_names_file_and_problem(case, small_idx_source, tmp_path):
 def test_checksum_manifest_accepts_good_files_and_is_found_by_default(small_idx_source, small_dataset, tmp_path):
     source = tmp_path / "source"
     shutil.copytree(small_idx_source, source)
-    (source / ingest.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
+    (source / landing.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
     result = ingest.ingest_dataset(str(source), str(tmp_path / "lake"), validation_fraction=1 / 6)
     assert result["dataset_version"] == small_dataset["dataset_version"]
 
@@ -488,10 +490,10 @@ def test_http_source_requires_checksums(http_source, small_dataset, tmp_path):
     lake = tmp_path / "lake"
     with pytest.raises(ingest.IngestError, match="checksums are mandatory for http") as info:
         ingest.ingest_dataset(url, str(lake))
-    assert f"{url}/{ingest.CHECKSUMS_FILE}" in str(info.value)
+    assert f"{url}/{landing.CHECKSUMS_FILE}" in str(info.value)
     assert lake_files(lake) == []
 
-    (served / ingest.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
+    (served / landing.CHECKSUMS_FILE).write_text(json.dumps(checksum_manifest(small_arrays())))
     result = ingest.ingest_dataset(url, str(lake), validation_fraction=1 / 6)
     assert result["dataset_version"] == small_dataset["dataset_version"]
     manifest = dataset.load_manifest(result["dataset_uri"])
@@ -534,7 +536,7 @@ def test_s3_failure_leaves_no_objects(s3_env, small_idx_source, monkeypatch):
     client = boto3.client("s3")
     for path in small_idx_source.iterdir():
         client.put_object(Bucket=bucket, Key=f"raw/{path.name}", Body=path.read_bytes())
-    real_parquet_bytes = ingest.parquet_bytes
+    real_parquet_bytes = batches.parquet_bytes
     calls = []
 
     def fail_on_third_file(table):
@@ -543,7 +545,7 @@ def test_s3_failure_leaves_no_objects(s3_env, small_idx_source, monkeypatch):
             raise OSError("connection reset")
         return real_parquet_bytes(table)
 
-    monkeypatch.setattr(ingest, "parquet_bytes", fail_on_third_file)
+    monkeypatch.setattr(batches, "parquet_bytes", fail_on_third_file)
     with pytest.raises(OSError, match="connection reset"):
         ingest.ingest_dataset(f"s3://{bucket}/raw", f"s3://{bucket}/lake")
     # pyarrow may leave empty "directory" markers (keys ending in "/"); the failed batch left no data object,
@@ -551,7 +553,7 @@ def test_s3_failure_leaves_no_objects(s3_env, small_idx_source, monkeypatch):
     keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="lake/").get("Contents", [])]
     data = [key for key in keys if not key.endswith("/")]
     assert data and all(key.startswith("lake/mnist/test-sets/") for key in data)
-    assert any(key.endswith(ingest.TEST_SET_RECORD) for key in data)
+    assert any(key.endswith(batches.TEST_SET_RECORD) for key in data)
 
 
 # ---------------------------------------------------------------- full MNIST
@@ -571,7 +573,7 @@ def test_full_vendored_mnist(tmp_path):
     assert len(splits["train"]["files"]) == 6
     readme = (VENDORED_MNIST / "README.md").read_text()
     batch_sources = storage.read_json(storage.join(str(tmp_path), "mnist", "batches", result["batches"][0],
-                                                   ingest.BATCH_RECORD))["sources"]
+                                                   batches.BATCH_RECORD))["sources"]
     assert all(source["sha256"] in readme for source in [*manifest["test_set"]["sources"].values(),
                                                          *batch_sources.values()])
     all_ids = [

@@ -10,8 +10,10 @@ import onnx
 import onnxruntime
 import pytest
 
-from admm_jobs import onnx_export, predict, registry
-from admm_jobs import model as model_io
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
+from admm_jobs.serving import onnx_export, predict
+
 from fitted_model import fitted_model, mnist_test_digits
 from run_artifacts import random_model
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 
 import pytest
 
-from admm_jobs import plan, registry, storage
-from admm_jobs.train import TrainConfig
+from admm_jobs import plan
+from admm_jobs.lake import storage
+from admm_jobs.orchestration import tasks
+from admm_jobs.registry import store as registry
+from admm_jobs.trainer.config import TrainConfig
 
 
 def train_config(**changes) -> TrainConfig:
@@ -76,25 +80,40 @@ def test_airflow_task_pushes_the_plan_and_returns_whether_to_train(planned):
     ti = TaskInstance()
     argv = ["--dataset-uri", config.dataset_uri, "--run-uri", config.run_uri, "--registry-uri", config.registry_uri,
             "--", "--epochs", "3", "--hidden-layers", "16"]
-    assert plan.airflow_task(argv, ti=ti) is True
+    assert tasks.plan_task(argv, ti=ti) is True
     assert ti.pushed["plan"]["training_key"] == plan.training_key(
         ti.pushed["plan"]["dataset_version"], plan.training_code_version(),
         TrainConfig(dataset_uri=config.dataset_uri, output_uri=config.run_uri, epochs=3, hidden_layers=(16,)))
 
 
-def test_training_code_version_follows_the_training_modules_only(monkeypatch, tmp_path):
-    import importlib.resources
-    from pathlib import Path
-
-    package = Path(importlib.resources.files("admm_jobs"))
-    copy = tmp_path / "admm_jobs"
-    copy.mkdir()
-    for name in plan.TRAINING_CODE + ("publish.py",):
-        (copy / name).write_bytes((package / name).read_bytes())
-    monkeypatch.setattr(importlib.resources, "files", lambda name: copy)
+def test_training_code_version_follows_the_code_not_where_it_lives(monkeypatch):
+    sources = {module: plan.module_source(module) for module in plan.TRAINING_CODE}
+    monkeypatch.setattr(plan, "module_source", lambda module: sources[module])
     original = plan.training_code_version()
-    assert original == plan.training_code_version() and len(original) == 12
-    (copy / "publish.py").write_text("# pipeline code around training\n")
+    assert len(original) == 12 and original == plan.training_code_version()
+    train, blocks, loop = "admm_jobs.train", "admm_jobs.trainer.blocks", "admm_jobs.trainer.loop"
+
+    def edit(module: str, old: str, new: str) -> None:
+        assert old in sources[module], f"{module} no longer holds {old!r}: pick another edit"
+        sources[module] = sources[module].replace(old, new)
+
+    # A module docstring, imports, comments between definitions and the entry point are not the code's content.
+    edit(blocks, ast.get_docstring(ast.parse(sources[blocks]), clean=False), "Reworded.")
+    edit(blocks, "\nimport numpy", "\nimport os  # a note\nimport numpy")
+    edit(train, "log_stream=sys.stdout", "log_stream=None")
     assert plan.training_code_version() == original
-    (copy / "trainer.py").write_bytes((copy / "trainer.py").read_bytes() + b"\n# changed\n")
+
+    # A definition moved to another module, or a module renamed, keeps the version.
+    moved = next(unit for unit in plan.code_units(sources[blocks]) if unit.startswith("def read_slices("))
+    edit(blocks, moved, "")
+    sources[loop] += "\n\n" + moved + "\n"
+    assert plan.training_code_version() == original
+    renamed = "admm_jobs.trainer.renamed_loop"
+    sources[renamed] = sources.pop(loop)
+    monkeypatch.setattr(plan, "TRAINING_CODE", tuple(renamed if module == loop else module
+                                                     for module in plan.TRAINING_CODE))
+    assert plan.training_code_version() == original
+
+    # What the code computes does change it.
+    edit(renamed, "file_pixels[start:end]", "file_pixels[start:end + 1]")
     assert plan.training_code_version() != original

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from admm_jobs import publish, registry, storage, validate
+from admm_jobs import publish
+from admm_jobs.lake import storage
+from admm_jobs.orchestration import assets, tasks
+from admm_jobs.registry import store as registry
+
 from run_artifacts import make_evaluated_run
 
 PLUGINS_FOLDER = Path(__file__).resolve().parents[1] / "plugins"
@@ -266,9 +270,9 @@ def test_the_plugin_adds_the_report_link_to_python_tasks(serialized_dag):
 
 def test_the_dag_declares_its_assets(serialized_dag):
     dag, _ = serialized_dag
-    assert dag.get_task("validate").outlets == [validate.validated_dataset_asset()]
-    assert validate.validated_dataset_asset().uri == "x-admm://lake/mnist"
-    assert dag.get_task("publish").outlets == [publish.publications_alias()]
+    assert dag.get_task("validate").outlets == [assets.validated_dataset_asset()]
+    assert assets.validated_dataset_asset().uri == "x-admm://lake/mnist"
+    assert dag.get_task("publish").outlets == [assets.publications_alias()]
     # The published-model asset is only reached through the alias: no event unless the gate accepts.
     assert all(not hasattr(outlet, "uri") for outlet in dag.get_task("publish").outlets)
 
@@ -280,16 +284,16 @@ def test_publish_emits_the_model_asset_event_only_for_an_accepted_model(tmp_path
 
     def events_of(run_uri: str, min_accuracy: float):
         outlet_events = OutletEventAccessors()
-        result = publish.airflow_task(["--run-uri", run_uri, "--registry-uri", registry_uri,
+        result = tasks.publish_task(["--run-uri", run_uri, "--registry-uri", registry_uri,
                                        "--min-accuracy", str(min_accuracy)], outlet_events=outlet_events)
-        return result, outlet_events[publish.publications_alias()].asset_alias_events
+        return result, outlet_events[assets.publications_alias()].asset_alias_events
 
     good, bad = str(tmp_path / "runs" / "good"), str(tmp_path / "runs" / "bad")
     make_evaluated_run(good, seed=1, test_accuracy=0.9)
     make_evaluated_run(bad, seed=2, test_accuracy=0.5)
     result, events = events_of(good, 0.85)
     assert result["decision"] == "accepted" and len(events) == 1
-    assert events[0].dest_asset_key.name == publish.published_model_asset().name
+    assert events[0].dest_asset_key.name == assets.published_model_asset().name
     assert events[0].extra["version"] == result["model_version"]
     assert events[0].extra["model_uri"] == result["model_uri"]
     assert result["report_uri"] == storage.join(registry_uri, "mnist-admm", result["model_version"], "evaluation",
@@ -305,7 +309,7 @@ def test_validate_task_event_names_the_dataset_version(small_dataset):
     from airflow.sdk.execution_time.context import OutletEventAccessors
 
     outlet_events = OutletEventAccessors()
-    validate.airflow_task(["--dataset-uri", small_dataset["dataset_uri"]], outlet_events=outlet_events)
-    extra = outlet_events[validate.validated_dataset_asset()].extra
+    tasks.validate_task(["--dataset-uri", small_dataset["dataset_uri"]], outlet_events=outlet_events)
+    extra = outlet_events[assets.validated_dataset_asset()].extra
     manifest = json.loads(storage.read_bytes(storage.join(small_dataset["dataset_uri"], "manifest.json")))
     assert extra["dataset_version"] == manifest["version"] and extra["dataset_uri"] == small_dataset["dataset_uri"]

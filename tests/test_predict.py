@@ -16,8 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from admm_jobs import dataset, ingest, predict, publish, registry, storage
-from admm_jobs import model as model_io
+from admm_jobs import publish
+from admm_jobs.lake import dataset, idx, storage
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
+from admm_jobs.serving import predict
+
 from fitted_model import fitted_model, mnist_test_digits
 from idx_files import write_idx
 from run_artifacts import make_evaluated_run, random_model
@@ -70,7 +74,7 @@ def test_softmax_is_stable_and_normalised():
 @pytest.mark.parametrize("gzip", [True, False])
 def test_idx_images_file(model_dir, tmp_path, gzip):
     images, labels = mnist_test_digits()
-    source = write_idx(tmp_path / ("images.gz" if gzip else "images"), images[:300], gzip=gzip)
+    source = write_idx(tmp_path / ("images.gz" if gzip else "images"), images[:300], compress=gzip)
     output = str(tmp_path / "out" / "predictions.jsonl")
 
     summary = predict.predict(model_dir, str(source), output)
@@ -266,7 +270,7 @@ def test_command_line(model_dir, tmp_path):
     output = tmp_path / "out.jsonl"
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "admm_jobs.predict", "--model-uri", model_dir, *args]
+        command = [sys.executable, "-m", "admm_jobs.serving.predict", "--model-uri", model_dir, *args]
         return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
     done = run("--input", str(tmp_path / "pngs"), "--output", str(output), "--invert", "true")
@@ -336,7 +340,7 @@ def jpeg_bytes(image: np.ndarray) -> bytes:
         (
             lambda d: str(write_idx(d / "labels.gz", mnist_test_digits()[1][:5])),
             {},
-            ingest.IngestError,
+            idx.IngestError,
             r"labels\.gz: magic 0x00000801 declares 1 dimension",
         ),
         (
@@ -346,9 +350,9 @@ def jpeg_bytes(image: np.ndarray) -> bytes:
             r"small\.gz: images are 20 x 20 pixels, expected 28 x 28",
         ),
         (
-            lambda d: str(write_idx(d / "truncated", np.zeros((3, 28, 28), np.uint8), gzip=False)),
+            lambda d: str(write_idx(d / "truncated", np.zeros((3, 28, 28), np.uint8), compress=False)),
             {"truncate": True},
-            ingest.IngestError,
+            idx.IngestError,
             r"truncated: truncated data",
         ),
         (

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from admm_jobs import model as model_io
-from admm_jobs import publish, registry, storage
+from admm_jobs import publish
+from admm_jobs.lake import storage
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
+from admm_jobs.scoring import metrics
+
 from run_artifacts import make_evaluated_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -375,6 +379,7 @@ def test_gate_decides_on_the_test_set_and_the_newest_batch():
 
 def evaluated_constant_run(run: Path, dataset_uri: str, predicted_class: int, seed: int, registry_uri=None) -> dict:
     from admm_jobs import evaluate
+
     from run_artifacts import make_trained_run
 
     make_trained_run(str(run), seed=seed, constant_class=predicted_class)
@@ -383,7 +388,7 @@ def evaluated_constant_run(run: Path, dataset_uri: str, predicted_class: int, se
 
 
 def test_decision_records_champion_scores_dataset_batches_and_training_key(small_dataset, tmp_path):
-    from admm_jobs import dataset
+    from admm_jobs.lake import dataset
 
     dataset_uri, registry_uri = small_dataset["dataset_uri"], str(tmp_path / "registry")
     evaluated_constant_run(tmp_path / "a", dataset_uri, predicted_class=7, seed=1)
@@ -415,7 +420,6 @@ def test_decision_records_champion_scores_dataset_batches_and_training_key(small
 
 
 def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_dataset, tmp_path):
-    from admm_jobs import evaluate
 
     dataset_uri, registry_uri = small_dataset["dataset_uri"], str(tmp_path / "registry")
     evaluated_constant_run(tmp_path / "a", dataset_uri, predicted_class=7, seed=1)
@@ -431,7 +435,7 @@ def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_da
     result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
                                  max_batch_regression=1.0)
 
-    rescored = evaluate.score_champion(newer["model_uri"], dataset_uri)
+    rescored = metrics.score_champion(newer["model_uri"], dataset_uri)
     assert result["history_entry"]["champion"] == {
         "version": newer["model_version"],
         "test_accuracy": rescored["test"]["accuracy"],
@@ -442,6 +446,7 @@ def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_da
 
 def evaluated_run_of(model: model_io.Model, run: Path, dataset_uri: str, registry_uri: str) -> dict:
     from admm_jobs import evaluate
+
     from run_artifacts import write_epoch_metrics
 
     model_io.save_model(model, str(run / "model"))

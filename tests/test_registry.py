@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from admm_jobs import publish, registry, storage
-from admm_jobs import model as model_io
+from admm_jobs import publish
+from admm_jobs.lake import storage
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
+
 from run_artifacts import make_evaluated_run
 
 

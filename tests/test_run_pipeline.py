@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from admm_jobs import run_pipeline, storage
+from admm_jobs.lake import storage
+from admm_jobs.operations import run_pipeline
 
 
 @pytest.fixture(scope="module")

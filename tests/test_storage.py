@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from admm_jobs import storage
+from admm_jobs.lake import storage
 
 
 def test_concurrent_staged_directories_never_expose_a_partial_one(tmp_path):

@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from admm_jobs import model as model_io
-from admm_jobs import storage, train
-from admm_jobs.spark_backend import SparkBackend
-from admm_jobs.checkpoint import CheckpointStore
-from admm_jobs.deploy import TRAINING_SPARK_CONF
-from admm_jobs.trainer import AdmmTrainer, BlocksLost, LocalBackend, sum_pass
+from admm_jobs import train
+from admm_jobs.lake import storage
+from admm_jobs.operations.deploy import TRAINING_SPARK_CONF
+from admm_jobs.registry import model as model_io
+from admm_jobs.trainer.blocks import block_specs, load_block, partition_slices
+from admm_jobs.trainer.checkpoint import CheckpointStore
+from admm_jobs.trainer.config import TrainConfig
+from admm_jobs.trainer.loop import AdmmTrainer, BlocksLost, LocalBackend, sum_pass
+from admm_jobs.trainer.spark_backend import SparkBackend
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +40,12 @@ def spark_context():
 
 def test_partition_slices_cover_every_row_once():
     files = [("a", 10), ("b", 7), ("c", 10)]
-    slices = train.partition_slices(files, None, 4)
+    slices = partition_slices(files, None, 4)
     rows = [(uri, i) for part in slices for uri, start, end in part for i in range(start, end)]
     assert rows == [(uri, i) for uri, count in files for i in range(count)]
     sizes = [sum(end - start for _, start, end in part) for part in slices]
     assert sum(sizes) == 27 and max(sizes) - min(sizes) <= 1
-    limited = train.partition_slices(files, 12, 3)
+    limited = partition_slices(files, 12, 3)
     assert [part for part in limited] == [[("a", 0, 4)], [("a", 4, 8)], [("a", 8, 10), ("b", 0, 2)]]
 
 
@@ -70,12 +73,12 @@ def test_bad_settings_are_refused_before_spark_starts(argv, message, capsys, mon
 @pytest.mark.slow
 def test_spark_training_matches_the_single_process_reference(spark_context, small_dataset, tmp_path):
     dataset_uri = small_dataset["dataset_uri"]
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri=str(tmp_path / "run"), hidden_layers=(32, 16),
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri=str(tmp_path / "run"), hidden_layers=(32, 16),
                                epochs=3, warmup_epochs=1, partitions=3, train_limit=600, patience=0)
     result = train.train(config, spark_context)
 
-    specs = train.block_specs(dataset_uri, config.partitions, config.train_limit)
-    reference = AdmmTrainer(config.hyperparameters(784, 10), LocalBackend(train.load_block(s) for s in specs)).fit()
+    specs = block_specs(dataset_uri, config.partitions, config.train_limit)
+    reference = AdmmTrainer(config.hyperparameters(784, 10), LocalBackend(load_block(s) for s in specs)).fit()
     trained = model_io.load_model(result["model_uri"], expected_layer_sizes=[784, 32, 16, 10])
     # Equal up to float32 rounding: Spark's workers run single-threaded BLAS, this process
     # multi-threaded, and the weight solves amplify the rounding by their conditioning.
@@ -126,15 +129,15 @@ class FlakySparkBackend(SparkBackend):
 @pytest.mark.slow
 def test_a_killed_python_worker_is_retried_and_training_ends_the_same(spark_context, small_dataset):
     dataset_uri = small_dataset["dataset_uri"]
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=3,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=3,
                                partitions=3, train_limit=300, patience=0)
-    specs = train.block_specs(dataset_uri, config.partitions, config.train_limit)
+    specs = block_specs(dataset_uri, config.partitions, config.train_limit)
     hp = config.hyperparameters(784, 10)
     from pyspark import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, train.load_block)).fit()
-    flaky_backend = FlakySparkBackend(spark_context, specs, train.load_block)
+    clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, load_block)).fit()
+    flaky_backend = FlakySparkBackend(spark_context, specs, load_block)
     faulty = AdmmTrainer(hp, flaky_backend).fit()
     assert flaky_backend.passes > 3
     for expected, actual in zip(clean.weights, faulty.weights):
@@ -146,9 +149,9 @@ def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_
     from pyspark import SparkFiles
 
     dataset_uri = small_dataset["dataset_uri"]
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=2,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=2,
                                partitions=2, train_limit=400, patience=0)
-    backend = SparkBackend(spark_context, train.block_specs(dataset_uri, 2, 400), train.load_block)
+    backend = SparkBackend(spark_context, block_specs(dataset_uri, 2, 400), load_block)
     AdmmTrainer(config.hyperparameters(784, 10), backend).fit()
 
     # the state (here 400 samples x (24 + 24 + 10 + 10 + 24) floats) stays in executor files;
@@ -171,7 +174,7 @@ class ExecutorLossSparkBackend(SparkBackend):
     """Deletes block 0's files before one pass, as if the executor holding it had been lost."""
 
     def __init__(self, spark_context, specs, lose_before_pass):
-        super().__init__(spark_context, specs, train.load_block)
+        super().__init__(spark_context, specs, load_block)
         self.passes, self.lose_before_pass, self.reloads = 0, lose_before_pass, 0
 
     def run_pass(self, function, params):
@@ -191,10 +194,10 @@ class ExecutorLossSparkBackend(SparkBackend):
 @pytest.mark.parametrize("checkpoint_every", [2, 0])
 def test_a_lost_block_is_reloaded_and_training_ends_the_same(spark_context, small_dataset, tmp_path, checkpoint_every):
     dataset_uri = small_dataset["dataset_uri"]
-    config = train.TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24, 12), epochs=5,
+    config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24, 12), epochs=5,
                                partitions=2, train_limit=300, patience=0)
-    specs, hp = train.block_specs(dataset_uri, 2, 300), config.hyperparameters(784, 10)
-    clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, train.load_block)).fit()
+    specs, hp = block_specs(dataset_uri, 2, 300), config.hyperparameters(784, 10)
+    clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, load_block)).fit()
     # 1 init + 3 passes per iteration: pass 12 is in iteration 4, after the checkpoint of iteration 2
     backend = ExecutorLossSparkBackend(spark_context, specs, lose_before_pass=12)
     checkpoints = CheckpointStore(str(tmp_path / "checkpoints"), "fingerprint") if checkpoint_every else None
@@ -255,22 +258,22 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint_with_identical_weig
 
 
 def test_initial_network_starts_from_a_matching_model_only(tmp_path):
-    config = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,))
+    config = TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,))
     hp = config.hyperparameters(784, 10)
     rng = np.random.default_rng(0)
     model = model_io.Model(weights=[rng.normal(size=(32, 784)).astype(np.float32),
                                     rng.normal(size=(10, 32)).astype(np.float32)],
                            biases=[rng.normal(size=32).astype(np.float32), rng.normal(size=10).astype(np.float32)])
     model_io.save_model(model, str(tmp_path / "model"))
-    warm = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,), init_model_uri=str(tmp_path / "model"))
+    warm = TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,), init_model_uri=str(tmp_path / "model"))
     weights, init = train.initial_network(warm, hp)
     assert init["kind"] == "published" and init["model_uri"] == str(tmp_path / "model")
     for stacked, weight, bias in zip(weights, model.weights, model.biases):
         np.testing.assert_array_equal(stacked, np.hstack([weight, bias[:, None]]))
     assert train.initial_network(config, hp) == (None, {"kind": "random", "reason": "no published model"})
-    random_init = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,), init="random",
+    random_init = TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(32,), init="random",
                                     init_model_uri=str(tmp_path / "model"))
     assert train.initial_network(random_init, hp) == (None, {"kind": "random", "reason": "--init random"})
-    wider = train.TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(64,), init_model_uri=str(tmp_path / "model"))
+    wider = TrainConfig(dataset_uri="d", output_uri="o", hidden_layers=(64,), init_model_uri=str(tmp_path / "model"))
     weights, init = train.initial_network(wider, wider.hyperparameters(784, 10))
     assert weights is None and init["kind"] == "random" and "has layers [784, 32, 10]" in init["reason"]

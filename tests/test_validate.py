@@ -10,10 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from admm_jobs import storage, validate
-from admm_jobs.dataset import PARQUET_SCHEMA, DatasetError, split_file_uris
 from conftest import SMALL_TEST_ROWS, SMALL_TRAIN_ROWS, SMALL_VALIDATION_ROWS
+
+from admm_jobs import validate
+from admm_jobs.lake import storage
+from admm_jobs.lake.dataset import PARQUET_SCHEMA, DatasetError, split_file_uris
 
 TRAIN_ROWS = SMALL_TRAIN_ROWS - SMALL_VALIDATION_ROWS
 

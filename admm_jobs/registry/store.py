@@ -42,7 +42,7 @@ from typing import Any
 import boto3
 import botocore.exceptions
 
-from admm_jobs import storage
+from admm_jobs.lake import storage
 
 DEFAULT_MODEL_NAME = "mnist-admm"
 POINTER_FILE = "current.json"

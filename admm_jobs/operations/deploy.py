@@ -44,7 +44,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from admm_jobs.config import ConfigError, require, setting
+from admm_jobs.cli.config import ConfigError, require, setting
 
 VARIABLE = "admm_deploy"
 TARGETS = ("local", "emr-serverless", "emr", "dataproc")
@@ -378,7 +378,7 @@ def train_task(deploy: DeployConfig, application_args: Sequence[str], task_id: s
 
 
 def submission(deploy: DeployConfig, application_args: Sequence[str]) -> dict[str, Any]:
-    """What the target submits, for inspection before deploying (``python -m admm_jobs.deploy``)."""
+    """What the target submits, for inspection before deploying (``python -m admm_jobs.operations.deploy``)."""
     if deploy.target == "local":
         return {"application": local_application(), "application_args": list(application_args),
                 "conf": spark_conf(deploy)}

@@ -1,6 +1,6 @@
 """Retraining demo: MNIST landed in weekly batches, backfilled through a real Airflow (``make demo-retraining``).
 
-    python -m admm_jobs.demo [--workdir var/demo] [--weeks 6] [--batch-size 10000]
+    python -m admm_jobs.operations.demo [--workdir var/demo] [--weeks 6] [--batch-size 10000]
         [--first-week 2026-01-04] [--params JSON] [--port 0] [--timeout 3600]
 
 1. Cuts the vendored MNIST training images into ``weeks`` dated batches of ``batch_size``
@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gzip
 import json
 import logging
 import os
 import posixpath
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -43,14 +40,17 @@ from typing import Any
 
 import numpy as np
 
-from admm_jobs import dataset, ingest, registry, storage
-from admm_jobs.config import ConfigError, configure_logging, parse_config, require, setting, validate_fields
-from admm_jobs.model import load_model
-from admm_jobs.run_pipeline import run_key
+from admm_jobs.cli.config import ConfigError, configure_logging, parse_config, require, setting, validate_fields
+from admm_jobs.lake import dataset, storage
+from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
+from admm_jobs.operations.ports import free_port
+from admm_jobs.operations.run_pipeline import run_key
+from admm_jobs.registry import store as registry
+from admm_jobs.registry.model import load_model
 
 log = logging.getLogger("admm_jobs.demo")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 DAG_ID = "mnist_admm_retraining"
 TRAIN_FILES = {"images": "train-images-idx3-ubyte", "labels": "train-labels-idx1-ubyte"}
@@ -108,50 +108,33 @@ class DemoConfig:
 # ---------------------------------------------------------------- landing the batches
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of a uint8 array: magic 0x000008NN (NN = ndim), NN big-endian uint32 sizes, data."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def write_idx_gz(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_name(path.name + ".gz").write_bytes(gzip.compress(idx_bytes(array), mtime=0))  # mtime 0: same bytes
-
-
 def cut_batches(mnist_dir: str, landing_dir: str, dates: list[datetime.date], batch_size: int) -> list[dict[str, Any]]:
     """Land consecutive ``batch_size``-image slices of the MNIST training file as one batch per date.
 
     Batch k (k = 0, 1, ...) holds training records ``k * batch_size`` to ``(k + 1) * batch_size``;
     the test files are copied unchanged. Returns ``[{"id", "date", "records", "first_record"}]``.
     """
-    images = ingest.read_source(mnist_dir, TRAIN_FILES["images"], 3).array
-    labels = ingest.read_source(mnist_dir, TRAIN_FILES["labels"], 1).array
+    images = read_source(mnist_dir, TRAIN_FILES["images"], 3).array
+    labels = read_source(mnist_dir, TRAIN_FILES["labels"], 1).array
     if len(dates) * batch_size > images.shape[0]:
         raise ConfigError(f"{len(dates)} batches of {batch_size} images need {len(dates) * batch_size} "
                           f"training images; {mnist_dir} has {images.shape[0]}")
     landing = Path(landing_dir)
     landing.mkdir(parents=True, exist_ok=True)
     for name in TEST_FILES:
-        uri, raw = ingest.fetch_source_file(mnist_dir, name)
+        uri, raw = fetch_source_file(mnist_dir, name)
         (landing / posixpath.basename(uri)).write_bytes(raw)  # as stored: the same test set every week
     batches = []
     for index, day in enumerate(dates):
         start, stop = index * batch_size, (index + 1) * batch_size
         batch_dir = landing / "batches" / day.isoformat()
-        write_idx_gz(batch_dir / TRAIN_FILES["images"], images[start:stop])
-        write_idx_gz(batch_dir / TRAIN_FILES["labels"], labels[start:stop])
+        write_idx(batch_dir / f"{TRAIN_FILES['images']}.gz", images[start:stop])
+        write_idx(batch_dir / f"{TRAIN_FILES['labels']}.gz", labels[start:stop])
         batches.append({"id": day.isoformat(), "date": day.isoformat(), "records": stop - start, "first_record": start})
     return batches
 
 
 # ---------------------------------------------------------------- Airflow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def airflow_environment(airflow_home: Path, port: int, passwords_file: Path, roots: dict[str, str]) -> dict[str, str]:

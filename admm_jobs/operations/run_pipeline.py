@@ -1,6 +1,6 @@
 """Run the whole retraining DAG once, locally, with ``airflow dags test`` (what ``make run`` does).
 
-    python -m admm_jobs.run_pipeline [--params JSON] [--logical-date YYYY-MM-DD|ISO-TIMESTAMP]
+    python -m admm_jobs.operations.run_pipeline [--params JSON] [--logical-date YYYY-MM-DD|ISO-TIMESTAMP]
 
 Prints the evaluation summary and the artifact locations; the last stdout line
 is one JSON object:
@@ -31,9 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from admm_jobs import storage
+from admm_jobs.lake import storage
 
-DAG_FILE = Path(__file__).resolve().parents[1] / "dags" / "mnist_admm_retraining.py"
+DAG_FILE = Path(__file__).resolve().parents[2] / "dags" / "mnist_admm_retraining.py"
 PLAN_FILE = "plan.json"
 # Task states that mean the task itself went wrong (not merely skipped or blocked upstream).
 FAILED_STATES = ("failed", "up_for_retry")
@@ -126,10 +126,9 @@ def run_summary(params: dict[str, Any], run_key: str) -> dict[str, Any]:
 
 def task_states(dag_id: str, logical_date: datetime) -> dict[str, str] | None:
     """Task id -> state of the latest run of ``dag_id`` at ``logical_date`` in Airflow's DB; None if no run."""
-    from sqlalchemy import select
-
     from airflow.models import DagRun, TaskInstance
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         run = session.scalars(

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from admm_jobs.checkpoint import DATA_KEYS, flatten, unflatten
+from admm_jobs.trainer.checkpoint import DATA_KEYS, flatten, unflatten
 
 DATA_DIRECTORY = "data"
 

@@ -1,6 +1,6 @@
 """A Spark standalone cluster on this machine: one master and N workers on 127.0.0.1 (``make cluster``).
 
-    python -m admm_jobs.cluster [--workers 2] [--cores 1] [--memory 1g] [--port 7077] [--webui-port 8077]
+    python -m admm_jobs.operations.cluster [--workers 2] [--cores 1] [--memory 1g] [--port 7077] [--webui-port 8077]
 
 The daemons are pyspark's own ``bin/spark-class`` master and worker (nothing is downloaded).
 Once every worker has registered it prints the master URL; Ctrl-C (or SIGTERM) stops the
@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +26,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from admm_jobs.config import configure_logging, parse_config, setting, validate_fields
-from admm_jobs.deploy import TRAINING_SPARK_CONF
+from admm_jobs.cli.config import configure_logging, parse_config, setting, validate_fields
+from admm_jobs.operations.deploy import TRAINING_SPARK_CONF
+from admm_jobs.operations.ports import free_port
 
 log = logging.getLogger("admm_jobs.cluster")
 
@@ -64,12 +64,6 @@ class ClusterConfig:
 
     def __post_init__(self):
         validate_fields(self)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spark_class() -> str:

@@ -13,7 +13,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from admm_jobs.registry import RegistryError
+from airflow.sdk.exceptions import AirflowFailException
+
+from admm_jobs.registry.store import RegistryError
 from admm_jobs.validate import ValidationFailed
 
 # ValueError covers ConfigError, IngestError, DatasetError, SuiteError, ModelError, EvaluationError.
@@ -25,8 +27,6 @@ def fail_fast(function: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(function)
     def task(*args: Any, **kwargs: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowFailException
-
         try:
             return function(*args, **kwargs)
         except DETERMINISTIC as exc:

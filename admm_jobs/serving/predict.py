@@ -1,6 +1,6 @@
 """Classify digit images with a trained model.
 
-    python -m admm_jobs.predict --model-uri URI --input URI [--output URI]
+    python -m admm_jobs.serving.predict --model-uri URI --input URI [--output URI]
         [--format auto|idx|png|parquet] [--split test] [--invert true|false]
         [--model-name mnist-admm]
 
@@ -61,9 +61,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from admm_jobs import dataset, ingest, registry, storage
-from admm_jobs import model as model_io
-from admm_jobs.config import configure_logging, parse_config, require, setting, validate_fields
+from admm_jobs.cli.command import run_command
+from admm_jobs.cli.config import require, setting, validate_fields
+from admm_jobs.lake import dataset, idx, storage
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
 
 log = logging.getLogger("admm_jobs.predict")  # not "__main__" under python -m
 
@@ -161,7 +163,7 @@ def sniff_format(head: bytes) -> str | None:
         return "png"
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
-    if head.startswith(ingest.GZIP_MAGIC) or head.startswith(ingest.IDX_UBYTE_PREFIX):
+    if head.startswith(idx.GZIP_MAGIC) or head.startswith(idx.IDX_UBYTE_PREFIX):
         return "idx"
     return None
 
@@ -183,7 +185,7 @@ def relative_name(file_uri: str, directory_uri: str) -> str:
 
 def read_idx_images(uri: str) -> Images:
     """The images of an IDX file (raw or gzip), checked to be 28 x 28."""
-    array = ingest.parse_idx(uri, ingest.decompress(uri, storage.read_bytes(uri)), expected_ndim=3)
+    array = idx.parse_idx(uri, idx.decompress(uri, storage.read_bytes(uri)), expected_ndim=3)
     if array.shape[1:] != dataset.IMAGE_SHAPE:
         raise PredictError(
             f"{uri}: images are {array.shape[1]} x {array.shape[2]} pixels, expected "
@@ -361,20 +363,13 @@ def predict(
     }
 
 
+def run(config: PredictConfig) -> dict[str, Any]:
+    return predict(config.model_uri, config.input, output_uri=config.output, input_format=config.format,
+                   split=config.split, invert=config.invert, model_name=config.model_name)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(PredictConfig, argv)
-    configure_logging()
-    result = predict(
-        config.model_uri,
-        config.input,
-        output_uri=config.output,
-        input_format=config.format,
-        split=config.split,
-        invert=config.invert,
-        model_name=config.model_name,
-    )
-    print(json.dumps(result, sort_keys=True))
-    return result
+    return run_command(PredictConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from admm_jobs import storage
+from admm_jobs.lake import storage
 
 DATASET_FORMAT = "idx-parquet/2"  # /2: built from dated batches (manifest "batches"); /1 is still read
 MANIFEST_FILE = "manifest.json"

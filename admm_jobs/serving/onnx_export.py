@@ -1,14 +1,14 @@
 """Export a trained model to ONNX, for serving outside this code base.
 
-    python -m admm_jobs.onnx_export --model-uri URI --output-uri FILE.onnx
+    python -m admm_jobs.serving.onnx_export --model-uri URI --output-uri FILE.onnx
         [--input-type uint8|float32] [--model-name mnist-admm]
 
-``--model-uri`` takes every form :func:`admm_jobs.predict.resolve_model_uri`
+``--model-uri`` takes every form :func:`admm_jobs.serving.predict.resolve_model_uri`
 accepts (model, run or registry version directory, registry entry or root).
 
 The graph (opset :data:`OPSET`, IR version :data:`IR_VERSION`, so that any
 onnxruntime >= 1.13 loads it; batch dimension ``N`` symbolic) is the forward
-pass of :mod:`admm_jobs.model`, input scaling included::
+pass of :mod:`admm_jobs.registry.model`, input scaling included::
 
     pixels   [N, 784]  uint8 grey levels (or float32 holding the same 0..255 values)
     a_0    = Cast<float>(pixels) * input_scale
@@ -33,10 +33,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from admm_jobs import dataset, registry, storage
-from admm_jobs import model as model_io
-from admm_jobs.config import parse_config, setting, validate_fields
-from admm_jobs.predict import load_image_model
+from admm_jobs.cli.command import run_command
+from admm_jobs.cli.config import setting, validate_fields
+from admm_jobs.lake import dataset, storage
+from admm_jobs.registry import model as model_io
+from admm_jobs.registry import store as registry
+from admm_jobs.serving.predict import load_image_model
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that introduced opset 17 (onnx 1.12)
@@ -126,7 +128,7 @@ def build_graph(model: model_io.Model, input_type: str = "uint8") -> onnx.ModelP
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
         ir_version=IR_VERSION,
-        producer_name="admm_jobs.onnx_export",
+        producer_name="admm_jobs.serving.onnx_export",
         doc_string=f"ReLU MLP {sizes} trained with ADMM; input: raw grey levels 0..255, row-major 28 x 28",
     )
     helper.set_model_props(proto, model_metadata(model))
@@ -203,10 +205,8 @@ def export_model(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config = parse_config(ExportConfig, argv)
-    result = export_model(config.model_uri, config.output_uri, config.input_type, config.model_name)
-    print(json.dumps(result, sort_keys=True))
-    return result
+    return run_command(ExportConfig, lambda config: export_model(config.model_uri, config.output_uri,
+                                                                 config.input_type, config.model_name), argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where the sample blocks live on Spark: in files on the executor that loaded them.
 
-:class:`SparkBackend` implements the trainer's backend (:class:`admm_jobs.trainer.Backend`):
-each block's data and ADMM state stay in :class:`admm_jobs.block_store.BlockStore` files in
+:class:`SparkBackend` implements the trainer's backend (:class:`admm_jobs.trainer.loop.Backend`):
+each block's data and ADMM state stay in :class:`admm_jobs.trainer.block_store.BlockStore` files in
 the executor's scratch directory, and Spark caches one small handle per block, so every later
 task of a block is scheduled where its files are. A pass is one Spark job whose only result is
 the reduction of the blocks' statistics; the weights travel as a broadcast.
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from admm_jobs.block_store import BlockStore
-from admm_jobs.trainer import Block, BlocksLost, PassFunction, Stats, add_stats
+from admm_jobs.trainer.block_store import BlockStore
+from admm_jobs.trainer.loop import Block, BlocksLost, PassFunction, Stats, add_stats
 
 BlockLoader = Callable[[dict[str, Any]], Block]
 EXECUTOR_WATCH_SECONDS = 0.5  # how often a running pass checks that its executors are still there
@@ -83,10 +83,10 @@ def _remove_block(token: str, index: int) -> None:
 
 
 class SparkBackend:
-    """Blocks stay in files on the executor that loaded them (:mod:`admm_jobs.block_store`).
+    """Blocks stay in files on the executor that loaded them (:mod:`admm_jobs.trainer.block_store`).
 
     ``specs`` says what each block holds (one Spark partition per spec) and ``loader``
-    builds a block from its spec on an executor (``train.load_block`` for the lake's
+    builds a block from its spec on an executor (:func:`admm_jobs.trainer.blocks.load_block` for the lake's
     Parquet splits).
     """
 
@@ -135,7 +135,7 @@ class SparkBackend:
         (only to find no state there). Instead the pass is cancelled as soon as an executor alive at
         its start has gone, and the trainer reloads the blocks and resumes from its checkpoint. An
         executor lost between passes needs no watch: its blocks' tasks have no preference left, run
-        elsewhere at once and fail with :class:`~admm_jobs.block_store.BlockStateLost`.
+        elsewhere at once and fail with :class:`~admm_jobs.trainer.block_store.BlockStateLost`.
         """
         broadcast = self.sc.broadcast(params)
         # aggregate() merges partition results on the driver in partition order, so

@@ -6,8 +6,8 @@ state (activations a_l, pre-activations z_l, scaled multipliers u_l). One
 it returns (Gram matrices, loss sums). The driver solves the weight updates
 from those sums and sends the weights to the next pass. A backend decides
 where blocks live: :class:`LocalBackend` keeps them in this process (the
-single-process reference), :class:`admm_jobs.spark_backend.SparkBackend` keeps
-them in files on the Spark executors (:mod:`admm_jobs.block_store`).
+single-process reference), :class:`admm_jobs.trainer.spark_backend.SparkBackend` keeps
+them in files on the Spark executors (:mod:`admm_jobs.trainer.block_store`).
 
 One iteration ("epoch") restarts a_l, z_l from the network's forward pass and
 then makes a backward sweep over the layers (see :meth:`AdmmTrainer.fit`); each
@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from admm_jobs import admm
-from admm_jobs.checkpoint import DriverState
+from admm_jobs.trainer import admm
+from admm_jobs.trainer.checkpoint import DriverState
 
 Block = dict[str, Any]
 Stats = dict[str, Any]

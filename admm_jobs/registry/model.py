@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from admm_jobs import storage
+from admm_jobs.lake import storage
 
 MODEL_FORMAT = "admm-mlp/1"
 WEIGHTS_FILE = "model.npz"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from admm_jobs import storage
+from admm_jobs.lake import storage
 
 log = logging.getLogger(__name__)
 

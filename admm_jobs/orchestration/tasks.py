@@ -1,0 +1,56 @@
+"""Stage entry points as Airflow task callables: XCom for the plan, asset events for validate and publish.
+
+The DAG wraps each in :func:`admm_jobs.orchestration.failures.fail_fast`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from admm_jobs import plan, publish, validate
+from admm_jobs.lake.dataset import load_manifest
+from admm_jobs.orchestration.assets import publications_alias, published_model_asset, validated_dataset_asset
+
+
+def validate_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
+    """:func:`admm_jobs.validate.main` as an Airflow task: the asset event of a passed validation names the
+    dataset version.
+
+    A failed validation raises, so the task fails and emits no event.
+    """
+    result = validate.main(argv)
+    if outlet_events is not None:
+        manifest = load_manifest(result["dataset_uri"])
+        outlet_events[validated_dataset_asset(manifest["dataset"])].extra = {
+            "dataset_uri": result["dataset_uri"],
+            "dataset_version": manifest["version"],
+            "result_uri": result["result_uri"],
+        }
+    return result
+
+
+def plan_task(argv: list[str], ti=None) -> bool:
+    """:func:`admm_jobs.plan.main` for a ``ShortCircuitOperator``: False (nothing new) skips everything downstream.
+
+    The plan goes to XCom under the key ``plan`` (the train task reads ``init_model_uri``).
+    """
+    result = plan.main(argv)
+    if ti is not None:
+        ti.xcom_push(key="plan", value=result)
+    return result["retrain"]
+
+
+def publish_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
+    """:func:`admm_jobs.publish.main` as an Airflow task: an accepted model becomes an event of
+    :func:`published_model_asset`.
+
+    The event's extra is the new registry pointer plus ``model_uri`` and ``model_name``;
+    a rejected model, or one that is already the published version, emits no event.
+    """
+    result = publish.main(argv)
+    if outlet_events is not None and result["decision"] == "accepted":
+        outlet_events[publications_alias(result["model_name"])].add(
+            published_model_asset(result["model_name"]),
+            extra={**result["current"], "model_uri": result["model_uri"], "model_name": result["model_name"]},
+        )
+    return result

@@ -1,0 +1,1 @@
+"""Scoring models on labelled images (:mod:`.metrics`) and drawing the results (:mod:`.report`)."""

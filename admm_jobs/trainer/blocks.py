@@ -1,0 +1,58 @@
+"""Which rows of the dataset each Spark partition (sample block) reads, and reading them on the executor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from admm_jobs.lake import dataset, storage
+from admm_jobs.trainer.loop import Block, make_block
+
+RowSlice = tuple[str, int, int]  # (part file URI, first row, end row)
+
+
+def partition_slices(files: list[tuple[str, int]], limit: int | None, partitions: int) -> list[list[RowSlice]]:
+    """Cut the first ``limit`` rows of a split (part files with row counts) into near-equal contiguous ranges."""
+    total = sum(rows for _, rows in files)
+    total = total if limit is None else min(total, limit)
+    bounds = [round(i * total / partitions) for i in range(partitions + 1)]
+    slices: list[list[RowSlice]] = [[] for _ in range(partitions)]
+    offset = 0
+    for uri, rows in files:
+        for part in range(partitions):
+            start, end = max(bounds[part], offset), min(bounds[part + 1], offset + rows)
+            if start < end:
+                slices[part].append((uri, start - offset, end - offset))
+        offset += rows
+    return slices
+
+
+def read_slices(row_slices: list[RowSlice]) -> tuple[np.ndarray, np.ndarray]:
+    """Read and concatenate row ranges of part files (runs on the executors)."""
+    pixels, labels = [], []
+    for uri, start, end in row_slices:
+        file_pixels, file_labels = dataset.read_parquet_file(uri)
+        pixels.append(file_pixels[start:end])
+        labels.append(file_labels[start:end])
+    if not pixels:
+        return np.zeros((0, dataset.PIXELS_PER_IMAGE), np.uint8), np.zeros(0, np.int8)
+    return np.concatenate(pixels), np.concatenate(labels)
+
+
+def load_block(spec: dict[str, Any]) -> Block:
+    """Build one partition's block from its row ranges of every split."""
+    pixels, labels = read_slices(spec["train"])
+    evaluation = {split: read_slices(spec[split]) for split in ("validation", "test")}
+    return make_block(spec["index"], pixels, labels, evaluation)
+
+
+def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> list[dict[str, Any]]:
+    """Per partition, which rows of which part files it reads (computed from the manifest only)."""
+    manifest = dataset.load_manifest(dataset_uri)
+    per_split = {}
+    for split in dataset.SPLITS:
+        files = [(storage.join(dataset_uri, entry["path"]), int(entry["rows"]))
+                 for entry in manifest["splits"][split]["files"]]
+        per_split[split] = partition_slices(files, train_limit if split == "train" else None, partitions)
+    return [{"index": part, **{split: per_split[split][part] for split in dataset.SPLITS}} for part in range(partitions)]
