@@ -1,4 +1,4 @@
-"""Stage entry points as Airflow task callables that fail fast on deterministic errors.
+"""Fail-fast handling of Airflow task callables: no retries for deterministic errors.
 
 A missing or corrupt source, a failed expectation, a quarantined batch or an invalid setting
 fails the same way every time: retrying only delays the alert. :func:`fail_fast` turns those
