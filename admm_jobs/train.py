@@ -6,8 +6,10 @@ Each Spark partition holds one block of training samples with their ADMM
 state (see :mod:`admm_jobs.trainer.loop`) plus its share of the validation and
 test splits (:mod:`admm_jobs.trainer.blocks`), kept on the executor that loaded it
 (:mod:`admm_jobs.trainer.spark_backend`).
-Executors read their own rows from storage, so no data passes through the driver; per pass only the per-layer Gram matrices are reduced to
-the driver (``aggregate``) and the solved weights are broadcast back.
+Executors read their own rows from storage, so no data passes through the driver; per pass only the
+per-layer Gram matrices are summed, on the executors along a fixed tree of row chunks
+(:mod:`admm_jobs.trainer.reduction`), and a bounded number of partial sums reaches the driver; the
+solved weights are broadcast back. The weights do not depend on the partition count.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from admm_jobs.registry.model import Model, load_model, save_model
 from admm_jobs.trainer.blocks import block_specs, load_block
 from admm_jobs.trainer.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.trainer.config import TrainConfig, code_version
-from admm_jobs.trainer.loop import INPUT_SCALE, AdmmTrainer, EpochReport
-from admm_jobs.trainer.spark_backend import SparkBackend
+from admm_jobs.trainer.loop import INPUT_SCALE, AdmmTrainer, EpochReport, statistics_bytes
+from admm_jobs.trainer.spark_backend import SparkBackend, driver_result_budget
 
 log = logging.getLogger("admm_jobs.train")
 
@@ -82,7 +84,10 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
     trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": partitions,
                   "train_limit": config.train_limit, "init": init}
     checkpoints = CheckpointStore(storage.join(config.output_uri, CHECKPOINT_DIR), fingerprint(trajectory))
-    backend = SparkBackend(spark_context, block_specs(config.dataset_uri, partitions, config.train_limit), load_block)
+    specs = block_specs(config.dataset_uri, partitions, config.train_limit, config.chunk_rows)
+    # a third of what Spark lets the driver receive: room for pickling and the evaluation splits' scores
+    result_nodes = max(1, driver_result_budget(spark_context) // 3 // statistics_bytes(hp.layer_sizes))
+    backend = SparkBackend(spark_context, specs, load_block, result_nodes)
     started = time.perf_counter()
     trainer = AdmmTrainer(hp, backend, on_epoch, checkpoints, config.checkpoint_every, initial_weights)
     try:

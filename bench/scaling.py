@@ -29,6 +29,7 @@ from admm_jobs.trainer.blocks import block_specs, load_block
 from admm_jobs.trainer.checkpoint import DATA_KEYS
 from admm_jobs.trainer.config import TrainConfig
 from admm_jobs.trainer.loop import AdmmTrainer, make_block
+from admm_jobs.trainer.reduction import Partial
 from admm_jobs.trainer.spark_backend import SparkBackend
 
 from common import RESULTS, machine, mnist_dataset_uri, spark_session
@@ -42,19 +43,24 @@ def replicated_block(spec: dict) -> dict:
     rng = np.random.default_rng(1000 * spec["replica"] + spec["index"])
     noise = rng.integers(-8, 9, size=block["pixels"].shape)
     pixels = np.clip(block["pixels"].astype(np.int16) + noise * (spec["replica"] > 0), 0, 255).astype(np.uint8)
-    return make_block(spec["index"], pixels, block["labels"], block["evaluation"] if spec["replica"] == 0 else {})
+    return make_block(spec["index"], pixels, block["labels"], block["evaluation"] if spec["replica"] == 0 else {},
+                      spec["rows"], spec["chunk_rows"])
 
 
 def memory_pass(block: dict, params: dict):
     """Peak RSS of this Python worker and the bytes of ADMM state this block holds between iterations."""
     state = sum(array.nbytes for key, arrays in block.items() if key not in DATA_KEYS for array in arrays)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return block, {f"peak_rss_mib_{block['index']}": peak_mib, "state_bytes": state, "samples": len(block["labels"])}
+    return block, Partial(counts={f"peak_rss_mib_{block['index']}": peak_mib, "state_bytes": state,
+                                  "samples": len(block["labels"])})
 
 
 def measure(spark, dataset_uri: str, factor: int, epochs: int) -> dict:
     base = block_specs(dataset_uri, BASE_PARTITIONS, None)
-    specs = [dict(spec, index=replica * BASE_PARTITIONS + spec["index"], replica=replica)
+    train_rows = base[0]["rows"]["train"][1]
+    # replica r's rows come after those of replicas 0..r-1 in the sums' chunk order
+    specs = [dict(spec, index=replica * BASE_PARTITIONS + spec["index"], replica=replica,
+                  rows={**spec["rows"], "train": (replica * train_rows + spec["rows"]["train"][0], factor * train_rows)})
              for replica in range(factor) for spec in base]
     config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", epochs=epochs, patience=0,
                                partitions=len(specs))

@@ -42,7 +42,8 @@ from threadpoolctl import threadpool_limits
 from admm_jobs.trainer import admm
 from admm_jobs.trainer.blocks import block_specs, load_block
 from admm_jobs.trainer.config import TrainConfig
-from admm_jobs.trainer.loop import AdmmTrainer, LocalBackend, add_stats, make_block
+from admm_jobs.trainer.loop import AdmmTrainer, LocalBackend, make_block
+from admm_jobs.trainer.reduction import add_stats
 
 from common import RESULTS, machine, mnist_dataset_uri
 

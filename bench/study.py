@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from admm_jobs.trainer import admm
-from admm_jobs.trainer.loop import AdmmTrainer, Hyperparameters, LocalBackend, make_block
+from admm_jobs.trainer.loop import AdmmTrainer, Hyperparameters, LocalBackend, cut_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "data" / "mnist"
@@ -86,11 +86,7 @@ def blocks(splits, train_limit: int | None, partitions: int, with_test: bool):
     if train_limit:
         pixels, labels = pixels[:train_limit], labels[:train_limit]
     scored = ["validation", "test"] if with_test else ["validation"]
-    parts = np.array_split(np.arange(len(labels)), partitions)
-    shares = {s: np.array_split(np.arange(len(splits[s][1])), partitions) for s in scored}
-    return [make_block(i, pixels[p], labels[p], {s: (splits[s][0][shares[s][i]], splits[s][1][shares[s][i]])
-                                                 for s in scored})
-            for i, p in enumerate(parts)]
+    return cut_blocks(pixels, labels, {split: splits[split] for split in scored}, partitions)
 
 
 def parse_value(text: str):

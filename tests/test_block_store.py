@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from admm_jobs.trainer.block_store import BlockStateLost, BlockStore
+from admm_jobs.trainer.loop import make_block
 
 
 def _block(index=3, samples=5):
     rng = np.random.default_rng(index)
-    return {"index": index, "pixels": rng.integers(0, 256, (samples, 784), dtype=np.uint8),
-            "labels": rng.integers(0, 10, samples), "evaluation": {
-                "validation": (rng.integers(0, 256, (2, 784), dtype=np.uint8), np.array([1, 2], np.int8)),
-                "test": (rng.integers(0, 256, (3, 784), dtype=np.uint8), np.array([3, 4, 5], np.int8))}}
+    return make_block(index, rng.integers(0, 256, (samples, 784), dtype=np.uint8), rng.integers(0, 10, samples), {
+        "validation": (rng.integers(0, 256, (2, 784), dtype=np.uint8), np.array([1, 2], np.int8)),
+        "test": (rng.integers(0, 256, (3, 784), dtype=np.uint8), np.array([3, 4, 5], np.int8))},
+        rows={"train": (10, 40), "validation": (4, 8), "test": (6, 12)}, chunk_rows=2)
 
 
 def _state(seed, samples=5):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from admm_jobs import train
 from admm_jobs.lake import storage
@@ -38,14 +39,14 @@ def spark_context():
     spark.stop()
 
 
-def test_partition_slices_cover_every_row_once():
+def test_partition_slices_cover_every_row_once_in_whole_chunks():
     files = [("a", 10), ("b", 7), ("c", 10)]
-    slices = partition_slices(files, None, 4)
+    slices = partition_slices(files, None, 4, chunk_rows=4)
     rows = [(uri, i) for part in slices for uri, start, end in part for i in range(start, end)]
     assert rows == [(uri, i) for uri, count in files for i in range(count)]
     sizes = [sum(end - start for _, start, end in part) for part in slices]
-    assert sum(sizes) == 27 and max(sizes) - min(sizes) <= 1
-    limited = partition_slices(files, 12, 3)
+    assert sizes == [8, 4, 4, 11]  # six chunks of 4 rows, the last one with the 3 rows left over
+    limited = partition_slices(files, 12, 3, chunk_rows=4)
     assert [part for part in limited] == [[("a", 0, 4)], [("a", 4, 8)], [("a", 8, 10), ("b", 0, 2)]]
 
 
@@ -71,21 +72,23 @@ def test_bad_settings_are_refused_before_spark_starts(argv, message, capsys, mon
 
 
 @pytest.mark.slow
-def test_spark_training_matches_the_single_process_reference(spark_context, small_dataset, tmp_path):
+def test_spark_training_equals_the_single_process_reference_bit_for_bit(spark_context, small_dataset, tmp_path):
+    """Three Spark partitions give the weights of one block in this process, bit for bit: the sums
+    run along the same chunk tree (``trainer.reduction``) wherever the rows are."""
     dataset_uri = small_dataset["dataset_uri"]
     config = TrainConfig(dataset_uri=dataset_uri, output_uri=str(tmp_path / "run"), hidden_layers=(32, 16),
-                               epochs=3, warmup_epochs=1, partitions=3, train_limit=600, patience=0)
+                         epochs=3, warmup_epochs=1, partitions=3, train_limit=600, patience=0, chunk_rows=64)
     result = train.train(config, spark_context)
 
-    specs = block_specs(dataset_uri, config.partitions, config.train_limit)
-    reference = AdmmTrainer(config.hyperparameters(784, 10), LocalBackend(load_block(s) for s in specs)).fit()
+    [spec] = block_specs(dataset_uri, 1, config.train_limit, config.chunk_rows)
+    # single-threaded BLAS, as the Spark workers run it (TRAINING_SPARK_CONF): OpenBLAS's threaded kernels
+    # round some products differently
+    with threadpool_limits(1):
+        reference = AdmmTrainer(config.hyperparameters(784, 10), LocalBackend([load_block(spec)])).fit()
     trained = model_io.load_model(result["model_uri"], expected_layer_sizes=[784, 32, 16, 10])
-    # Equal up to float32 rounding: Spark's workers run single-threaded BLAS, this process
-    # multi-threaded, and the weight solves amplify the rounding by their conditioning.
     for weight, bias, expected in zip(trained.weights, trained.biases, reference.weights):
-        scale = np.abs(expected).max()
-        np.testing.assert_allclose(weight, expected[:, :-1], rtol=0, atol=1e-3 * scale)
-        np.testing.assert_allclose(bias, expected[:, -1], rtol=0, atol=1e-3 * scale)
+        np.testing.assert_array_equal(weight, expected[:, :-1])
+        np.testing.assert_array_equal(bias, expected[:, -1])
 
     lines = [json.loads(line) for line in storage.read_bytes(result["metrics_uri"]).decode().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]
@@ -131,7 +134,7 @@ def test_a_killed_python_worker_is_retried_and_training_ends_the_same(spark_cont
     dataset_uri = small_dataset["dataset_uri"]
     config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=3,
                                partitions=3, train_limit=300, patience=0)
-    specs = block_specs(dataset_uri, config.partitions, config.train_limit)
+    specs = block_specs(dataset_uri, config.partitions, config.train_limit, chunk_rows=50)
     hp = config.hyperparameters(784, 10)
     from pyspark import cloudpickle
 
@@ -151,7 +154,7 @@ def test_spark_caches_only_block_handles_and_a_lost_block_fails_naming_it(spark_
     dataset_uri = small_dataset["dataset_uri"]
     config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24,), epochs=2,
                                partitions=2, train_limit=400, patience=0)
-    backend = SparkBackend(spark_context, block_specs(dataset_uri, 2, 400), load_block)
+    backend = SparkBackend(spark_context, block_specs(dataset_uri, 2, 400, chunk_rows=50), load_block)
     AdmmTrainer(config.hyperparameters(784, 10), backend).fit()
 
     # the state (here 400 samples x (24 + 24 + 10 + 10 + 24) floats) stays in executor files;
@@ -196,7 +199,7 @@ def test_a_lost_block_is_reloaded_and_training_ends_the_same(spark_context, smal
     dataset_uri = small_dataset["dataset_uri"]
     config = TrainConfig(dataset_uri=dataset_uri, output_uri="unused", hidden_layers=(24, 12), epochs=5,
                                partitions=2, train_limit=300, patience=0)
-    specs, hp = block_specs(dataset_uri, 2, 300), config.hyperparameters(784, 10)
+    specs, hp = block_specs(dataset_uri, 2, 300, chunk_rows=50), config.hyperparameters(784, 10)
     clean = AdmmTrainer(hp, SparkBackend(spark_context, specs, load_block)).fit()
     # 1 init + 3 passes per iteration: pass 12 is in iteration 4, after the checkpoint of iteration 2
     backend = ExecutorLossSparkBackend(spark_context, specs, lose_before_pass=12)
@@ -209,12 +212,34 @@ def test_a_lost_block_is_reloaded_and_training_ends_the_same(spark_context, smal
         np.testing.assert_array_equal(actual, expected)
 
 
-def _spark_submit(dataset_uri: str, output_uri: str, epochs: int, *extra: str):
+def _spark_submit(dataset_uri: str, output_uri: str, epochs: int, *extra: str, spark_conf: tuple[str, ...] = ()):
     command = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
-               "--conf", "spark.ui.enabled=false", train.__file__, "--dataset-uri", dataset_uri,
+               "--conf", "spark.ui.enabled=false", *spark_conf, train.__file__, "--dataset-uri", dataset_uri,
                "--output-uri", output_uri, "--hidden-layers", "32,16", "--epochs", str(epochs), "--partitions", "2",
                "--train-limit", "500", "--checkpoint-every", "2", "--patience", "0", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_many_partitions_send_the_driver_a_bounded_result_and_train_the_same_weights(small_dataset, tmp_path):
+    """64 partitions under a 16 MiB ``spark.driver.maxResultSize``: the 15 that hold rows (chunks of 64)
+    make 5 MiB of statistics each (the input Gram), so collecting them (RDD.aggregate) would need 75 MiB;
+    the executors sum them along the chunk tree and the driver receives one partial per split. The
+    weights equal those of 2 partitions bit for bit."""
+    dataset_uri = small_dataset["dataset_uri"]
+    runs = {}
+    # the job's own settings (single-threaded BLAS on the workers: threaded OpenBLAS rounds by block size)
+    training_conf = tuple(item for key, value in TRAINING_SPARK_CONF.items() for item in ("--conf", f"{key}={value}"))
+    for partitions, conf in ((2, ()), (64, ("--conf", "spark.driver.maxResultSize=16m"))):
+        job = _spark_submit(dataset_uri, str(tmp_path / f"p{partitions}"), 2, "--partitions", str(partitions),
+                            "--chunk-rows", "64", "--train-limit", "1000", "--init", "random",
+                            spark_conf=training_conf + conf)
+        output = job.communicate(timeout=600)[0]
+        assert job.returncode == 0, output
+        runs[partitions] = model_io.load_model(str(tmp_path / f"p{partitions}" / "model"))
+    assert runs[64].metadata["hyperparameters"]["partitions"] == 64
+    for actual, expected in zip(runs[64].weights + runs[64].biases, runs[2].weights + runs[2].biases):
+        np.testing.assert_array_equal(actual, expected)
 
 
 @pytest.mark.slow

@@ -95,10 +95,13 @@ class BlockStore:
         return self.root / f"block-{index:05d}"
 
     def save_data(self, block: dict[str, Any]) -> None:
-        """Store a freshly loaded block's samples, labels and evaluation splits (generation 0)."""
-        arrays = {"index": np.asarray(block["index"]), "pixels": block["pixels"], "labels": block["labels"]}
+        """Store a freshly loaded block's samples, labels, evaluation splits and place in the splits (generation 0)."""
+        arrays = {"index": np.asarray(block["index"]), "pixels": block["pixels"], "labels": block["labels"],
+                  "chunk_rows": np.asarray(block["chunk_rows"])}
         for split, (pixels, labels) in block["evaluation"].items():
             arrays[f"evaluation.{split}.pixels"], arrays[f"evaluation.{split}.labels"] = pixels, labels
+        for split, first_and_total in block["rows"].items():
+            arrays[f"rows.{split}"] = np.asarray(first_and_total, np.int64)
         directory = self._directory(block["index"])
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(directory / DATA_DIRECTORY, ignore_errors=True)  # a reload replaces the data
@@ -119,8 +122,9 @@ class BlockStore:
             pixels, labels = evaluation.get(split, (None, None))
             array = data.pop(key)
             evaluation[split] = (array, labels) if field == "pixels" else (pixels, array)
+        rows = {key.removeprefix("rows."): (int(data[key][0]), int(data[key][1])) for key in data if key.startswith("rows.")}
         block = {"index": int(data["index"]), "pixels": data["pixels"], "labels": data["labels"],
-                 "evaluation": evaluation}
+                 "evaluation": evaluation, "rows": rows, "chunk_rows": int(data["chunk_rows"])}
         self.loaded_state = {}
         if generation:
             block.update(unflatten(_read_arrays(paths[1], self.loaded_state)))

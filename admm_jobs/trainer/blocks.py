@@ -7,16 +7,23 @@ from typing import Any
 import numpy as np
 
 from admm_jobs.lake import dataset, storage
+from admm_jobs.trainer import reduction
 from admm_jobs.trainer.loop import Block, make_block
 
 RowSlice = tuple[str, int, int]  # (part file URI, first row, end row)
 
 
-def partition_slices(files: list[tuple[str, int]], limit: int | None, partitions: int) -> list[list[RowSlice]]:
-    """Cut the first ``limit`` rows of a split (part files with row counts) into near-equal contiguous ranges."""
+def split_rows(files: list[tuple[str, int]], limit: int | None) -> int:
+    """The rows of a split that training reads: the first ``limit`` (all without one)."""
     total = sum(rows for _, rows in files)
-    total = total if limit is None else min(total, limit)
-    bounds = [round(i * total / partitions) for i in range(partitions + 1)]
+    return total if limit is None else min(total, limit)
+
+
+def partition_slices(files: list[tuple[str, int]], limit: int | None, partitions: int,
+                     chunk_rows: int = reduction.DEFAULT_CHUNK_ROWS) -> list[list[RowSlice]]:
+    """Cut the first ``limit`` rows of a split (part files with row counts) into near-equal contiguous
+    ranges of whole reduction chunks (``reduction.block_bounds``)."""
+    bounds = reduction.block_bounds(split_rows(files, limit), partitions, chunk_rows)
     slices: list[list[RowSlice]] = [[] for _ in range(partitions)]
     offset = 0
     for uri, rows in files:
@@ -44,15 +51,22 @@ def load_block(spec: dict[str, Any]) -> Block:
     """Build one partition's block from its row ranges of every split."""
     pixels, labels = read_slices(spec["train"])
     evaluation = {split: read_slices(spec[split]) for split in ("validation", "test")}
-    return make_block(spec["index"], pixels, labels, evaluation)
+    return make_block(spec["index"], pixels, labels, evaluation, spec["rows"], spec["chunk_rows"])
 
 
-def block_specs(dataset_uri: str, partitions: int, train_limit: int | None) -> list[dict[str, Any]]:
-    """Per partition, which rows of which part files it reads (computed from the manifest only)."""
+def block_specs(dataset_uri: str, partitions: int, train_limit: int | None,
+                chunk_rows: int = reduction.DEFAULT_CHUNK_ROWS) -> list[dict[str, Any]]:
+    """Per partition, which rows of which part files it reads and where they lie in each split
+    (computed from the manifest only)."""
     manifest = dataset.load_manifest(dataset_uri)
-    per_split = {}
+    per_split, totals = {}, {}
     for split in dataset.SPLITS:
         files = [(storage.join(dataset_uri, entry["path"]), int(entry["rows"]))
                  for entry in manifest["splits"][split]["files"]]
-        per_split[split] = partition_slices(files, train_limit if split == "train" else None, partitions)
-    return [{"index": part, **{split: per_split[split][part] for split in dataset.SPLITS}} for part in range(partitions)]
+        limit = train_limit if split == "train" else None
+        totals[split] = split_rows(files, limit)
+        per_split[split] = partition_slices(files, limit, partitions, chunk_rows)
+    bounds = {split: reduction.block_bounds(totals[split], partitions, chunk_rows) for split in dataset.SPLITS}
+    return [{"index": part, **{split: per_split[split][part] for split in dataset.SPLITS},
+             "rows": {split: (bounds[split][part], totals[split]) for split in dataset.SPLITS}, "chunk_rows": chunk_rows}
+            for part in range(partitions)]

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from admm_jobs.lake import storage
+from admm_jobs.trainer.reduction import Partial
 
 log = logging.getLogger(__name__)
 
-DATA_KEYS = ("index", "pixels", "labels", "evaluation")
+DATA_KEYS = ("index", "pixels", "labels", "evaluation", "rows", "chunk_rows")
 LATEST = "latest.json"
 META = "meta.json"
 
@@ -90,13 +91,13 @@ def save_block_state(block: dict[str, Any], params: dict[str, Any]):
     """Pass function: write this block's ADMM state (not its data) to the checkpoint directory."""
     state = {key: value for key, value in block.items() if key not in DATA_KEYS}
     storage.write_bytes(block_file(params["directory"], block["index"]), _npz_bytes(flatten(state)))
-    return block, {"saved_blocks": 1}
+    return block, Partial(counts={"saved_blocks": 1})
 
 
 def restore_block_state(block: dict[str, Any], params: dict[str, Any]):
     """Pass function: put the checkpointed ADMM state back into a freshly loaded block."""
     state = unflatten(_load_npz(block_file(params["directory"], block["index"])))
-    return dict(block, **state), {"restored_blocks": 1}
+    return dict(block, **state), Partial(counts={"restored_blocks": 1})
 
 
 @dataclasses.dataclass

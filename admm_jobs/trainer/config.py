@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from admm_jobs.cli.config import int_tuple, require, setting, validate_fields
-from admm_jobs.trainer import admm
+from admm_jobs.trainer import admm, reduction
 from admm_jobs.trainer.loop import Hyperparameters
 
 MAX_LAYER_WIDTH = 8192
@@ -50,6 +50,8 @@ class TrainConfig:
                             minimum=0, maximum=10_000)
     partitions: int | None = setting(None, "Spark partitions, i.e. sample blocks (none: one per executor core, "
                                      "Spark's default parallelism)", minimum=1, maximum=10_000)
+    chunk_rows: int = setting(reduction.DEFAULT_CHUNK_ROWS, "rows per chunk of the summed statistics: the sums, "
+                              "hence the weights, depend on this but not on --partitions", minimum=2, maximum=1 << 20)
     seed: int = setting(0, "seed of the weight initialisation", minimum=0)
     train_limit: int | None = setting(None, "use only the first N training samples (none: all)", minimum=1)
     checkpoint_every: int = setting(5, "save a resumable checkpoint every N iterations (0: never)", minimum=0, maximum=10_000)

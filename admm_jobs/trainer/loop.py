@@ -30,12 +30,12 @@ from typing import Any, Protocol
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from admm_jobs.trainer import admm
+from admm_jobs.trainer import admm, reduction
 from admm_jobs.trainer.checkpoint import DriverState
+from admm_jobs.trainer.reduction import Partial, Stats
 
 Block = dict[str, Any]
-Stats = dict[str, Any]
-PassFunction = Callable[[Block, dict[str, Any]], tuple[Block, Stats]]
+PassFunction = Callable[[Block, dict[str, Any]], tuple[Block, Partial]]
 
 INPUT_SCALE = 1.0 / 255.0
 INPUT_TILE_ROWS = 2048  # rows of the uint8 input converted to float32 at a time (6 MiB at 784 pixels: stays in cache)
@@ -98,20 +98,13 @@ class Hyperparameters:
         return rate * samples
 
 
-def add_stats(left: Stats, right: Stats) -> Stats:
-    """Sum two statistics dicts key by key (keys missing on one side are kept)."""
-    total = dict(left)
-    for key, value in right.items():
-        total[key] = total[key] + value if key in total else value
-    return total
-
-
 class Backend(Protocol):
     def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        """Replace every block by ``function(block, params)[0]`` and return the sum of the stats."""
+        """Replace every block by ``function(block, params)[0]`` and return the total of the partials
+        (``reduction.total``: the same sums however the rows are cut into blocks)."""
 
     def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        """Run ``function`` on every block for its side effects and stats only; the blocks stay as they are."""
+        """Run ``function`` on every block for its statistics only; the blocks stay as they are."""
 
     def reload(self) -> None:
         """Start again from the blocks' data without any state (after :class:`BlocksLost`)."""
@@ -128,26 +121,80 @@ class LocalBackend:
         self.blocks = self.loaded
 
     def run_pass(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        total: Stats = {}
-        updated = []
-        for block in self.blocks:
-            new_block, stats = function(block, params)
-            updated.append(new_block)
-            total = add_stats(total, stats)
-        self.blocks = updated
-        return total
+        results = [function(block, params) for block in self.blocks]
+        self.blocks = [block for block, _ in results]
+        return reduction.total(reduction.merge_all(partial for _, partial in results))
 
     def inspect(self, function: PassFunction, params: dict[str, Any]) -> Stats:
-        total: Stats = {}
-        for block in self.blocks:
-            total = add_stats(total, function(block, params)[1])
-        return total
+        return reduction.total(reduction.merge_all(function(block, params)[1] for block in self.blocks))
+
+
+def statistics_bytes(layer_sizes: tuple[int, ...]) -> int:
+    """Bytes of the largest statistics one pass sums (the initialisation's: every layer's Gram
+    (n_{l-1} + 1)^2 and the output cross term n_L (n_{L-1} + 1), in float64)."""
+    grams = sum((fan_in + 1) ** 2 for fan_in in layer_sizes[:-1])
+    return 8 * (grams + layer_sizes[-1] * (layer_sizes[-2] + 1))
 
 
 def make_block(index: int, pixels: np.ndarray, labels: np.ndarray,
-               evaluation: dict[str, tuple[np.ndarray, np.ndarray]]) -> Block:
-    """Block ``index``: training samples plus this block's share of the evaluation splits."""
-    return {"index": index, "pixels": pixels, "labels": labels.astype(np.int64), "evaluation": evaluation}
+               evaluation: dict[str, tuple[np.ndarray, np.ndarray]], rows: dict[str, tuple[int, int]] | None = None,
+               chunk_rows: int = reduction.DEFAULT_CHUNK_ROWS) -> Block:
+    """Block ``index``: training samples plus this block's share of the evaluation splits.
+
+    ``rows[split] = (first, total)``: the block's rows of ``split`` start at global row ``first`` of
+    ``total`` (whole chunks of ``chunk_rows``, see :mod:`admm_jobs.trainer.reduction`); by default
+    the block holds every row of its splits.
+    """
+    sizes = {"train": labels.shape[0], **{split: split_labels.shape[0] for split, (_, split_labels) in evaluation.items()}}
+    rows = rows or {split: (0, size) for split, size in sizes.items()}
+    return {"index": index, "pixels": pixels, "labels": labels.astype(np.int64), "evaluation": evaluation,
+            "rows": {split: rows[split] for split in sizes}, "chunk_rows": chunk_rows}
+
+
+def cut_blocks(pixels: np.ndarray, labels: np.ndarray, evaluation: dict[str, tuple[np.ndarray, np.ndarray]],
+               count: int, chunk_rows: int = reduction.DEFAULT_CHUNK_ROWS) -> list[Block]:
+    """In-memory splits cut into ``count`` blocks of whole chunks (what ``blocks.block_specs`` does for the lake)."""
+    splits = {"train": (pixels, labels), **evaluation}
+    bounds = {split: reduction.block_bounds(len(split_labels), count, chunk_rows)
+              for split, (_, split_labels) in splits.items()}
+    blocks = []
+    for index in range(count):
+        parts = {split: slice(bounds[split][index], bounds[split][index + 1]) for split in splits}
+        rows = {split: (part.start, len(splits[split][1])) for split, part in parts.items()}
+        share = {split: (splits[split][0][parts[split]], splits[split][1][parts[split]]) for split in evaluation}
+        blocks.append(make_block(index, pixels[parts["train"]], labels[parts["train"]], share, rows, chunk_rows))
+    return blocks
+
+
+def _block_rows(block: Block, split: str) -> tuple[int, int, int]:
+    """(first global row, rows, total rows) of the block's share of ``split``."""
+    first, total = block["rows"][split]
+    size = block["labels"].shape[0] if split == "train" else block["evaluation"][split][1].shape[0]
+    return first, size, total
+
+
+def chunked(block: Block, split: str, summarize: Callable[[slice], Stats]) -> Partial:
+    """The block's partial of ``split``: ``summarize`` applied to each of its chunks' local row slices."""
+    return reduction.chunk_partial(split, *_block_rows(block, split), block["chunk_rows"], summarize)
+
+
+def _stacked(results: list[Any]) -> Any:
+    """Chunk results (arrays, or tuples and lists of them) concatenated along the rows."""
+    first = results[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(results) if len(results) > 1 else first
+    return type(first)(_stacked([result[i] for result in results]) for i in range(len(first)))
+
+
+def by_chunk(block: Block, split: str, function: Callable[..., Any], *arrays: np.ndarray) -> Any:
+    """``function(*(array[rows] for array in arrays))`` on each chunk of the block's rows of ``split``, stacked.
+
+    Every row's result then comes out of products of one shape, however the rows are cut into
+    blocks: BLAS rounds by shape (OpenBLAS's small-matrix and single-row kernels sum in another
+    order), and the sums would otherwise depend on the partitioning after all.
+    """
+    slices = [rows for _, rows in reduction.chunk_slices(split, *_block_rows(block, split), block["chunk_rows"])]
+    return _stacked([function(*(array[rows] for array in arrays)) for rows in slices or [slice(0, 0)]])
 
 
 def scaled_input(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -188,9 +235,9 @@ def input_gram(pixels: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return gram
 
 
-def _timed(stats: Stats, started: float) -> Stats:
-    stats["worker_seconds"] = time.perf_counter() - started
-    return stats
+def _timed(partial: Partial, started: float) -> Partial:
+    partial.timers["worker"] = time.perf_counter() - started
+    return partial
 
 
 def pop_timers(stats: Stats) -> dict[str, float]:
@@ -198,10 +245,11 @@ def pop_timers(stats: Stats) -> dict[str, float]:
     return {key[:-len("_seconds")]: stats.pop(key) for key in [k for k in stats if k.endswith("_seconds")]}
 
 
-def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+def sum_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Partial]:
     """Sum of the scaled training inputs and their count: the driver's input mean."""
     pixels = block["pixels"]  # summed as float64 without a float64 copy of the block
-    return block, {"input_sum": pixels.sum(axis=0, dtype=np.float64) * INPUT_SCALE, "samples": pixels.shape[0]}
+    return block, chunked(block, "train", lambda rows: {
+        "input_sum": pixels[rows].sum(axis=0, dtype=np.float64) * INPUT_SCALE, "samples": rows.stop - rows.start})
 
 
 def hidden_grams(activations: list[np.ndarray]) -> Stats:
@@ -209,7 +257,7 @@ def hidden_grams(activations: list[np.ndarray]) -> Stats:
     return {f"gram{layer}": admm.layer_gram(a) for layer, a in enumerate(activations, start=2)}
 
 
-def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Partial]:
     """Every u_l = 0, the forward state of the initial weights, and the statistics of the initial
     least-squares fit of the output layer.
 
@@ -221,11 +269,13 @@ def init_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     weights = params["weights"]
-    activations, preactivations = admm.forward_from(input_product(weights[0], block["pixels"], params["mean"]),
-                                                    weights[1:])
+    activations, preactivations = by_chunk(
+        block, "train", lambda pixels: admm.forward_from(input_product(weights[0], pixels, params["mean"]), weights[1:]),
+        block["pixels"])
     targets = admm.fit_targets(params["loss"], admm.one_hot(block["labels"], weights[-1].shape[0]))
-    stats = {"gram1": input_gram(block["pixels"], params["mean"]), **hidden_grams(activations),
-             "cross_targets": admm.layer_cross(targets, activations[-1])}
+    stats = chunked(block, "train", lambda rows: {
+        "gram1": input_gram(block["pixels"][rows], params["mean"]), **hidden_grams([a[rows] for a in activations]),
+        "cross_targets": admm.layer_cross(targets[rows], activations[-1][rows])})
     state = {"z": preactivations[:-1], "u": [np.zeros_like(z) for z in preactivations],
              "input_product": preactivations[0]}
     return dict(block, **state), _timed(stats, started)
@@ -239,7 +289,12 @@ def _scores(logits: np.ndarray, loss: str, labels: np.ndarray, prefix: str) -> S
     }
 
 
-def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+def _split_scores(block: Block, split: str, logits: np.ndarray, labels: np.ndarray, loss: str) -> Partial:
+    """The loss and accuracy of ``logits`` on the block's rows of ``split``, chunk by chunk."""
+    return chunked(block, split, lambda rows: _scores(logits[rows], loss, labels[rows], split))
+
+
+def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Partial]:
     """The first pass of an iteration: re-synchronise the per-sample variables with the network.
 
     1. m_1 = W_1 [a_0, 1] with ``input_weight``, W_1 new of the previous iteration (the
@@ -259,23 +314,32 @@ def forward_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     """
     started = time.perf_counter()
     weights, mean, theta = params["weights"], params["mean"], params["theta"]
-    product = input_product(params["input_weight"], block["pixels"], mean)
+    product = by_chunk(block, "train", lambda pixels: input_product(params["input_weight"], pixels, mean),
+                       block["pixels"])
     first = product if theta == 0.0 else product + np.float32(theta) * (product - block["input_product"])
-    a, z = admm.forward_from(first, weights[1:])
+    a, z = by_chunk(block, "train", lambda rows_first: admm.forward_from(rows_first, weights[1:]), first)
     last = len(weights)
-    stats = hidden_grams(a)
-    stats[f"cross{last}"] = admm.layer_cross(z[-1] + block["u"][-1], a[-1])
+    output_target = z[-1] + block["u"][-1]
+
+    def summarize(rows: slice) -> Stats:
+        stats = hidden_grams([activation[rows] for activation in a])
+        stats[f"cross{last}"] = admm.layer_cross(output_target[rows], a[-1][rows])
+        if params.get("score"):
+            stats.update(_scores(z[-1][rows], params["loss"], block["labels"][rows], "train"))
+        return stats
+
+    stats = chunked(block, "train", summarize)
     if params.get("score"):
-        stats.update(_scores(z[-1], params["loss"], block["labels"], "train"))
         for split, (pixels, labels) in block["evaluation"].items():
-            logits = admm.forward_from(input_product(weights[0], pixels, mean), weights[1:])[1][-1]
-            stats.update(_scores(logits, params["loss"], labels.astype(np.int64), split))
+            logits = by_chunk(block, split, lambda chunk: admm.forward_from(
+                input_product(weights[0], chunk, mean), weights[1:])[1][-1], pixels)
+            stats = reduction.merge(stats, _split_scores(block, split, logits, labels.astype(np.int64), params["loss"]))
     # z_L is not kept: the output update starts from W_L new; nor is a_l = relu(z_l): recomputing it is cheaper
     # than writing and reading it back
     return dict(block, z=z[:-1], input_product=product), _timed(stats, started)
 
 
-def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
+def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Partial]:
     """The per-sample work between the solves of W_{l+1} and W_l, for hidden layer l = ``layer``.
 
     0. l = 1 with ``finish``: u_1 -= alpha m_1, m_1 = W_1 [a_0, 1] of the forward pass, completes the
@@ -304,27 +368,39 @@ def sweep_pass(block: Block, params: dict[str, Any]) -> tuple[Block, Stats]:
     multiplier_updates = params["multiplier_updates"]
     forward_z = z[layer - 1]  # z_1..z_l are still the forward pass's
     activation = admm.relu(forward_z)  # the input a_l of W_{l+1}
-    stats: Stats = {}
+    output_fit = None  # (z_L, m) on the last hidden layer
     if layer == last - 1:
-        m = admm.affine(next_weight, activation)
+        m = by_chunk(block, "train", functools.partial(admm.affine, next_weight), activation)
         targets = admm.one_hot(block["labels"], m.shape[1])
         z_next = admm.OUTPUT_PROX[params["loss"]](targets, m - u[last - 1], params["beta_output"])
         # always, warm-up included: with a and z restarted from the network every iteration,
         # u_L is what carries the loss into the W_L solve
         u[last - 1] = admm.update_multiplier(u[last - 1], z_next, m, params["multiplier_step"])
-        stats[f"residual{last}"] = float(((z_next - m) ** 2).sum())
+        output_fit = (z_next, m)
     else:
         z_next = z[layer]
         if multiplier_updates:
-            u[layer] = admm.update_multiplier(u[layer], z_next, admm.affine(next_weight, activation),
-                                              params["multiplier_step"])
-    a, z[layer - 1] = admm.place_hidden(forward_z, forward_z - u[layer - 1], z_next + u[layer], next_weight,
-                                        params["activation"], params["beta"], params["gamma"], params["target_rounds"])
+            u[layer] = admm.update_multiplier(
+                u[layer], z_next, by_chunk(block, "train", functools.partial(admm.affine, next_weight), activation),
+                params["multiplier_step"])
+    place = functools.partial(admm.place_hidden, next_weights=next_weight, operator=params["activation"],
+                              beta=params["beta"], gamma=params["gamma"], rounds=params["target_rounds"])
+    a, z[layer - 1] = by_chunk(block, "train", place, forward_z, forward_z - u[layer - 1], z_next + u[layer])
     target = z[layer - 1] + u[layer - 1]
-    stats[f"cross{layer}"] = (input_cross(target, block["pixels"], params["mean"]) if layer == 1
-                              else admm.layer_cross(target, admm.relu(z[layer - 2])))
-    stats[f"residual{layer}"] = float(((z[layer - 1] - forward_z) ** 2).sum())
-    stats[f"activation_gap{layer}"] = float(((a - admm.relu(z[layer - 1])) ** 2).sum())
+    layer_input = None if layer == 1 else admm.relu(z[layer - 2])
+
+    def summarize(rows: slice) -> Stats:
+        stats = {
+            f"cross{layer}": (input_cross(target[rows], block["pixels"][rows], params["mean"]) if layer_input is None
+                              else admm.layer_cross(target[rows], layer_input[rows])),
+            f"residual{layer}": float(((z[layer - 1][rows] - forward_z[rows]) ** 2).sum()),
+            f"activation_gap{layer}": float(((a[rows] - admm.relu(z[layer - 1][rows])) ** 2).sum()),
+        }
+        if output_fit is not None:
+            stats[f"residual{last}"] = float(((output_fit[0][rows] - output_fit[1][rows]) ** 2).sum())
+        return stats
+
+    stats = chunked(block, "train", summarize)
     if layer == 1:
         # the first half of u_1 += alpha (z_1 - W_1 [a_0, 1]): the next layer-1 sweep subtracts the product with W_1 new
         if multiplier_updates:

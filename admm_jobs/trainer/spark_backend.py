@@ -5,6 +5,12 @@ each block's data and ADMM state stay in :class:`admm_jobs.trainer.block_store.B
 the executor's scratch directory, and Spark caches one small handle per block, so every later
 task of a block is scheduled where its files are. A pass is one Spark job whose only result is
 the reduction of the blocks' statistics; the weights travel as a broadcast.
+
+The statistics are summed on the executors along the fixed tree of :mod:`admm_jobs.trainer.reduction`:
+each block's partial is cut by its nodes' ancestors at a level with at most ``result_nodes`` nodes
+per split, one reducer task per ancestor sums its subtree, and the driver receives those few
+ancestors, whatever the partition count, and adds them up. The sums, hence the weights, are the
+same for any partitioning.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from admm_jobs.trainer import reduction
 from admm_jobs.trainer.block_store import BlockStore
-from admm_jobs.trainer.loop import Block, BlocksLost, PassFunction, Stats, add_stats
+from admm_jobs.trainer.loop import Block, BlocksLost, PassFunction
+from admm_jobs.trainer.reduction import Partial, Stats
 
 BlockLoader = Callable[[dict[str, Any]], Block]
 EXECUTOR_WATCH_SECONDS = 0.5  # how often a running pass checks that its executors are still there
+DEFAULT_RESULT_NODES = 8
 
 
 STORE_PREFIX = "admm-blocks-"
@@ -62,16 +71,33 @@ def _store_block(token: str, loader: BlockLoader, stale_tokens: tuple[str, ...],
     return spec["index"]
 
 
-def _stored_pass(token: str, function: PassFunction, broadcast, generation: int, update: bool, index: int) -> Stats:
+def _stored_pass(token: str, function: PassFunction, broadcast, generation: int, update: bool, index: int) -> Partial:
     store = _executor_store(token)
     started = time.perf_counter()
     block = store.load(index, generation)
     reading = time.perf_counter() - started
-    block, stats = function(block, broadcast.value)
+    block, partial = function(block, broadcast.value)
     started = time.perf_counter()
     if update:
         store.save_state(block, generation + 1)
-    return {**stats, "store_seconds": reading + time.perf_counter() - started}
+    partial.timers["store"] = reading + time.perf_counter() - started
+    return partial
+
+
+def _ancestor_pieces(levels: dict[str, int], offsets: dict[str, int], partial: Partial) -> list[tuple[int, Partial]]:
+    """A block's partial cut by ancestor, keyed by the ancestor's ordinal (the reducer that sums it)."""
+    return [(offsets[split] + index, piece) for (split, index), piece in partial.split_by_ancestor(levels)]
+
+
+def _identity(key: int) -> int:
+    return key
+
+
+def driver_result_budget(spark_context) -> int:
+    """The bytes that ``spark.driver.maxResultSize`` lets one job's task results add up to (0: no limit)."""
+    setting = spark_context.getConf().get("spark.driver.maxResultSize", "1g")
+    limit = spark_context._jvm.org.apache.spark.network.util.JavaUtils.byteStringAsBytes(setting)
+    return limit if limit > 0 else 2**62
 
 
 def _count(handles) -> list[int]:
@@ -87,14 +113,24 @@ class SparkBackend:
 
     ``specs`` says what each block holds (one Spark partition per spec) and ``loader``
     builds a block from its spec on an executor (:func:`admm_jobs.trainer.blocks.load_block` for the lake's
-    Parquet splits).
+    Parquet splits); each spec says where its rows lie in ``rows`` (``{split: (first row, total rows)}``)
+    and the chunk size in ``chunk_rows``. ``result_nodes`` is the most tree nodes of one split the
+    driver receives per pass (``reduction.ancestor_levels``).
     """
 
-    def __init__(self, spark_context, specs: list[dict[str, Any]], loader: BlockLoader):
+    def __init__(self, spark_context, specs: list[dict[str, Any]], loader: BlockLoader,
+                 result_nodes: int = DEFAULT_RESULT_NODES):
         from pyspark import StorageLevel
 
         self.sc = spark_context
         self.specs, self.loader, self.storage_level = specs, loader, StorageLevel.MEMORY_AND_DISK
+        chunks = {split: reduction.chunk_count(total, specs[0]["chunk_rows"])
+                  for split, (_, total) in specs[0]["rows"].items()}
+        self.levels = reduction.ancestor_levels(chunks, result_nodes)
+        self.offsets, self.reducers = {}, 0  # ancestors of split s are reducers offsets[s] .. offsets[s] + count - 1
+        for split, count in sorted(chunks.items()):
+            self.offsets[split] = self.reducers
+            self.reducers += -(-count >> self.levels[split])
         self.stale_tokens: tuple[str, ...] = ()
         # passes run in this thread while the calling one watches the executors (one thread: one py4j connection)
         self._runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="admm-pass")
@@ -138,14 +174,17 @@ class SparkBackend:
         elsewhere at once and fail with :class:`~admm_jobs.trainer.block_store.BlockStateLost`.
         """
         broadcast = self.sc.broadcast(params)
-        # aggregate() merges partition results on the driver in partition order, so
-        # the float sums (and hence the weights) do not depend on task timing.
-        job = self.handles.map(functools.partial(_stored_pass, self.token, function, broadcast, self.generation, update))
+        partials = self.handles.map(
+            functools.partial(_stored_pass, self.token, function, broadcast, self.generation, update))
+        if len(self.specs) > 1:
+            # one reducer per ancestor: map-side, each block's pieces of one ancestor merge; reduce-side, the rest
+            partials = partials.flatMap(functools.partial(_ancestor_pieces, self.levels, self.offsets)).reduceByKey(
+                reduction.merge, max(self.reducers, 1), _identity).values()
         group = f"admm-pass-{uuid.uuid4().hex}"
 
         def run() -> Stats:
             self.sc.setJobGroup(group, f"ADMM pass (state generation {self.generation})")
-            return job.aggregate({}, add_stats, add_stats)
+            return reduction.total(partials.reduce(reduction.merge))
 
         executors = self._live_executors()
         future = self._runner.submit(run)
