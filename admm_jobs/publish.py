@@ -38,6 +38,7 @@ from admm_jobs.cli.command import run_command
 from admm_jobs.cli.config import require, setting, validate_fields
 from admm_jobs.lake import storage
 from admm_jobs.registry import model as model_io
+from admm_jobs.registry.gate import GateSettings
 from admm_jobs.registry import store as registry
 from admm_jobs.scoring import metrics
 from admm_jobs.serving.onnx_export import verified_onnx
@@ -54,13 +55,8 @@ class PublishError(registry.RegistryError):
     """A run's artifacts are unusable; the message names the URI."""
 
 
-@dataclasses.dataclass(frozen=True)
-class GateSettings:
-    """The gate's thresholds (defaults: see the README, "Quality gate")."""
-
-    min_accuracy: float = 0.85
-    max_regression: float = 0.002
-    max_batch_regression: float = 0.0
+GATE_FIELDS = {field.name: setting(field.default, field.metadata["help"], **field.metadata["schema"])
+               for field in dataclasses.fields(GateSettings)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,19 +65,9 @@ class PublishConfig:
 
     run_uri: str = setting(help="run directory holding model/, evaluation/ and metrics.jsonl", minLength=1)
     registry_uri: str = setting(help="root of the model registry", minLength=1)
-    min_accuracy: float = setting(GateSettings.min_accuracy, "publish only at or above this test accuracy", minimum=0, maximum=1)
-    max_regression: float = setting(
-        GateSettings.max_regression,
-        "publish only if test accuracy is at most this much below the published model's",
-        minimum=0,
-        maximum=1,
-    )
-    max_batch_regression: float = setting(
-        GateSettings.max_batch_regression,
-        "publish only if accuracy on the newest batch is at most this much below the published model's",
-        minimum=0,
-        maximum=1,
-    )
+    min_accuracy: float = GATE_FIELDS["min_accuracy"]
+    max_regression: float = GATE_FIELDS["max_regression"]
+    max_batch_regression: float = GATE_FIELDS["max_batch_regression"]
     model_name: str = setting(DEFAULT_MODEL_NAME, "registry entry name")
     training_key: str | None = setting(
         None, "identity of what was trained (dataset version, code version, training params), for the history"

@@ -25,6 +25,7 @@ The `evaluate` and `publish` tasks link their evaluation report ("Evaluation rep
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from airflow.sdk import DAG, Param
 
 from admm_jobs import evaluate, ingest, publish, validate
 from admm_jobs.operations import deploy
+from admm_jobs.registry.gate import GateSettings
 from admm_jobs.orchestration import tasks
 from admm_jobs.orchestration.assets import publications_alias, validated_dataset_asset
 from admm_jobs.orchestration.failures import fail_fast
@@ -46,7 +48,7 @@ DEPLOY = deploy.load_deploy_config()
 TRAIN_SETTINGS = [name for name in TrainConfig.__dataclass_fields__
                   if name not in ("dataset_uri", "output_uri", "init_model_uri")]
 VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__ if name.startswith("max_")]
-PUBLISH_SETTINGS = ["min_accuracy", "max_regression", "max_batch_regression"]
+PUBLISH_SETTINGS = [field.name for field in dataclasses.fields(GateSettings)]
 
 # One directory per logical date (or per run when triggered without one): re-running a
 # date replaces its outputs, and backfills of different dates never share a path.
@@ -101,7 +103,8 @@ with DAG(
         task_id="plan",
         python_callable=fail_fast(tasks.plan_task),
         op_args=[["--dataset-uri", DATASET_URI, "--run-uri", RUN_URI, "--registry-uri", "{{ params.registry_uri }}",
-                  "--logical-date", LOGICAL_DATE, "--", *templated_argv(TrainConfig, TRAIN_SETTINGS)]],
+                  "--logical-date", LOGICAL_DATE, "--", *templated_argv(TrainConfig, TRAIN_SETTINGS),
+                  "--", *templated_argv(GateSettings)]],
         **IO_RETRIES,
     )
     train_task = deploy.train_task(
