@@ -155,7 +155,7 @@ def airflow_environment(airflow_home: Path, port: int, passwords_file: Path, roo
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
         # Unpausing the @weekly DAG would also start last week's run with default params: backfill runs only.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs={roots['runs_uri']},registry={roots['registry_uri']}",
+        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs@{DAG_ID}={roots['runs_uri']},registry@{DAG_ID}={roots['registry_uri']}",
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "PYTHONUNBUFFERED": "1",
