@@ -12,8 +12,8 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from admm_jobs import ingest
 from admm_jobs.lake import storage
-from admm_jobs.registry import store as registry
 from admm_jobs.orchestration.failures import fail_fast
+from admm_jobs.registry import store as registry
 from admm_jobs.validate import ValidationFailed
 
 

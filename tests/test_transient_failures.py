@@ -55,7 +55,9 @@ def test_throttling_server_errors_and_resets_outlast_the_clients_retries_as_tran
     proxy.fail(fault)
     with pytest.raises(storage.TransientStorageError, match="cannot read"):
         storage.read_bytes(uri)  # pyarrow
-    assert len(proxy.faulted) >= 2  # the client retried; the fault outlasted its retries
+    # pyarrow retried, as AWS_MAX_ATTEMPTS allows (unset: some 30 attempts in 6 s; curl may reconnect once more
+    # on a reset), and the fault outlasted it
+    assert 2 <= len(proxy.faulted) <= 3
     with pytest.raises(registry.TransientRegistryError, match="cannot read"):
         registry.read_pointer(f"s3://{bucket}/registry")  # boto3
 
