@@ -6,8 +6,9 @@ if set; a plain four-file source is one batch). ``validate`` also checks every b
 model has not seen against that model's data and quarantines a failing batch (the run fails,
 nothing downstream runs). ``plan`` skips train/evaluate/publish when a model of exactly this
 dataset, code and training settings already went through the gate, and otherwise hands train the
-published model to start from (``init``). Deterministic failures (bad input, failed expectations,
-quarantine, invalid settings) are not retried; transient storage errors are.
+published model to start from (``init``). Deterministic failures (bad input or documents, a missing
+model version, a checksum mismatch, failed expectations, quarantine, invalid settings) are not retried;
+transient ones (throttling, 5xx answers, timeouts, lost connections, registry writers racing) are.
 
 Lineage (Airflow Assets; logical URIs, since the lake and the registry are run parameters):
 
