@@ -142,6 +142,7 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
     for path in landing.rglob("*.gz"):
         client.upload_file(str(path), bucket, f"source/{path.relative_to(landing)}")
     root = f"s3://{bucket}"
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", root)
     conf = {"source_uri": f"{root}/source", "lake_uri": f"{root}/lake", "runs_uri": f"{root}/runs",
             "registry_uri": f"{root}/registry", "validation_fraction": 1 / 6, "hidden_layers": [32], "epochs": 2,
             "partitions": 2, "min_accuracy": 0.0, "checkpoint_every": 1}

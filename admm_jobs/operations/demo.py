@@ -156,6 +156,8 @@ def airflow_environment(airflow_home: Path, port: int, passwords_file: Path, roo
         # Unpausing the @weekly DAG would also start last week's run with default params: backfill runs only.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs@{DAG_ID}={roots['runs_uri']},registry@{DAG_ID}={roots['registry_uri']}",
+        # The runs may use the storage of the demo's run conf and nothing else (the workdir unless --params moves it).
+        "AIRFLOW__ADMM__ALLOWED_URI_ROOTS": ",".join(uri for name, uri in roots.items() if name.endswith("_uri")),
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "PYTHONUNBUFFERED": "1",
