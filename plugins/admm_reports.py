@@ -34,8 +34,10 @@ Roots come from ``[admm_reports] roots`` (``AIRFLOW__ADMM_REPORTS__ROOTS``): com
 a DAG id holds ``@`` or ``=``, so the URI is everything after the first ``=``). The default is
 ``runs@mnist_admm_retraining=<project>/var/runs,registry@mnist_admm_retraining=<project>/var/registry``
 (the DAG's default ``runs_uri`` and ``registry_uri``). An entry without a DAG id (``name=uri``,
-the old form) is refused: a root nobody is named to read would be served to everyone. A run
-writing outside every root gets no link.
+the old form) is refused: a root nobody is named to read would be served to everyone. Every root
+must lie within ``[admm] allowed_uri_roots`` (:mod:`admm_jobs.orchestration.uri_roots`), where the
+DAG's runs may write: otherwise every route answers 500 with the one-line refusal, and no task gets
+the link. A run writing outside every root gets no link.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+import logging
 import os.path
 import posixpath
 import re
@@ -83,6 +86,8 @@ REPORT_HEADERS = {
 }
 
 TaskResultLookup = Callable[[str, str, str], Any]
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactRefused(ValueError):
@@ -129,11 +134,18 @@ def parse_roots(text: str) -> dict[str, ServedRoot]:
 
 
 def configured_roots() -> dict[str, ServedRoot]:
-    """The storage roots whose artifacts are served, from the Airflow config (or the project defaults)."""
+    """The storage roots whose artifacts are served, from the Airflow config (or the project defaults).
+
+    Raises ``UriRefused`` (a ``ValueError``) naming the first root outside ``[admm] allowed_uri_roots``.
+    """
     from airflow.configuration import conf
 
+    from admm_jobs.orchestration import uri_roots
+
     text = conf.get(CONFIG_SECTION, "roots", fallback="")
-    return parse_roots(text) if text.strip() else dict(DEFAULT_ROOTS)
+    roots = parse_roots(text) if text.strip() else dict(DEFAULT_ROOTS)
+    uri_roots.confine_uris((f"[{CONFIG_SECTION}] roots {name}", root.uri) for name, root in roots.items())
+    return roots
 
 
 def media_type(name: str) -> str | None:
@@ -416,7 +428,15 @@ def _registry_section(name: str, root_uri: str, roots: dict[str, ServedRoot]) ->
 def create_app(roots: dict[str, ServedRoot] | None = None, lookup: TaskResultLookup = task_result) -> FastAPI:
     """The reports app over ``roots`` (default: the configured ones); ``lookup`` reads task return values."""
     # The configured roots are read on the first request: this module is imported by every task process.
-    served_roots = (lambda: roots) if roots is not None else functools.cache(configured_roots)
+    given_roots = (lambda: roots) if roots is not None else functools.cache(configured_roots)
+
+    def served_roots() -> dict[str, ServedRoot]:
+        """The served roots; a misconfigured one (malformed, outside the allowed roots) answers 500 naming it."""
+        try:
+            return given_roots()
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc)) from None
+
     app = FastAPI(title="MNIST ADMM reports", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/files/{root}/{path:path}", name="artifact")
@@ -471,8 +491,13 @@ class EvaluationReportLink(BaseOperatorLink):
     operators = [PythonOperator]
 
     def get_link(self, operator, *, ti_key) -> str:
+        try:
+            roots = configured_roots()
+        except ValueError as exc:  # the routes answer 500 with the same line; the task page still renders
+            log.error("no %s link: %s", self.name, exc)
+            return ""
         result = task_result(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index)
-        return report_link(result, configured_roots())
+        return report_link(result, roots)
 
 
 class AdmmReportsPlugin(AirflowPlugin):

@@ -367,11 +367,33 @@ def test_malformed_roots_are_refused_in_one_line(text, message):
 
 def test_configured_roots_default_to_the_project_var_directory_of_the_retraining_dag(monkeypatch, tmp_path):
     monkeypatch.delenv("AIRFLOW__ADMM_REPORTS__ROOTS", raising=False)
+    monkeypatch.delenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS")  # the default allowed roots: the project's data/, var/
     project = Path(admm_reports.__file__).resolve().parents[1]
     assert admm_reports.configured_roots() == retraining_roots(runs=project / "var" / "runs",
                                                                registry=project / "var" / "registry")
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", str(tmp_path))
     monkeypatch.setenv("AIRFLOW__ADMM_REPORTS__ROOTS", f"runs@{SCORING_DAG}={tmp_path}")
     assert admm_reports.configured_roots() == {"runs": admm_reports.ServedRoot(SCORING_DAG, str(tmp_path))}
+
+
+def test_a_configured_root_outside_the_allowed_roots_is_refused_on_every_route(roots, client_for, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("AIRFLOW__ADMM_REPORTS__ROOTS",
+                       ",".join(f"{name}@{root.dag_id}={root.uri}" for name, root in roots.items()))
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", roots["runs"].uri)  # the registry root lies outside
+    refusal = (f"[admm_reports] roots registry: {roots['registry'].uri} is outside the allowed roots "
+               f"([admm] allowed_uri_roots): {roots['runs'].uri}")
+    client = client_for(None)  # the configured roots
+    for route in (f"/files/runs/{RUN_KEY}/evaluation/report.html", f"/runs/{RETRAINING_DAG}/r", "/"):
+        answer = client.get(route)
+        assert (answer.status_code, answer.json()) == (500, {"detail": refusal})
+    ti_key = SimpleNamespace(dag_id=RETRAINING_DAG, run_id="r", task_id="evaluate", map_index=-1)
+    assert admm_reports.EvaluationReportLink().get_link(None, ti_key=ti_key) == ""
+
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", f"{roots['runs'].uri},{roots['registry'].uri}")
+    answer = client_for(None).get(f"/files/runs/{RUN_KEY}/evaluation/report.html")
+    assert answer.status_code == 200 and "report of the run" in answer.text
 
 
 @pytest.fixture(scope="module")
