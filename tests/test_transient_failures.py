@@ -23,6 +23,7 @@ from admm_jobs.orchestration.failures import fail_fast
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
 
+from conftest import ALLOWED_URI_ROOTS
 from fault_proxy import DROP, INTERNAL_ERROR, SLOW_DOWN, STALL, Answer, FaultProxy
 from run_artifacts import make_evaluated_run
 
@@ -31,7 +32,9 @@ ACCESS_DENIED = Answer(403, "AccessDenied", "Access Denied")
 
 @pytest.fixture
 def s3(s3_server, s3_env, monkeypatch):
-    """(proxy, bucket): every S3 client goes through a fault proxy and tries each request twice."""
+    """(proxy, bucket): every S3 client goes through a fault proxy and tries each request twice; the task
+    callables may use the bucket."""
+    monkeypatch.setenv(ALLOWED_URI_ROOTS, f"s3://{s3_env}")
     with FaultProxy(s3_server) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
