@@ -307,7 +307,7 @@ def publish_run(
             "current": current_after,
             "history_entry": entry,
         }
-    raise PublishError(
+    raise registry.TransientRegistryError(
         f"{registry.pointer_uri(registry_uri, model_name)}: gave up after {registry.MAX_ATTEMPTS} "
         "concurrent pointer changes"
     )

@@ -6,8 +6,12 @@ if set; a plain four-file source is one batch). ``validate`` also checks every b
 model has not seen against that model's data and quarantines a failing batch (the run fails,
 nothing downstream runs). ``plan`` skips train/evaluate/publish when a model of exactly this
 dataset, code and training settings already went through the gate, and otherwise hands train the
-published model to start from (``init``). Deterministic failures (bad input, failed expectations,
-quarantine, invalid settings) are not retried; transient storage errors are.
+published model to start from (``init``). Every task first refuses a run whose storage URIs (params,
+and the command line it was given) lie outside ``[admm] allowed_uri_roots``
+(``admm_jobs.orchestration.uri_roots``). Deterministic failures (bad input or documents, a missing
+model version, a checksum mismatch, failed expectations, quarantine, invalid settings, a URI outside
+the allowed roots) are not retried; transient ones (throttling, 5xx answers, timeouts, lost
+connections, registry writers racing) are.
 
 Lineage (Airflow Assets; logical URIs, since the lake and the registry are run parameters):
 
@@ -32,13 +36,13 @@ from pathlib import Path
 from airflow.providers.standard.operators.python import PythonOperator, ShortCircuitOperator
 from airflow.sdk import DAG, Param
 
-from admm_jobs import evaluate, ingest, publish, validate
+from admm_jobs import ingest, publish, validate
 from admm_jobs.operations import deploy
-from admm_jobs.registry.gate import GateSettings
-from admm_jobs.orchestration import tasks
+from admm_jobs.orchestration import tasks, uri_roots
 from admm_jobs.orchestration.assets import publications_alias, validated_dataset_asset
 from admm_jobs.orchestration.failures import fail_fast
 from admm_jobs.orchestration.params import airflow_params, templated_argv
+from admm_jobs.registry.gate import GateSettings
 from admm_jobs.trainer.config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +73,8 @@ with DAG(
     catchup=False,
     max_active_runs=1,  # runs of later dates start from what earlier ones published
     tags=["mnist", "admm", "spark"],
+    # Before any task (the train submission included) does I/O: its URIs within the allowed roots, else no retry.
+    default_args={"pre_execute": fail_fast(uri_roots.confine_task)},
     params={
         "source_uri": Param(str(PROJECT_ROOT / "data" / "mnist"), type="string", minLength=1,
                             description="landing directory (local, s3://; https:// for four files): the test files "
@@ -86,7 +92,7 @@ with DAG(
 ) as dag:
     ingest_task = PythonOperator(
         task_id="ingest",
-        python_callable=fail_fast(ingest.main),
+        python_callable=fail_fast(tasks.ingest_task),
         op_args=[["--source", "{{ params.source_uri }}", "--lake", "{{ params.lake_uri }}", "--as-of", LOGICAL_DATE,
                   *templated_argv(ingest.IngestConfig, ["window", "validation_fraction"])]],
         **IO_RETRIES,
@@ -112,7 +118,7 @@ with DAG(
                  "--init-model-uri", "{{ " + PLAN + "['init_model_uri'] or 'none' }}"])
     evaluate_task = PythonOperator(
         task_id="evaluate",
-        python_callable=fail_fast(evaluate.main),
+        python_callable=fail_fast(tasks.evaluate_task),
         op_args=[["--model-uri", RUN_URI + "/model", "--dataset-uri", DATASET_URI,
                   "--metrics-uri", RUN_URI + "/metrics.jsonl", "--output-uri", RUN_URI + "/evaluation",
                   "--registry-uri", "{{ params.registry_uri }}"]],

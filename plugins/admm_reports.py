@@ -16,13 +16,28 @@ Served by the API server under ``/admm-reports`` (an Airflow 3 plugin FastAPI ap
   model's report and metrics.
 
 Tasks whose return value carries ``report_uri`` (``evaluate``, ``publish``) get the
-"Evaluation report" extra link to ``files/...``. Every route needs a signed-in Airflow
-user (the UI's session cookie or a ``Bearer`` JWT); reading a run's report also needs
-read access to the DAG's runs.
+"Evaluation report" extra link to ``files/...``.
 
-Roots come from ``[admm_reports] roots`` (``AIRFLOW__ADMM_REPORTS__ROOTS``):
-comma-separated ``name=uri``, by default ``runs=<project>/var/runs,registry=<project>/var/registry``
-(the DAG's default ``runs_uri`` and ``registry_uri``). A run writing outside every root gets no link.
+Who sees what: every route needs a signed-in Airflow user (the UI's session cookie or a
+``Bearer`` JWT; 401 without), and each storage root names the DAG whose runs write it.
+Airflow's auth manager decides, as for the REST API's DAG run routes, whether the user
+may read that DAG's runs (``is_authorized_dag``, ``GET``, ``DagAccessEntity.RUN``):
+
+* ``files/<root>/...`` answers 403 unless the user may read the root's DAG;
+* ``runs/<dag_id>/<run_id>`` answers 403 unless the user may read ``dag_id`` and the
+  root holding the report;
+* ``/`` shows only the roots (sections, links, list of roots) whose DAG the user may
+  read, and answers 403 when there is none.
+
+Roots come from ``[admm_reports] roots`` (``AIRFLOW__ADMM_REPORTS__ROOTS``): comma-separated
+``name@dag_id=uri``, e.g. ``runs@mnist_admm_retraining=s3://bucket/runs`` (neither a name nor
+a DAG id holds ``@`` or ``=``, so the URI is everything after the first ``=``). The default is
+``runs@mnist_admm_retraining=<project>/var/runs,registry@mnist_admm_retraining=<project>/var/registry``
+(the DAG's default ``runs_uri`` and ``registry_uri``). An entry without a DAG id (``name=uri``,
+the old form) is refused: a root nobody is named to read would be served to everyone. Every root
+must lie within ``[admm] allowed_uri_roots`` (:mod:`admm_jobs.orchestration.uri_roots`), where the
+DAG's runs may write: otherwise every route answers 500 with the one-line refusal, and no task gets
+the link. A run writing outside every root gets no link.
 """
 
 from __future__ import annotations
@@ -30,13 +45,15 @@ from __future__ import annotations
 import functools
 import html
 import json
+import logging
 import os.path
 import posixpath
 import re
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from airflow.plugins_manager import AirflowPlugin
 from airflow.providers.standard.operators.python import PythonOperator
@@ -51,8 +68,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 URL_PREFIX = "/admm-reports"
 CONFIG_SECTION = "admm_reports"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ROOTS = {"runs": str(PROJECT_ROOT / "var" / "runs"), "registry": str(PROJECT_ROOT / "var" / "registry")}
 ROOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+DAG_ID = re.compile(r"^[A-Za-z0-9_.-]+$")  # Airflow's own rule for DAG ids (KEY_REGEX)
+RETRAINING_DAG_ID = "mnist_admm_retraining"  # dags/mnist_admm_retraining.py, whose runs write the default roots
 REPORT_TASK = "evaluate"
 MEDIA_TYPES = {
     "report.html": "text/html; charset=utf-8",
@@ -69,35 +87,65 @@ REPORT_HEADERS = {
 
 TaskResultLookup = Callable[[str, str, str], Any]
 
+log = logging.getLogger(__name__)
+
 
 class ArtifactRefused(ValueError):
     """A requested path is not a servable artifact; the message says why."""
 
 
+@dataclass(frozen=True)
+class ServedRoot:
+    """A storage root whose artifacts are served, and the DAG whose runs write it: its readers may see them."""
+
+    dag_id: str
+    uri: str
+
+
+DEFAULT_ROOTS = {
+    "runs": ServedRoot(RETRAINING_DAG_ID, str(PROJECT_ROOT / "var" / "runs")),
+    "registry": ServedRoot(RETRAINING_DAG_ID, str(PROJECT_ROOT / "var" / "registry")),
+}
+
+
 # --- roots and paths ---------------------------------------------------------------------------
 
 
-def parse_roots(text: str) -> dict[str, str]:
-    """``"runs=/data/runs, registry=s3://bucket/registry"`` -> ``{"runs": ..., "registry": ...}``."""
+def parse_roots(text: str) -> dict[str, ServedRoot]:
+    """``"runs@dag=/data/runs, registry@dag=s3://bucket/registry"`` -> ``{"runs": ServedRoot("dag", ...), ...}``."""
     from admm_jobs.lake import storage
 
     roots = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, separator, uri = (part.strip() for part in item.partition("="))
-        if not separator or not ROOT_NAME.match(name) or not uri:
-            raise ValueError(f"[{CONFIG_SECTION}] roots: expected name=uri (name: a-z, 0-9, _ or -), got {item!r}")
+        head, separator, uri = (part.strip() for part in item.partition("="))
+        name, at, dag_id = (part.strip() for part in head.partition("@"))
+        if separator and not at and ROOT_NAME.match(name):
+            raise ValueError(f"[{CONFIG_SECTION}] roots: {item!r} names no DAG: write {name}@<dag_id>={uri}, "
+                             "where dag_id is the DAG whose runs write it (those who may read its runs see the root)")
+        if not (separator and at and ROOT_NAME.match(name) and DAG_ID.match(dag_id) and uri):
+            raise ValueError(f"[{CONFIG_SECTION}] roots: expected name@dag_id=uri (name: a-z, 0-9, _ or -; "
+                             f"dag_id: letters, digits, _, . or -), got {item!r}")
         if storage.scheme(uri) in storage.HTTP_SCHEMES:
             raise ValueError(f"[{CONFIG_SECTION}] roots: {uri}: http(s) roots cannot be listed or checked")
-        roots[name] = uri
+        if name in roots:
+            raise ValueError(f"[{CONFIG_SECTION}] roots: root {name!r} is named twice")
+        roots[name] = ServedRoot(dag_id, uri)
     return roots
 
 
-def configured_roots() -> dict[str, str]:
-    """The storage roots whose artifacts are served, from the Airflow config (or the project defaults)."""
+def configured_roots() -> dict[str, ServedRoot]:
+    """The storage roots whose artifacts are served, from the Airflow config (or the project defaults).
+
+    Raises ``UriRefused`` (a ``ValueError``) naming the first root outside ``[admm] allowed_uri_roots``.
+    """
     from airflow.configuration import conf
 
+    from admm_jobs.orchestration import uri_roots
+
     text = conf.get(CONFIG_SECTION, "roots", fallback="")
-    return parse_roots(text) if text.strip() else dict(DEFAULT_ROOTS)
+    roots = parse_roots(text) if text.strip() else dict(DEFAULT_ROOTS)
+    uri_roots.confine_uris((f"[{CONFIG_SECTION}] roots {name}", root.uri) for name, root in roots.items())
+    return roots
 
 
 def media_type(name: str) -> str | None:
@@ -118,11 +166,11 @@ def artifact_segments(path: str) -> list[str]:
     return segments
 
 
-def artifact_uri(roots: dict[str, str], root: str, path: str) -> str:
+def artifact_uri(roots: dict[str, ServedRoot], root: str, path: str) -> str:
     """The URI of artifact ``path`` below root ``root``; KeyError for an unknown root, ArtifactRefused."""
     from admm_jobs.lake import storage
 
-    root_uri = roots[root]
+    root_uri = roots[root].uri
     uri = storage.join(root_uri, *artifact_segments(path))
     if storage.is_local(uri):
         real_root = os.path.realpath(storage.local_path(root_uri))
@@ -141,11 +189,11 @@ def _location(uri: str) -> tuple[str, str]:
     return parsed.scheme, posixpath.normpath(f"{parsed.netloc}/{parsed.path.lstrip('/')}")
 
 
-def artifact_location(uri: str, roots: dict[str, str]) -> tuple[str, str] | None:
+def artifact_location(uri: str, roots: dict[str, ServedRoot]) -> tuple[str, str] | None:
     """(root name, path below it) of a servable artifact ``uri``; None if no root serves it."""
     kind, path = _location(uri)
-    for name, root_uri in roots.items():
-        root_kind, root_path = _location(root_uri)
+    for name, root in roots.items():
+        root_kind, root_path = _location(root.uri)
         prefix = root_path.rstrip("/") + "/"
         if kind != root_kind or not path.startswith(prefix):
             continue
@@ -163,7 +211,7 @@ def artifact_route(root: str, relative: str) -> str:
     return f"files/{urllib.parse.quote(root)}/{urllib.parse.quote(relative)}"
 
 
-def report_location(task_result: Any, roots: dict[str, str]) -> tuple[str, str] | None:
+def report_location(task_result: Any, roots: dict[str, ServedRoot]) -> tuple[str, str] | None:
     """(root, path) of the report a task's return value names in ``report_uri``; None if none is servable."""
     report_uri = task_result.get("report_uri") if isinstance(task_result, dict) else None
     if not isinstance(report_uri, str) or not report_uri:
@@ -171,7 +219,7 @@ def report_location(task_result: Any, roots: dict[str, str]) -> tuple[str, str] 
     return artifact_location(report_uri, roots)
 
 
-def report_link(task_result: Any, roots: dict[str, str]) -> str:
+def report_link(task_result: Any, roots: dict[str, ServedRoot]) -> str:
     """The "Evaluation report" link of a task from its return value; "" (no link) without a servable report.
 
     Relative to the UI's ``<base href>`` (so it works behind a path prefix), absolute
@@ -221,17 +269,32 @@ async def authenticated_user(
     return await get_user(request, None, credentials)
 
 
-def may_read_dag_runs(dag_id: str, user: Any = Depends(authenticated_user)) -> None:
-    """Refuse (403) a user the auth manager does not let read the runs of ``dag_id``."""
+SignedInUser = Annotated[Any, Depends(authenticated_user)]
+
+
+def may_read_dag_runs(dag_id: str, user: Any) -> bool:
+    """Whether Airflow's auth manager lets ``user`` read the runs of ``dag_id``, asked as the REST API's DAG run
+    routes ask it (the DAG's team, if any, from the metadata DB)."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
     from airflow.models.dag import DagModel
 
     details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
-    if not get_auth_manager().is_authorized_dag(
+    return get_auth_manager().is_authorized_dag(
         method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user
-    ):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"not allowed to read the runs of {dag_id!r}")
+    )
+
+
+def require_dag_runs_readable(dag_id: str, user: Any, what: str = "") -> None:
+    """Refuse (403) a user the auth manager does not let read the runs of ``dag_id``; ``what`` says what they write."""
+    if not may_read_dag_runs(dag_id, user):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"not allowed to read the runs of {dag_id!r}{what}")
+
+
+def readable_roots(roots: dict[str, ServedRoot], user: Any) -> dict[str, ServedRoot]:
+    """The roots whose DAG's runs ``user`` may read (each DAG asked once)."""
+    readable_dags = {dag_id for dag_id in {root.dag_id for root in roots.values()} if may_read_dag_runs(dag_id, user)}
+    return {name: root for name, root in roots.items() if root.dag_id in readable_dags}
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -248,7 +311,7 @@ def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
     return HTMLResponse(document, status_code=status_code, headers=REPORT_HEADERS)
 
 
-def _link(label: str, uri: str | None, roots: dict[str, str]) -> str:
+def _link(label: str, uri: str | None, roots: dict[str, ServedRoot]) -> str:
     """An HTML link to the app's route for ``uri``; "" when no root serves it."""
     location = artifact_location(uri, roots) if uri else None
     if location is None:
@@ -271,7 +334,7 @@ def _entry_report_uri(entry: dict[str, Any], root_uri: str) -> str | None:
     return None
 
 
-def _links(report_uri: str | None, roots: dict[str, str]) -> str:
+def _links(report_uri: str | None, roots: dict[str, ServedRoot]) -> str:
     """Links to a report and to the metrics.json next to it; "" unless a root serves the report."""
     from admm_jobs.registry import store as registry
 
@@ -310,7 +373,7 @@ HISTORY_COLUMNS = ("recorded at", "logical date", "decision", "version", "test a
                    "dataset", "batches", "details", "")
 
 
-def _history_row(entry: dict[str, Any], root_uri: str, roots: dict[str, str]) -> str:
+def _history_row(entry: dict[str, Any], root_uri: str, roots: dict[str, ServedRoot]) -> str:
     batches = entry.get("batches") or ([entry["batch"]] if entry.get("batch") else [])
     cells = [
         html.escape(str(entry.get("recorded_at") or "")),
@@ -327,7 +390,7 @@ def _history_row(entry: dict[str, Any], root_uri: str, roots: dict[str, str]) ->
     return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
 
-def _registry_section(name: str, root_uri: str, roots: dict[str, str]) -> str | None:
+def _registry_section(name: str, root_uri: str, roots: dict[str, ServedRoot]) -> str | None:
     """The published model, the accuracy plot and the whole history (newest first) of one root; None
     when the root holds no registry."""
     import base64
@@ -362,20 +425,30 @@ def _registry_section(name: str, root_uri: str, roots: dict[str, str]) -> str | 
     return f"{title}{published}{plot}<h3>History ({len(history)} decisions, newest first)</h3>{table}"
 
 
-def create_app(roots: dict[str, str] | None = None, lookup: TaskResultLookup = task_result) -> FastAPI:
+def create_app(roots: dict[str, ServedRoot] | None = None, lookup: TaskResultLookup = task_result) -> FastAPI:
     """The reports app over ``roots`` (default: the configured ones); ``lookup`` reads task return values."""
     # The configured roots are read on the first request: this module is imported by every task process.
-    served_roots = (lambda: roots) if roots is not None else functools.cache(configured_roots)
+    given_roots = (lambda: roots) if roots is not None else functools.cache(configured_roots)
+
+    def served_roots() -> dict[str, ServedRoot]:
+        """The served roots; a misconfigured one (malformed, outside the allowed roots) answers 500 naming it."""
+        try:
+            return given_roots()
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc)) from None
+
     app = FastAPI(title="MNIST ADMM reports", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.get("/files/{root}/{path:path}", name="artifact", dependencies=[Depends(authenticated_user)])
-    def artifact(root: str, path: str) -> Response:
+    @app.get("/files/{root}/{path:path}", name="artifact")
+    def artifact(root: str, path: str, user: SignedInUser) -> Response:
         from admm_jobs.lake import storage
 
+        roots = served_roots()
+        if root not in roots:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no storage root named {root!r}")
+        require_dag_runs_readable(roots[root].dag_id, user, f", which write root {root!r}")
         try:
-            uri = artifact_uri(served_roots(), root, path)
-        except KeyError:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no storage root named {root!r}") from None
+            uri = artifact_uri(roots, root, path)
         except ArtifactRefused as refused:
             raise HTTPException(status.HTTP_403_FORBIDDEN, str(refused)) from None
         if not storage.exists(uri):
@@ -383,20 +456,28 @@ def create_app(roots: dict[str, str] | None = None, lookup: TaskResultLookup = t
         return Response(storage.read_bytes(uri), media_type=media_type(posixpath.basename(path)),
                         headers=REPORT_HEADERS)
 
-    @app.get("/runs/{dag_id}/{run_id}", dependencies=[Depends(may_read_dag_runs)])
-    def run_report(request: Request, dag_id: str, run_id: str, task_id: str = REPORT_TASK) -> Response:
-        location = report_location(lookup(dag_id, run_id, task_id), served_roots())
+    @app.get("/runs/{dag_id}/{run_id}")
+    def run_report(request: Request, dag_id: str, run_id: str, user: SignedInUser,
+                   task_id: str = REPORT_TASK) -> Response:
+        require_dag_runs_readable(dag_id, user)
+        roots = served_roots()
+        location = report_location(lookup(dag_id, run_id, task_id), roots)
         if location is None:
             return _page("No evaluation report", f"<p>Task {html.escape(task_id)} of run {html.escape(run_id)} "
                          "has not produced a report in a served storage root (yet).</p>", status.HTTP_404_NOT_FOUND)
         root, path = location
+        # A run may write into a root of another DAG: redirect only where the files route will serve.
+        require_dag_runs_readable(roots[root].dag_id, user, f", which write root {root!r}")
         return RedirectResponse(str(request.url_for("artifact", root=root, path=path)), status.HTTP_303_SEE_OTHER)
 
-    @app.get("/", dependencies=[Depends(authenticated_user)])
-    def index() -> HTMLResponse:
-        roots = served_roots()
-        sections = [section for name, uri in roots.items() if (section := _registry_section(name, uri, roots))]
-        served = "".join(f"<li>{html.escape(name)}: {html.escape(uri)}</li>" for name, uri in roots.items())
+    @app.get("/")
+    def index(user: SignedInUser) -> HTMLResponse:
+        roots = readable_roots(served_roots(), user)  # sections and links of these roots only
+        if not roots:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "not allowed to read the runs of any DAG served here")
+        sections = [section for name, root in roots.items() if (section := _registry_section(name, root.uri, roots))]
+        served = "".join(f"<li>{html.escape(name)}: {html.escape(root.uri)} (runs of {html.escape(root.dag_id)})</li>"
+                         for name, root in roots.items())
         body = "".join(sections) or "<p>No model published yet.</p>"
         return _page("Model registry", f"{body}<h2>Served roots</h2><ul>{served}</ul>")
 
@@ -410,8 +491,13 @@ class EvaluationReportLink(BaseOperatorLink):
     operators = [PythonOperator]
 
     def get_link(self, operator, *, ti_key) -> str:
+        try:
+            roots = configured_roots()
+        except ValueError as exc:  # the routes answer 500 with the same line; the task page still renders
+            log.error("no %s link: %s", self.name, exc)
+            return ""
         result = task_result(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index)
-        return report_link(result, configured_roots())
+        return report_link(result, roots)
 
 
 class AdmmReportsPlugin(AirflowPlugin):

@@ -46,6 +46,18 @@ os.environ.update({
                                   '"extra": {"deploy-mode": "client", "spark-binary": "spark-submit"}}',
 })
 
+# The DAG's tasks refuse storage URIs outside [admm] allowed_uri_roots (admm_jobs.orchestration.uri_roots).
+ALLOWED_URI_ROOTS = "AIRFLOW__ADMM__ALLOWED_URI_ROOTS"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def allowed_uri_roots(tmp_path_factory):
+    """The tests' runs keep their data in temporary directories: allow the session's (and its subprocesses')."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ALLOWED_URI_ROOTS, str(tmp_path_factory.getbasetemp()))
+        yield
+
+
 SMALL_TRAIN_ROWS = 1_200
 SMALL_TEST_ROWS = 400
 SMALL_VALIDATION_FRACTION = 1 / 6  # about 200 of the 1,200 training images, drawn per image from its hash

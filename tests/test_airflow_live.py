@@ -96,7 +96,8 @@ def airflow(airflow_db, storage_roots, tmp_path_factory):
         # Unpausing a @weekly DAG would also start last week's run with the default
         # (full-size, project-directory) params: only triggered and backfill runs here.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs={storage_roots['runs']},registry={storage_roots['registry']}",
+        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs@{DAG_ID}={storage_roots['runs']},"
+                                        f"registry@{DAG_ID}={storage_roots['registry']}",
     }
     services = Airflow(env, logs, port)
     try:

@@ -1,4 +1,7 @@
-"""Deterministic failures fail the task at once; transient storage errors keep the task's retries."""
+"""Deterministic failures fail the task at once; transient storage errors keep the task's retries.
+
+(On the S3 test server with injected faults: tests/test_transient_failures.py.)
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from admm_jobs import ingest
 from admm_jobs.lake import storage
 from admm_jobs.orchestration.failures import fail_fast
+from admm_jobs.registry import store as registry
 from admm_jobs.validate import ValidationFailed
 
 
@@ -22,6 +26,8 @@ def raising(error):
 
 @pytest.mark.parametrize("error", [ingest.IngestError("src/t10k-labels-idx1-ubyte[.gz]: missing file"),
                                    ValidationFailed("dataset failed validation", {}),
+                                   storage.StorageError("s3://b/k: no such file"),
+                                   registry.RegistryError("s3://b/r/current.json: registry pointer lacks a 'version'"),
                                    SystemExit(2)])
 def test_deterministic_failures_are_not_retried(error):
     with pytest.raises(AirflowFailException) as failure:
@@ -29,9 +35,23 @@ def test_deterministic_failures_are_not_retried(error):
     assert str(failure.value).splitlines()[0] and failure.value.__cause__ is error
 
 
-def test_transient_storage_errors_keep_their_retries_and_results_pass_through():
-    with pytest.raises(storage.StorageError):
-        fail_fast(raising(storage.StorageError("s3://b/k: cannot read: connection reset")))([])
+def stage_error_from(cause: Exception) -> ingest.IngestError:
+    """A stage's own error as ``raise IngestError(...) from cause`` leaves it (how stages report storage failures)."""
+    error = ingest.IngestError(f"cannot ingest: {cause}")
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize("error", [storage.TransientStorageError("s3://b/k: cannot read: connection reset"),
+                                   registry.TransientRegistryError("s3://b/r: gave up after 10 concurrent changes"),
+                                   stage_error_from(storage.TransientStorageError("s3://b/k: cannot read: 503"))])
+def test_transient_errors_keep_their_retries(error):
+    with pytest.raises(type(error)) as raised:
+        fail_fast(raising(error))([])
+    assert raised.value is error
+
+
+def test_results_pass_through():
     wrapped = fail_fast(lambda argv, outlet_events=None: {"ok": argv})
     assert wrapped(["a"]) == {"ok": ["a"]}
     import inspect

@@ -78,6 +78,18 @@ def test_demo_config_weeks_are_sundays_and_runs_get_the_demo_roots(tmp_path):
         demo.DemoConfig(weeks=0)
 
 
+def test_the_demo_airflow_allows_the_storage_of_its_run_conf_only(tmp_path, monkeypatch):
+    from admm_jobs.orchestration import uri_roots
+
+    conf = demo.DemoConfig(workdir=str(tmp_path / "demo"),
+                           params=json.dumps({"lake_uri": str(tmp_path / "lake")})).run_conf()
+    env = demo.airflow_environment(tmp_path / "airflow", 8080, tmp_path / "passwords.json", conf)
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", env["AIRFLOW__ADMM__ALLOWED_URI_ROOTS"])
+    uri_roots.confine_uris((name, conf[name]) for name in ("source_uri", "lake_uri", "runs_uri", "registry_uri"))
+    with pytest.raises(ValueError, match="^lake_uri: .* is outside the allowed roots"):
+        uri_roots.confine_uris([("lake_uri", str(tmp_path / "demo" / "lake"))])  # --params moved the lake
+
+
 def _trained_run(run_uri: str, dataset: dict, *, init: str, epochs_run: int, seconds: float, accuracy: float) -> None:
     """RUN/plan.json, RUN/model and RUN/evaluation/metrics.json as a retraining run leaves them."""
     storage.write_json(storage.join(run_uri, "plan.json"), {

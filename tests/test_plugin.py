@@ -1,11 +1,18 @@
-"""The admm_reports Airflow plugin (reports app, "Evaluation report" link) and the DAG's lineage."""
+"""The admm_reports Airflow plugin (reports app, "Evaluation report" link) and the DAG's lineage.
+
+The app is exercised as the API server runs it: users sign in with tokens that the configured auth manager
+(``report_auth.RunReadersAuthManager``, created by Airflow's ``create_auth_manager``) issued, and that manager
+alone decides who may read which DAG's runs.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +23,8 @@ from admm_jobs.lake import storage
 from admm_jobs.orchestration import assets, tasks
 from admm_jobs.registry import store as registry
 
+import report_auth
+from report_auth import ANALYST, RETRAINING_DAG, SCORER, SCORING_DAG, STRANGER
 from run_artifacts import make_evaluated_run
 
 PLUGINS_FOLDER = Path(__file__).resolve().parents[1] / "plugins"
@@ -24,6 +33,41 @@ import admm_reports  # noqa: E402  (the plugins folder is not a package)
 
 RUN_KEY = "20260302T000000"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+
+
+def retraining_roots(**uris) -> dict[str, admm_reports.ServedRoot]:
+    """Storage roots by name, each written by the retraining DAG."""
+    return {name: admm_reports.ServedRoot(RETRAINING_DAG, str(uri)) for name, uri in uris.items()}
+
+
+@pytest.fixture(scope="module")
+def auth_manager(airflow_db):
+    """The test auth manager, configured and created as the API server does. Checking a token and a DAG's team
+    reads the metadata DB (revoked tokens, DAG bundles), hence ``airflow_db``."""
+    from airflow.api_fastapi.app import create_auth_manager, purge_cached_app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW__CORE__AUTH_MANAGER", report_auth.AUTH_MANAGER)
+        patch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(64))  # as a deployment sets it
+        purge_cached_app()
+        manager = create_auth_manager()
+        assert type(manager) is report_auth.RunReadersAuthManager
+        yield manager
+    purge_cached_app()
+
+
+@pytest.fixture
+def client_for(auth_manager):
+    """``client_for(roots, user=ANALYST, lookup=...)``: a client of the app over ``roots``, signed in as ``user``
+    with a token the auth manager issued (``user=None``: not signed in)."""
+
+    def client_for(roots, user: str | None = ANALYST, lookup=lambda dag_id, run_id, task_id: None) -> TestClient:
+        client = TestClient(admm_reports.create_app(roots, lookup=lookup))
+        if user is not None:
+            client.headers["Authorization"] = f"Bearer {report_auth.token_for(user)}"
+        return client
+
+    return client_for
 
 
 @pytest.fixture
@@ -42,18 +86,10 @@ def roots(tmp_path):
     (runs / RUN_KEY / ".staging-evaluation" / "report.html").write_text("half-written")
     registry_root.mkdir()
     (tmp_path / "report.html").write_text("outside every root")
-    return {"runs": str(runs), "registry": str(registry_root)}
+    return retraining_roots(runs=runs, registry=registry_root)
 
 
-def client_for(roots, lookup=lambda dag_id, run_id, task_id: None, signed_in=True) -> TestClient:
-    app = admm_reports.create_app(roots, lookup=lookup)
-    if signed_in:
-        app.dependency_overrides[admm_reports.authenticated_user] = lambda: "tester"
-        app.dependency_overrides[admm_reports.may_read_dag_runs] = lambda: None
-    return TestClient(app)
-
-
-def test_serves_reports_plots_and_metrics_with_their_types(roots):
+def test_serves_reports_plots_and_metrics_with_their_types(roots, client_for):
     client = client_for(roots)
     report = client.get(f"/files/runs/{RUN_KEY}/evaluation/report.html")
     assert report.status_code == 200 and "report of the run" in report.text
@@ -75,40 +111,117 @@ def test_serves_reports_plots_and_metrics_with_their_types(roots):
     ("lake/mnist/report.html", 404),                             # no such root
     (f"runs/{RUN_KEY}/evaluation/loss.png", 404),                # allowed name, absent
 ])
-def test_refuses_anything_but_report_artifacts_inside_a_root(roots, path, code):
+def test_refuses_anything_but_report_artifacts_inside_a_root(roots, client_for, path, code):
     response = client_for(roots).get(f"/files/{path}")
     assert response.status_code == code, response.text
+    if code == 403:
+        assert "not allowed to read" not in response.text  # refused for the path, not for the user
 
 
-def test_a_symlink_may_not_lead_out_of_its_root(roots, tmp_path):
-    escape = Path(roots["runs"]) / "escape"
+def test_a_symlink_may_not_lead_out_of_its_root(roots, client_for, tmp_path):
+    escape = Path(roots["runs"].uri) / "escape"
     escape.mkdir()
     (escape / "report.html").symlink_to(tmp_path / "report.html")
-    assert client_for(roots).get("/files/runs/escape/report.html").status_code == 403
+    response = client_for(roots).get("/files/runs/escape/report.html")
+    assert response.status_code == 403 and "leads out of root" in response.text
 
 
-def test_every_route_needs_a_signed_in_user(roots):
-    client = client_for(roots, signed_in=False)
-    for route in (f"/files/runs/{RUN_KEY}/evaluation/report.html", "/", "/runs/some_dag/some_run"):
+def routes_to_every_page(roots) -> tuple[Callable, list[str]]:
+    """The task result lookup of a run whose evaluate task reported into the runs root, and the app's route to
+    each of its pages: the report file, the registry page and the run's report tab."""
+    results = {(RETRAINING_DAG, "run_1", "evaluate"): {
+        "report_uri": f"{roots['runs'].uri}/{RUN_KEY}/evaluation/report.html"}}
+    routes = [f"/files/runs/{RUN_KEY}/evaluation/report.html", "/", f"/runs/{RETRAINING_DAG}/run_1"]
+    return lambda *key: results.get(key), routes
+
+
+def test_every_route_needs_a_signed_in_user(roots, client_for):
+    lookup, routes = routes_to_every_page(roots)
+    client = client_for(roots, user=None, lookup=lookup)
+    for route in routes:
         assert client.get(route).status_code == 401, route
 
 
-def test_a_run_redirects_to_the_report_its_evaluate_task_returned(roots):
-    results = {("dag", "run_1", "evaluate"): {"report_uri": f"{roots['runs']}/{RUN_KEY}/evaluation/report.html"}}
-    client = client_for(roots, lookup=lambda *key: results.get(key))
-    response = client.get("/runs/dag/run_1", follow_redirects=False)
+def test_every_route_refuses_a_user_the_auth_manager_denies_the_dag(roots, client_for):
+    lookup, routes = routes_to_every_page(roots)
+    stranger, analyst = client_for(roots, user=STRANGER, lookup=lookup), client_for(roots, user=ANALYST, lookup=lookup)
+    for route in routes:
+        refused = stranger.get(route, follow_redirects=False)
+        assert refused.status_code == 403 and "not allowed to read the runs of" in refused.text, route
+        assert analyst.get(route).status_code == 200, route  # the same route, for a user who may read the DAG
+    for name in roots:  # no root lets the stranger in, not even one without a registry
+        assert stranger.get(f"/files/{name}/{RUN_KEY}/evaluation/report.html").status_code == 403, name
+
+
+def test_a_run_redirects_to_the_report_its_evaluate_task_returned(roots, client_for):
+    report_uri = f"{roots['runs'].uri}/{RUN_KEY}/evaluation/report.html"
+    results = {(dag_id, "run_1", "evaluate"): {"report_uri": report_uri} for dag_id in (RETRAINING_DAG, "other_dag")}
+    client = client_for(roots, user=ANALYST, lookup=lambda *key: results.get(key))
+    response = client.get(f"/runs/{RETRAINING_DAG}/run_1", follow_redirects=False)
     assert response.status_code == 303
     assert response.headers["location"].endswith(f"/files/runs/{RUN_KEY}/evaluation/report.html")
-    assert "report of the run" in client.get("/runs/dag/run_1").text
-    missing = client.get("/runs/dag/run_2")
+    assert "report of the run" in client.get(f"/runs/{RETRAINING_DAG}/run_1").text
+    missing = client.get(f"/runs/{RETRAINING_DAG}/run_2")
     assert missing.status_code == 404 and "no" in missing.text.lower()
+    # The analyst may read the report's root, but not the runs of other_dag: its run tab is refused.
+    refused = client.get("/runs/other_dag/run_1", follow_redirects=False)
+    assert refused.status_code == 403 and "not allowed to read the runs of 'other_dag'" in refused.text
 
 
-def test_index_lists_the_published_model_with_a_working_report_link(tmp_path):
+STRAY_RUN_KEY = "20260309T000000"
+
+
+@pytest.fixture
+def two_dags(tmp_path):
+    """The retraining DAG's runs and registry roots and the scoring DAG's registry root, each registry with a
+    published model. A second, rejected scoring run lies in the retraining DAG's runs root: the scoring
+    registry's history and the run's evaluate task point there."""
+    runs, scoring_runs = tmp_path / "runs", tmp_path / "scoring-runs"
+    make_evaluated_run(str(runs / RUN_KEY), seed=1, test_accuracy=0.91)
+    make_evaluated_run(str(scoring_runs / RUN_KEY), seed=2, test_accuracy=0.88)
+    make_evaluated_run(str(runs / STRAY_RUN_KEY), seed=3, test_accuracy=0.6)
+    retrained = publish.publish_run(str(runs / RUN_KEY), str(tmp_path / "registry"), min_accuracy=0.5)
+    scored = publish.publish_run(str(scoring_runs / RUN_KEY), str(tmp_path / "scoring"), min_accuracy=0.5)
+    stray = publish.publish_run(str(runs / STRAY_RUN_KEY), str(tmp_path / "scoring"), min_accuracy=0.5)
+    assert stray["decision"] == "rejected"
+    roots = {**retraining_roots(runs=runs, registry=tmp_path / "registry"),
+             "scoring": admm_reports.ServedRoot(SCORING_DAG, str(tmp_path / "scoring"))}
+    results = {(SCORING_DAG, "run_1", "evaluate"): {"report_uri": stray["report_uri"]}}
+    return {"roots": roots, "retrained": retrained["model_version"], "scored": scored["model_version"],
+            "lookup": lambda *key: results.get(key)}
+
+
+def test_a_user_sees_only_the_roots_of_the_dags_they_may_read(two_dags, client_for):
+    roots, retrained, scored = two_dags["roots"], two_dags["retrained"], two_dags["scored"]
+    scorer = client_for(roots, user=SCORER, lookup=two_dags["lookup"])
+    page = scorer.get("/")
+    assert page.status_code == 200 and scored in page.text and retrained not in page.text
+    assert "<h2>scoring: " in page.text and "<h2>registry: " not in page.text
+    assert "<li>scoring: " in page.text and "<li>runs: " not in page.text and "<li>registry: " not in page.text
+    links = re.findall(r"href='([^']+)'", page.text)
+    assert links and all(link.startswith("files/scoring/") for link in links)  # not the stray run's report
+    for link in links:
+        assert scorer.get("/" + link).status_code == 200, link
+    retrained_report = f"/files/registry/mnist-admm/{retrained}/evaluation/report.html"
+    assert scorer.get(retrained_report).status_code == 403
+    assert scorer.get(f"/files/runs/{RUN_KEY}/evaluation/report.html").status_code == 403
+    # A run of the DAG the scorer may read whose report lies in a root of the other DAG: no redirect there.
+    refused = scorer.get(f"/runs/{SCORING_DAG}/run_1", follow_redirects=False)
+    assert refused.status_code == 403 and "which write root 'runs'" in refused.text
+
+    analyst = client_for(roots, user=ANALYST, lookup=two_dags["lookup"])
+    page = analyst.get("/").text
+    assert scored in page and retrained in page
+    assert f"href='files/runs/{STRAY_RUN_KEY}/evaluation/report.html'" in page
+    assert analyst.get(retrained_report).status_code == 200
+    assert analyst.get(f"/runs/{SCORING_DAG}/run_1", follow_redirects=False).status_code == 303
+
+
+def test_index_lists_the_published_model_with_a_working_report_link(tmp_path, client_for):
     run, registry_uri = str(tmp_path / "runs" / RUN_KEY), str(tmp_path / "registry")
     make_evaluated_run(run, seed=1, test_accuracy=0.91)
     result = publish.publish_run(run, registry_uri, min_accuracy=0.5)
-    client = client_for({"runs": str(tmp_path / "runs"), "registry": registry_uri})
+    client = client_for(retraining_roots(runs=tmp_path / "runs", registry=registry_uri))
     page = client.get("/")
     assert page.status_code == 200 and result["model_version"] in page.text and "0.9100" in page.text
     href = page.text.split("href='")[1].split("'")[0]
@@ -144,9 +257,9 @@ def registry_of_every_kind(tmp_path):
     return {"runs": str(runs), "registry": registry_uri, "accepted": accepted, "rejected": rejected}
 
 
-def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(registry_of_every_kind):
+def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(registry_of_every_kind, client_for):
     kinds = registry_of_every_kind
-    client = client_for({"runs": kinds["runs"], "registry": kinds["registry"]})
+    client = client_for(retraining_roots(runs=kinds["runs"], registry=kinds["registry"]))
     page = client.get("/")
     assert page.status_code == 200
     text = page.text
@@ -180,14 +293,14 @@ def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(
     assert len(plots) == 1 and base64.b64decode(plots[0]).startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path):
+def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path, client_for):
     registry_uri = f"s3://{s3_env}/registry"
     accepted_run, rejected_run = str(tmp_path / "good"), str(tmp_path / "bad")
     make_evaluated_run(accepted_run, seed=1, test_accuracy=0.93)
     make_evaluated_run(rejected_run, seed=2, test_accuracy=0.80)
     accepted = publish.publish_run(accepted_run, registry_uri, logical_date="2026-02-02")
     publish.publish_run(rejected_run, registry_uri, logical_date="2026-02-09")
-    client = client_for({"registry": registry_uri})
+    client = client_for(retraining_roots(registry=registry_uri))
 
     text = client.get("/").text
     assert re.findall(r"<td><span class='(\w+)'>", text) == ["rejected", "accepted"]
@@ -197,17 +310,17 @@ def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path):
     assert "href='files/" not in text.split("<tr>")[2]  # the rejected run's report lies outside every root
 
 
-def test_registry_page_reports_a_corrupt_history_instead_of_failing(tmp_path):
+def test_registry_page_reports_a_corrupt_history_instead_of_failing(tmp_path, client_for):
     registry_uri = str(tmp_path / "registry")
     registry.record_decision(registry_uri, {"decision": "skipped"})
     Path(registry.history_uri(registry_uri)).write_text("{broken\n")
-    page = client_for({"registry": registry_uri}).get("/")
+    page = client_for(retraining_roots(registry=registry_uri)).get("/")
     assert page.status_code == 200 and "line 1 is not valid JSON" in page.text
 
 
-def test_report_link_points_at_the_route_serving_the_report(roots, monkeypatch):
+def test_report_link_points_at_the_route_serving_the_report(roots, client_for, monkeypatch):
     monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
-    report_uri = f"{roots['runs']}/{RUN_KEY}/evaluation/report.html"
+    report_uri = f"{roots['runs'].uri}/{RUN_KEY}/evaluation/report.html"
     link = admm_reports.report_link({"report_uri": report_uri, "test_accuracy": 0.9}, roots)
     assert link == f"admm-reports/files/runs/{RUN_KEY}/evaluation/report.html"
     assert client_for(roots).get(link.removeprefix("admm-reports")).status_code == 200
@@ -215,7 +328,7 @@ def test_report_link_points_at_the_route_serving_the_report(roots, monkeypatch):
     assert admm_reports.report_link({"test_accuracy": 0.9}, roots) == ""
     assert admm_reports.report_link(None, roots) == ""
     assert admm_reports.report_link({"report_uri": "/elsewhere/report.html"}, roots) == ""
-    assert admm_reports.report_link({"report_uri": f"{roots['runs']}/../report.html"}, roots) == ""
+    assert admm_reports.report_link({"report_uri": f"{roots['runs'].uri}/../report.html"}, roots) == ""
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/prefix")
     assert admm_reports.report_link({"report_uri": report_uri}, roots) == (
         f"https://airflow.example.com/prefix/admm-reports/files/runs/{RUN_KEY}/evaluation/report.html")
@@ -223,8 +336,10 @@ def test_report_link_points_at_the_route_serving_the_report(roots, monkeypatch):
 
 def test_object_store_roots_map_by_bucket_and_prefix(monkeypatch):
     monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
-    roots = admm_reports.parse_roots("runs = s3://lake/runs, registry=s3://lake/registry")
-    assert roots == {"runs": "s3://lake/runs", "registry": "s3://lake/registry"}
+    roots = admm_reports.parse_roots("runs @ mnist_admm_retraining = s3://lake/runs, "
+                                     "registry@other.dag-1=s3://lake/registry?a=b@c")
+    assert roots == {"runs": admm_reports.ServedRoot(RETRAINING_DAG, "s3://lake/runs"),
+                     "registry": admm_reports.ServedRoot("other.dag-1", "s3://lake/registry?a=b@c")}
     published_report = "s3://lake/registry/mnist-admm/v1/evaluation/report.html"
     assert admm_reports.report_link({"report_uri": published_report}, roots) == (
         "admm-reports/files/registry/mnist-admm/v1/evaluation/report.html")
@@ -233,17 +348,52 @@ def test_object_store_roots_map_by_bucket_and_prefix(monkeypatch):
         "s3://lake/runs/r/evaluation/report.html")
 
 
-@pytest.mark.parametrize("text", ["runs", "=/tmp/x", "Runs=/tmp/x", "web=https://example.com/runs"])
-def test_malformed_roots_are_refused(text):
-    with pytest.raises(ValueError, match="roots"):
+@pytest.mark.parametrize("text, message", [
+    ("runs", "expected name@dag_id=uri"),
+    ("@dag=/tmp/x", "expected name@dag_id=uri"),
+    ("Runs@dag=/tmp/x", "expected name@dag_id=uri"),
+    ("runs@=/tmp/x", "expected name@dag_id=uri"),
+    ("runs@a dag=/tmp/x", "expected name@dag_id=uri"),
+    ("runs@dag=", "expected name@dag_id=uri"),
+    ("web@dag=https://example.com/runs", "http(s) roots"),
+    ("runs@dag=/tmp/x, runs@other=/tmp/y", "'runs' is named twice"),
+    # The old form names no DAG: refused, never served to everyone.
+    ("runs=s3://bucket/runs", "'runs=s3://bucket/runs' names no DAG: write runs@<dag_id>=s3://bucket/runs"),
+])
+def test_malformed_roots_are_refused_in_one_line(text, message):
+    with pytest.raises(ValueError, match=r"^\[admm_reports\] roots: [^\n]*" + re.escape(message)):
         admm_reports.parse_roots(text)
 
 
-def test_configured_roots_default_to_the_project_var_directory(monkeypatch, tmp_path):
+def test_configured_roots_default_to_the_project_var_directory_of_the_retraining_dag(monkeypatch, tmp_path):
     monkeypatch.delenv("AIRFLOW__ADMM_REPORTS__ROOTS", raising=False)
-    assert admm_reports.configured_roots() == admm_reports.DEFAULT_ROOTS
-    monkeypatch.setenv("AIRFLOW__ADMM_REPORTS__ROOTS", f"runs={tmp_path}")
-    assert admm_reports.configured_roots() == {"runs": str(tmp_path)}
+    monkeypatch.delenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS")  # the default allowed roots: the project's data/, var/
+    project = Path(admm_reports.__file__).resolve().parents[1]
+    assert admm_reports.configured_roots() == retraining_roots(runs=project / "var" / "runs",
+                                                               registry=project / "var" / "registry")
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__ADMM_REPORTS__ROOTS", f"runs@{SCORING_DAG}={tmp_path}")
+    assert admm_reports.configured_roots() == {"runs": admm_reports.ServedRoot(SCORING_DAG, str(tmp_path))}
+
+
+def test_a_configured_root_outside_the_allowed_roots_is_refused_on_every_route(roots, client_for, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("AIRFLOW__ADMM_REPORTS__ROOTS",
+                       ",".join(f"{name}@{root.dag_id}={root.uri}" for name, root in roots.items()))
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", roots["runs"].uri)  # the registry root lies outside
+    refusal = (f"[admm_reports] roots registry: {roots['registry'].uri} is outside the allowed roots "
+               f"([admm] allowed_uri_roots): {roots['runs'].uri}")
+    client = client_for(None)  # the configured roots
+    for route in (f"/files/runs/{RUN_KEY}/evaluation/report.html", f"/runs/{RETRAINING_DAG}/r", "/"):
+        answer = client.get(route)
+        assert (answer.status_code, answer.json()) == (500, {"detail": refusal})
+    ti_key = SimpleNamespace(dag_id=RETRAINING_DAG, run_id="r", task_id="evaluate", map_index=-1)
+    assert admm_reports.EvaluationReportLink().get_link(None, ti_key=ti_key) == ""
+
+    monkeypatch.setenv("AIRFLOW__ADMM__ALLOWED_URI_ROOTS", f"{roots['runs'].uri},{roots['registry'].uri}")
+    answer = client_for(None).get(f"/files/runs/{RUN_KEY}/evaluation/report.html")
+    assert answer.status_code == 200 and "report of the run" in answer.text
 
 
 @pytest.fixture(scope="module")

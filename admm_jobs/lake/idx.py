@@ -58,6 +58,8 @@ def fetch_source_file(source_uri: str, name: str) -> tuple[str, bytes]:
         for uri in candidates:
             try:
                 return uri, read_raw(uri)
+            except storage.TransientStorageError:
+                raise  # the server failed, not the name: a retry may download it
             except storage.StorageError:
                 continue
         raise IngestError(f"{candidates[0]}[.gz]: missing file (neither name could be downloaded)")

@@ -4,7 +4,13 @@ Supported: plain local paths, ``file://``, ``s3://`` (and ``gs://`` where pyarro
 was built with GCS) through :mod:`pyarrow.fs`; ``https://`` and ``http://`` for
 read-only inputs. Credentials and endpoints come from the standard provider
 chains (for S3: environment, profile, instance role, ``AWS_ENDPOINT_URL``);
-nothing here takes a secret as an argument.
+nothing here takes a secret as an argument. ``AWS_MAX_ATTEMPTS`` bounds pyarrow's own retries as it
+bounds boto3's (pyarrow otherwise retries a failing S3 request for up to 6 s).
+
+Failures are :class:`StorageError`; those a later attempt may not meet (throttling, a 5xx answer,
+a timeout, a lost or refused connection) are :class:`TransientStorageError`, which the Airflow
+tasks retry (:func:`is_transient_failure` tells them apart, :func:`is_retryable` finds one behind
+a stage's own error).
 
 Visibility rule used by every stage: a directory of outputs is *committed* by
 writing one small marker object last (a manifest, a pointer). Local
@@ -16,26 +22,108 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import io
 import json
 import os
 import posixpath
+import re
 import shutil
+import socket
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs")
 HTTP_SCHEMES = ("http", "https")
+# Error codes of a throttled or overloaded service, or of a request that timed out: boto3's S3 codes and the
+# AWS SDK for C++'s names that pyarrow reports ("AWS Error SLOW_DOWN during ..."). Any 5xx status is one too.
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+    "RequestThrottled", "RequestTimeout", "InternalError", "ServiceUnavailable",
+    "SLOW_DOWN", "THROTTLING", "REQUEST_LIMIT_EXCEEDED", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+    "NETWORK_CONNECTION", "REQUEST_TIMEOUT",
+})
+# How pyarrow words an S3 failure: "AWS Error SLOW_DOWN during ...", "AWS Error UNKNOWN (HTTP status 503) during ...".
+ARROW_AWS_ERROR = re.compile(r"AWS Error (?P<code>\w+)(?: \(HTTP status (?P<status>\d+)\))?")
 
 
 class StorageError(RuntimeError):
-    """An I/O failure, with the URI it concerns in the message."""
+    """An I/O failure that another attempt would meet again (a missing or invalid file, no access);
+    the message names the URI."""
+
+
+class TransientStorageError(StorageError):
+    """An I/O failure that a later attempt may not meet: throttling, a 5xx answer, a timeout, a lost
+    connection, or (in the registry) losing a race to concurrent writers too often."""
+
+
+def is_transient_answer(code: str | None, status: int | None) -> bool:
+    """Whether a service's error answer (error code, HTTP status) means "try again later"."""
+    if code in TRANSIENT_CODES:
+        return True
+    if status is None:
+        return False
+    return status == HTTPStatus.TOO_MANY_REQUESTS or (500 <= status < 600 and status != HTTPStatus.NOT_IMPLEMENTED)
+
+
+def is_transient_failure(exc: BaseException) -> bool:
+    """Whether a later attempt may succeed where ``exc``, raised by pyarrow, boto3 or urllib, failed."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return is_transient_answer(exc.response.get("Error", {}).get("Code"), status)
+    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+                        botocore.exceptions.IncompleteReadError)):
+        return True  # refused, reset, closed early, timed out, unresolvable host
+    if isinstance(exc, urllib.error.HTTPError):
+        return is_transient_answer(None, exc.code)
+    if isinstance(exc, urllib.error.URLError):
+        return isinstance(exc.reason, BaseException) and is_transient_failure(exc.reason)
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror, http.client.IncompleteRead)):
+        return True
+    match = ARROW_AWS_ERROR.search(str(exc)) if isinstance(exc, OSError) else None
+    if match is None:
+        return False
+    return is_transient_answer(match["code"], int(match["status"]) if match["status"] else None)
+
+
+def failure(
+    uri: str, action: str, exc: BaseException,
+    kinds: tuple[type[Exception], type[Exception]] = (StorageError, TransientStorageError),
+) -> Exception:
+    """The error to raise when ``action`` on ``uri`` failed with ``exc``: the deterministic or the transient
+    one of ``kinds``, as :func:`is_transient_failure` says."""
+    deterministic, transient = kinds
+    return (transient if is_transient_failure(exc) else deterministic)(f"{uri}: cannot {action}: {exc}")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a :class:`TransientStorageError` or was raised from one (``raise ... from``):
+    a stage that reports a transient failure as its own error keeps it retryable."""
+    while exc is not None:
+        if isinstance(exc, TransientStorageError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, action: str) -> Iterator[None]:
+    """Raise the ``OSError`` of the block as a :class:`StorageError` naming ``uri`` (see :func:`failure`)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise failure(uri, action, exc) from exc
 
 
 def scheme(uri: str) -> str:
@@ -77,17 +165,31 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(local_path(uri).absolute())
     if scheme(uri) in REMOTE_SCHEMES:
         try:
-            return pafs.FileSystem.from_uri(uri)
+            fs, path = pafs.FileSystem.from_uri(uri)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError variants
-            raise StorageError(f"{uri}: cannot open filesystem: {exc}") from exc
+            raise failure(uri, "open filesystem", exc) from exc
+        return with_max_attempts(fs), path
     raise StorageError(f"{uri}: unsupported URI scheme {scheme(uri)!r}")
+
+
+def with_max_attempts(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """``fs`` retrying each S3 request at most ``AWS_MAX_ATTEMPTS`` times in all, where that is set.
+
+    ``FileSystem.from_uri`` ignores the variable and retries for up to 6 s; boto3 honours it.
+    """
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS")
+    if not attempts or not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    options = fs.__reduce__()[1][0]  # the constructor's keyword arguments, as pickling rebuilds it
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=int(attempts)))
 
 
 def exists(uri: str) -> bool:
     if scheme(uri) in HTTP_SCHEMES:
         raise StorageError(f"{uri}: existence checks are not supported over HTTP")
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with storage_errors(uri, "look up"):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def read_bytes(uri: str) -> bytes:
@@ -96,16 +198,11 @@ def read_bytes(uri: str) -> bytes:
         try:
             with urllib.request.urlopen(uri, timeout=120) as response:
                 return response.read()
-        except OSError as exc:
-            raise StorageError(f"{uri}: cannot download: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: the connection broke mid-body
+            raise failure(uri, "download", exc) from exc
     fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path, compression=None) as stream:
-            return stream.read()
-    except FileNotFoundError as exc:
-        raise StorageError(f"{uri}: no such file") from exc
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot read: {exc}") from exc
+    with storage_errors(uri, "read"), fs.open_input_stream(path, compression=None) as stream:
+        return stream.read()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -129,11 +226,8 @@ def write_bytes(uri: str, data: bytes) -> None:
             tmp.unlink(missing_ok=True)
         return
     fs, path = filesystem(uri)
-    try:
-        with fs.open_output_stream(path, compression=None) as stream:
-            stream.write(data)
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot write: {exc}") from exc
+    with storage_errors(uri, "write"), fs.open_output_stream(path, compression=None) as stream:
+        stream.write(data)
 
 
 def read_json(uri: str) -> Any:
@@ -164,17 +258,14 @@ def write_json(uri: str, obj: Any) -> None:
 def list_files(uri: str) -> list[str]:
     """All files below ``uri`` (recursively), as URIs of the same form, sorted."""
     fs, root = filesystem(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        return []
-    if info.type == pafs.FileType.File:
-        return [uri]
-    selector = pafs.FileSelector(root, recursive=True)
-    relative = sorted(
-        posixpath.relpath(entry.path, root)
-        for entry in fs.get_file_info(selector)
-        if entry.type == pafs.FileType.File
-    )
+    with storage_errors(uri, "list"):
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            return []
+        if info.type == pafs.FileType.File:
+            return [uri]
+        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    relative = sorted(posixpath.relpath(entry.path, root) for entry in entries if entry.type == pafs.FileType.File)
     return [join(uri, rel) for rel in relative]
 
 
@@ -184,9 +275,10 @@ def delete_tree(uri: str) -> None:
         shutil.rmtree(local_path(uri), ignore_errors=True)
         return
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return
-    fs.delete_dir_contents(path, missing_dir_ok=True)
+    with storage_errors(uri, "delete"):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        fs.delete_dir_contents(path, missing_dir_ok=True)
     with contextlib.suppress(OSError):
         fs.delete_dir(path)
 
@@ -203,7 +295,8 @@ def copy_tree(src: str, dst: str) -> list[str]:
         dst_fs, dst_path = filesystem(target)
         if is_local(target):
             Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(file_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        with storage_errors(f"{file_uri} -> {target}", "copy"):
+            pafs.copy_files(file_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
         copied.append(target)
     return copied
 
@@ -261,9 +354,5 @@ def open_binary(uri: str) -> io.BufferedIOBase:
     if scheme(uri) in HTTP_SCHEMES:
         return io.BytesIO(read_bytes(uri))
     fs, path = filesystem(uri)
-    try:
+    with storage_errors(uri, "open"):
         return fs.open_input_file(path)
-    except FileNotFoundError as exc:
-        raise StorageError(f"{uri}: no such file") from exc
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot open: {exc}") from exc

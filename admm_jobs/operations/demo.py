@@ -155,7 +155,9 @@ def airflow_environment(airflow_home: Path, port: int, passwords_file: Path, roo
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
         # Unpausing the @weekly DAG would also start last week's run with default params: backfill runs only.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs={roots['runs_uri']},registry={roots['registry_uri']}",
+        "AIRFLOW__ADMM_REPORTS__ROOTS": f"runs@{DAG_ID}={roots['runs_uri']},registry@{DAG_ID}={roots['registry_uri']}",
+        # The runs may use the storage of the demo's run conf and nothing else (the workdir unless --params moves it).
+        "AIRFLOW__ADMM__ALLOWED_URI_ROOTS": ",".join(uri for name, uri in roots.items() if name.endswith("_uri")),
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "PYTHONUNBUFFERED": "1",

@@ -1,17 +1,23 @@
 """Stage entry points as Airflow task callables: XCom for the plan, asset events for validate and publish.
 
-The DAG wraps each in :func:`admm_jobs.orchestration.failures.fail_fast`.
+Each first refuses a command line with a URI outside the allowed roots (:func:`uri_roots.confined`);
+the DAG wraps each in :func:`admm_jobs.orchestration.failures.fail_fast`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from admm_jobs import plan, publish, validate
+from admm_jobs import evaluate, ingest, plan, publish, validate
 from admm_jobs.lake.dataset import load_manifest
 from admm_jobs.orchestration.assets import publications_alias, published_model_asset, validated_dataset_asset
+from admm_jobs.orchestration.uri_roots import confined
+
+ingest_task = confined(ingest.main)
+evaluate_task = confined(evaluate.main)
 
 
+@confined
 def validate_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
     """:func:`admm_jobs.validate.main` as an Airflow task: the asset event of a passed validation names the
     dataset version.
@@ -29,6 +35,7 @@ def validate_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
     return result
 
 
+@confined
 def plan_task(argv: list[str], ti=None) -> bool:
     """:func:`admm_jobs.plan.main` for a ``ShortCircuitOperator``: False (nothing new) skips everything downstream.
 
@@ -40,6 +47,7 @@ def plan_task(argv: list[str], ti=None) -> bool:
     return result["retrain"]
 
 
+@confined
 def publish_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
     """:func:`admm_jobs.publish.main` as an Airflow task: an accepted model becomes an event of
     :func:`published_model_asset`.

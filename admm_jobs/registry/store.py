@@ -23,7 +23,9 @@ Concurrency: on local disk, writers hold an ``fcntl`` lock on a file next to the
 pointer (:func:`locked`). Object stores have no locks, so there the pointer and
 the history are replaced with conditional PUTs (``If-Match`` the ETag read, or
 ``If-None-Match: *`` when there is no object yet), and a writer that loses the
-race reads again and retries.
+race reads again and retries; losing it :data:`MAX_ATTEMPTS` times in a row is a
+:class:`TransientRegistryError`, as are throttling, 5xx answers and network failures
+(:func:`admm_jobs.lake.storage.is_transient_failure`): the Airflow task retries those.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ VERSION_HEX_DIGITS = 16
 MAX_ATTEMPTS = 10
 # S3 error codes meaning "the object changed since you read it".
 CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409")
+# What boto3 raises: an error answer, or none at all (refused, reset, timed out, no credentials).
+S3_CLIENT_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError)
 
 ACCEPTED, REJECTED, SKIPPED, QUARANTINED = "accepted", "rejected", "skipped", "quarantined"
 DECISIONS = (ACCEPTED, REJECTED, SKIPPED, QUARANTINED)
@@ -82,6 +86,14 @@ ENTRY_DEFAULTS: dict[str, Any] = {
 
 class RegistryError(RuntimeError):
     """The registry or an artifact it is given is unusable; the message names the URI."""
+
+
+class TransientRegistryError(RegistryError, storage.TransientStorageError):
+    """A registry operation that a later attempt may complete (throttled, 5xx, network, too many concurrent
+    writers): still a ``RegistryError`` to its callers, and retryable (``storage.is_retryable``)."""
+
+
+ERROR_KINDS = (RegistryError, TransientRegistryError)  # for storage.failure: deterministic, transient
 
 
 def model_version(weights_sha256: str) -> str:
@@ -173,6 +185,11 @@ def _s3_location(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def _error_code(exc: Exception) -> str | None:
+    """The S3 error code of a boto3 error answer; None when there was no answer."""
+    return exc.response.get("Error", {}).get("Code") if isinstance(exc, botocore.exceptions.ClientError) else None
+
+
 def _s3_client():
     # A fresh session per call: boto3's default session is not safe to share between threads.
     return boto3.session.Session().client("s3")
@@ -190,11 +207,11 @@ def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
     bucket, key = _s3_location(uri)
     try:
         response = _s3_client().get_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        return response["Body"].read(), response["ETag"]
+    except S3_CLIENT_ERRORS as exc:
+        if _error_code(exc) in ("NoSuchKey", "404"):
             return None, None
-        raise RegistryError(f"{uri}: cannot read: {exc}") from exc
-    return response["Body"].read(), response["ETag"]
+        raise storage.failure(uri, "read", exc, ERROR_KINDS) from exc
 
 
 def write_if_unchanged(uri: str, data: bytes, token: str | None) -> bool:
@@ -211,10 +228,10 @@ def write_if_unchanged(uri: str, data: bytes, token: str | None) -> bool:
     condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
     try:
         _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in CONFLICT_CODES:
+    except S3_CLIENT_ERRORS as exc:
+        if _error_code(exc) in CONFLICT_CODES:
             return False
-        raise RegistryError(f"{uri}: cannot write: {exc}") from exc
+        raise storage.failure(uri, "write", exc, ERROR_KINDS) from exc
     return True
 
 
@@ -263,7 +280,7 @@ def append_line(uri: str, entry: dict[str, Any]) -> None:
         previous, token = read_versioned(uri)
         if write_if_unchanged(uri, (previous or b"") + line, token):
             return
-    raise RegistryError(f"{uri}: gave up appending after {MAX_ATTEMPTS} concurrent modifications")
+    raise TransientRegistryError(f"{uri}: gave up appending after {MAX_ATTEMPTS} concurrent modifications")
 
 
 # --- the history ------------------------------------------------------------------------------
