@@ -37,7 +37,8 @@ from admm_jobs.operations.cluster import StandaloneCluster, job_conf
 from admm_jobs.trainer import admm
 from admm_jobs.trainer.blocks import block_specs, load_block
 from admm_jobs.trainer.config import TrainConfig
-from admm_jobs.trainer.loop import AdmmTrainer
+from admm_jobs.trainer.loop import AdmmTrainer, chunked
+from admm_jobs.trainer.reduction import Partial
 from admm_jobs.trainer.spark_backend import SparkBackend, executor_scratch_directory
 
 from common import RESULTS, WORK, machine, mnist_dataset_uri
@@ -47,16 +48,16 @@ PASS_NAMES = ("forward", "pass1", "pass2", "pass3", "pass4")
 
 
 def noop_pass(block, params):
-    return block, {}
+    return block, Partial()
 
 
 def stats_pass(block, params):
-    """Statistics shaped like one iteration's largest pass (every Gram of the forward pass)."""
-    return block, {key: np.zeros(shape) for key, shape in params["shapes"].items()}
+    """Statistics shaped like one iteration's largest pass (every Gram of the forward pass), per chunk."""
+    return block, chunked(block, "train", lambda rows: {key: np.zeros(shape) for key, shape in params["shapes"].items()})
 
 
 def placement_pass(block, params):
-    return block, {f"block{block['index']}": str(executor_scratch_directory())}
+    return block, Partial(counts={f"block{block['index']}": str(executor_scratch_directory())})
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,16 +1,21 @@
 """A cost model of one ADMM iteration on E executors, fitted to measurements; predictions to 512 executors.
 
-    T(E, N, n) = c(n) N / E  +  s(n) N / E  +  rho P S(n)  +  beta B(n) log2(E + 1)  +  d(n)  +  p (s0 + s1 P / E)
+    T(E, N, n) = c(n) N / E  +  s(n) N / E  +  rho S(n) (P / R + R)  +  beta B(n) log2(E + 1)  +  d(n)
+                 +  p (s0 + (s1 + k) P / E)
 
 * c(n): worker compute seconds per training sample per iteration, network 784-n-n-10. Measured here in one
   single-threaded process (the executors' BLAS is single-threaded) for several n, fitted as
   c(n) = c1 n + c2 n^2 and scaled to the cluster's measured value at n = 256;
 * s(n): store I/O seconds per sample per iteration: the cluster's measured value at n = 256, scaled by the
   state bytes per sample 4 (3n + 10);
-* S(n): statistics bytes one block returns per iteration (Grams and cross terms, float64), P = 2E blocks
-  (two per executor); rho: the driver's seconds per byte received and merged (``aggregate`` collects every
-  block's statistics to the driver): unpickling and adding measured here, plus the transfer at an assumed
-  10 Gbit/s (on one host the cluster's reduction job is within the noise of a no-op job);
+* S(n): statistics bytes of one partial sum per iteration (Grams and cross terms, float64), P = 2E blocks
+  (two per executor); the executors sum them along the chunk tree (``admm_jobs.trainer.reduction``): R
+  reducers (R = what a third of the default maxResultSize holds of the largest pass, the initialisation's
+  with the 785 x 785 input Gram; at most P) merge P / R partials each in parallel and the driver receives R;
+  rho: seconds per byte received and merged: unpickling and adding measured here, plus the transfer at an
+  assumed 10 Gbit/s (on one host the cluster's reduction job is within the noise of a no-op job);
+* k: the shuffle stage of that reduction, per block and core, fitted on ``bench/reduction_cost.py``'s pass
+  seconds against the partition count (local[2]);
 * B(n): broadcast bytes per iteration (weights and activation operators); beta = the same assumed 10 Gbit/s,
   Spark's torrent broadcast growing as log2(E + 1) rounds (an assumption: measured at E <= 2 only);
 * d(n): the driver's weight solves and activation operators per iteration (LU solves and inverse, O(n^3)),
@@ -21,7 +26,7 @@
 
 Strong-scaling efficiency at E executors is T(1, N, n) / (E T(E, N, n)).
 
-    .venv/bin/python bench/scaling_model.py     (after bench/cluster_scaling.py)
+    .venv/bin/python bench/scaling_model.py     (after bench/cluster_scaling.py and bench/reduction_cost.py)
 
 Writes bench/results/scaling_model.{json,md,png}.
 """
@@ -63,12 +68,19 @@ def layer_sizes(width: int) -> list[int]:
 
 
 def statistics_bytes(width: int) -> dict[str, int]:
-    """Bytes per block: per iteration in total, and of the largest single pass (the driver holds all P at once)."""
+    """Bytes of one partial sum: per iteration in total, and of the largest single pass, the initialisation's
+    (the first layer's 785 x 785 Gram with every other Gram and the output cross term; run once)."""
     sizes = layer_sizes(width)
     grams = [8 * (sizes[layer - 1] + 1) ** 2 for layer in range(2, len(sizes))]
     crosses = [8 * sizes[layer] * (sizes[layer - 1] + 1) for layer in range(1, len(sizes))]
     forward = sum(grams) + crosses[-1]
-    return {"per_iteration": sum(grams) + sum(crosses), "largest_pass": max(forward, *crosses[:-1])}
+    initialisation = 8 * (sizes[0] + 1) ** 2 + sum(grams) + crosses[-1]
+    return {"per_iteration": sum(grams) + sum(crosses), "largest_pass": max(initialisation, forward, *crosses[:-1])}
+
+
+def result_nodes(width: int) -> int:
+    """Partial sums the driver receives per split and pass (``train.py``: a third of maxResultSize)."""
+    return max(1, DEFAULT_MAX_RESULT_BYTES // 3 // statistics_bytes(width)["largest_pass"])
 
 
 def broadcast_bytes(width: int) -> int:
@@ -125,7 +137,7 @@ def measure_solves() -> dict[int, float]:
 
 
 def measure_merge() -> float:
-    """Driver seconds per byte of block statistics to unpickle and add (what ``aggregate`` does per block)."""
+    """Seconds per byte of statistics to unpickle and add (what a reducer or the driver does per partial sum)."""
     sizes = layer_sizes(2048)
     stats = {f"gram{layer}": np.ones((sizes[layer - 1] + 1,) * 2) for layer in range(2, len(sizes))}
     payload = pickle.dumps(stats, protocol=pickle.HIGHEST_PROTOCOL)
@@ -138,7 +150,7 @@ def measure_merge() -> float:
     return statistics.median(seconds) / len(payload)
 
 
-def fit(cluster: dict, compute: dict[int, float], solves: dict[int, float], merge: float) -> dict:
+def fit(cluster: dict, reduction: dict, compute: dict[int, float], solves: dict[int, float], merge: float) -> dict:
     runs = cluster["runs"]
     at_256 = [r for r in runs if r["layer_sizes"][1] == 256]
     # compute: c(n) = c1 n + c2 n^2 (single process), scaled so c(256) matches the cluster's executors
@@ -154,7 +166,12 @@ def fit(cluster: dict, compute: dict[int, float], solves: dict[int, float], merg
     solve_widths = np.array(sorted(solves), float)
     (d0, d3), _ = nnls(np.column_stack([np.ones_like(solve_widths), solve_widths**3]),
                        np.array([solves[int(w)] for w in solve_widths]))
+    # the reduction's shuffle: pass seconds = a + k' P on local[2], i.e. k = 2 k' per block per core
+    passes = reduction["passes"]
+    (_, per_block), _ = nnls(np.array([[1.0, p["partitions"]] for p in passes]),
+                             np.array([p["median_pass_seconds"] for p in passes]))
     return {"c1": c1 * scale, "c2": c2 * scale, "compute_scale_cluster_over_local": scale,
+            "shuffle_per_block": 2 * per_block,
             "store_seconds_per_state_byte": store / state_bytes_per_sample(256),
             "rho_seconds_per_byte": merge + 1 / NETWORK_BYTES_PER_SECOND, "rho_merge_seconds_per_byte": merge,
             "beta_seconds_per_byte": 1 / NETWORK_BYTES_PER_SECOND, "s0": s0, "s1": s1, "d0": d0, "d3": d3}
@@ -165,21 +182,16 @@ def predict(constants: dict, executors: int, samples: int, width: int) -> dict:
     parts = {
         "compute": (constants["c1"] * width + constants["c2"] * width**2) * samples / executors,
         "store_io": constants["store_seconds_per_state_byte"] * state_bytes_per_sample(width) * samples / executors,
-        "reduction": constants["rho_seconds_per_byte"] * blocks * statistics_bytes(width)["per_iteration"],
+        # reducers (one per tree ancestor, in parallel) merge P / R partials each; the driver receives R
+        "reduction": constants["rho_seconds_per_byte"] * statistics_bytes(width)["per_iteration"]
+        * (blocks / min(result_nodes(width), blocks) + min(result_nodes(width), blocks)),
         "broadcast": constants["beta_seconds_per_byte"] * broadcast_bytes(width) * math.log2(executors + 1),
         "driver_solve": constants["d0"] + constants["d3"] * width**3,
-        "scheduling": PASSES * (constants["s0"] + constants["s1"] * blocks / executors),
+        "scheduling": PASSES * (constants["s0"] + (constants["s1"] + constants["shuffle_per_block"]) * blocks / executors),
     }
     return {"seconds_per_iteration": sum(parts.values()), "parts": parts,
             "dominant": max(parts, key=parts.get),
-            "driver_result_bytes_largest_pass": blocks * statistics_bytes(width)["largest_pass"]}
-
-
-def tree_reduction(constants: dict, executors: int, width: int, depth: int = 2) -> float:
-    """Reduction seconds with a tree of ``depth`` levels: each level merges ~P^(1/depth) results, levels in sequence."""
-    blocks = 2 * executors
-    fan_in = math.ceil(blocks ** (1 / depth))
-    return constants["rho_seconds_per_byte"] * depth * fan_in * statistics_bytes(width)["per_iteration"]
+            "driver_result_bytes_largest_pass": min(result_nodes(width), blocks) * statistics_bytes(width)["largest_pass"]}
 
 
 def plot(constants: dict, path) -> None:
@@ -213,10 +225,11 @@ def plot(constants: dict, path) -> None:
 
 def main() -> None:
     cluster = json.loads((RESULTS / "cluster_scaling.json").read_text())
+    reduction = json.loads((RESULTS / "reduction_cost.json").read_text())
     dataset_uri = mnist_dataset_uri()
     load = os.getloadavg()
     compute, solves, merge = measure_compute(dataset_uri), measure_solves(), measure_merge()
-    constants = fit(cluster, compute, solves, merge)
+    constants = fit(cluster, reduction, compute, solves, merge)
     predictions = []
     for width in WIDTHS:
         for samples in SAMPLES:
@@ -230,7 +243,6 @@ def main() -> None:
                     "dominant": row["dominant"], "parts": {k: round(v, 4) for k, v in row["parts"].items()},
                     "driver_result_bytes_largest_pass": row["driver_result_bytes_largest_pass"],
                     "exceeds_default_max_result_size": row["driver_result_bytes_largest_pass"] > DEFAULT_MAX_RESULT_BYTES,
-                    "tree_reduction_depth2_seconds": round(tree_reduction(constants, executors, width), 4),
                 })
     result = {"command": "bench/scaling_model.py", "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": [round(x, 2) for x in load],

@@ -67,8 +67,8 @@ def tree_height(chunks: int) -> int:
 
 @dataclasses.dataclass
 class Partial:
-    """Summed tree nodes of some chunks, the chunk count of each split, timers and integer counts
-    (exact in any order, e.g. of blocks)."""
+    """Summed tree nodes of some chunks, the chunk count of each split, timers, and per-block values
+    that add exactly in any order (counts of blocks; or one key per block)."""
 
     nodes: dict[Node, Stats] = dataclasses.field(default_factory=dict)
     chunks: dict[str, int] = dataclasses.field(default_factory=dict)
