@@ -9,6 +9,7 @@ off-diagonal cells: the model still predicts what the images show, not the label
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from scipy import stats
@@ -59,13 +60,8 @@ def risen_cells(batch: np.ndarray, reference: np.ndarray, test_level: float, min
         batch_row, reference_row = int(batch[given].sum()), int(reference[given].sum())
         if batch_row == 0 or reference_row == 0:
             continue
-        in_reference = int(reference[given, predicted])
-        expected = in_reference / reference_row
-
-        def rejected(count: int) -> bool:
-            return (count / batch_row > expected + min_excess
-                    and row_share_p_values(count, batch_row, in_reference, reference_row) <= test_level)
-
+        rejected = functools.partial(_rejected, batch_row=batch_row, in_reference=int(reference[given, predicted]),
+                                     reference_row=reference_row, test_level=test_level, min_excess=min_excess)
         count = int(batch[given, predicted])
         if not rejected(count):
             continue
@@ -73,6 +69,15 @@ def risen_cells(batch: np.ndarray, reference: np.ndarray, test_level: float, min
         while high - low > 1:  # rejection only grows with the count: bisect for the largest count passing
             middle = (low + high) // 2
             low, high = (low, middle) if rejected(middle) else (middle, high)
-        risen.append(RisenCell(int(given), int(predicted), count / batch_row, expected, low / batch_row,
-                               float(row_share_p_values(count, batch_row, in_reference, reference_row))))
+        risen.append(RisenCell(int(given), int(predicted), count / batch_row,
+                               int(reference[given, predicted]) / reference_row, low / batch_row,
+                               float(row_share_p_values(count, batch_row, int(reference[given, predicted]),
+                                                        reference_row))))
     return risen
+
+
+def _rejected(count: int, batch_row: int, in_reference: int, reference_row: int, test_level: float,
+              min_excess: float) -> bool:
+    """Whether ``count`` of ``batch_row`` images in a cell is beyond sampling and the margin (see :func:`risen_cells`)."""
+    return (count / batch_row > in_reference / reference_row + min_excess
+            and row_share_p_values(count, batch_row, in_reference, reference_row) <= test_level)
