@@ -130,9 +130,9 @@ def labels_of(table: pa.Table) -> np.ndarray:
     return pc.fill_null(table.column("label").cast(pa.int16()), NULL_LABEL).to_numpy()
 
 
-def chunk_groups(table: pa.Table) -> pd.DataFrame:
+def chunk_groups(table: pa.Table) -> tuple[pd.DataFrame, tuple[np.ndarray, np.ndarray]]:
     """The group statistics (see the module docstring, but ``repeated_image_ids``) of one chunk of rows
-    with columns image_id, label, pixels, indexed by label."""
+    with columns image_id, label, pixels, indexed by label; and its whole images (:func:`whole_images`)."""
     rows = pixel_statistics(table.column("pixels"))
     rows["label"] = labels_of(table)
     rows["null_image_ids"] = table.column("image_id").is_null().to_numpy(zero_copy_only=False)
@@ -151,7 +151,7 @@ def chunk_groups(table: pa.Table) -> pd.DataFrame:
         "null_image_ids": grouped["null_image_ids"].sum(), "repeated_image_ids": 0,
         "blank": grouped["blank"].sum(), "saturated": grouped["saturated"].sum(),
         "intensity_sum": grouped["intensity_sum"].sum(), "intensity_square_sum": grouped["intensity_square_sum"].sum(),
-    })
+    }), (indices, pixels)
 
 
 def merge_groups(groups: Iterable[pd.DataFrame]) -> pd.DataFrame:
@@ -196,11 +196,14 @@ class SplitProfiler:
         self.keys: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
 
-    def add(self, table: pa.Table) -> None:
-        """Take in one chunk of rows (columns image_id, label, pixels)."""
-        self.groups.append(merge_groups([chunk_groups(table)]))
+    def add(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Take in one chunk of rows (columns image_id, label, pixels); return its whole images, as
+        :func:`whole_images` (for callers that score them)."""
+        groups, images = chunk_groups(table)
+        self.groups.append(groups)
         self.keys.append(image_keys(table.column("image_id")))
         self.labels.append(labels_of(table)[table.column("image_id").is_valid().to_numpy(zero_copy_only=False)])
+        return images
 
     def finish(self) -> SplitProfile:
         keys = np.concatenate(self.keys) if self.keys else np.zeros(0, np.uint64)
