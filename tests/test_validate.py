@@ -70,7 +70,7 @@ def test_split_frames_hold_a_row_per_part_and_label_with_ids_found_in_other_part
     # a test image copied into the batch's validation split, under a new label
     test_view, held_out = views[test.name]["test"], views[batch.name]["validation"]
     held_out.keys = np.sort(np.r_[held_out.keys[1:], test_view.keys[:1]])
-    held_out.repeated = held_out.in_other_split = np.zeros(len(held_out.keys), bool)
+    held_out.repeated, held_out.in_other_split = np.zeros((2, len(held_out.keys)), bool)
     frames = validate.split_frames(parts, views, validate.match_ids(views))
 
     assert set(frames) == set(SPLITS)

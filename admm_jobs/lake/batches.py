@@ -4,12 +4,18 @@ Layout (``D`` = ``LAKE/<dataset>``), every directory committed by its record, wr
 
     D/batches/<id>/batch.json                          content identity of a batch (id = its date)
     D/batches/<id>/validation-<f>/split={train,validation}/part-*.parquet, splits.json
-    D/test-sets/<sha>/split=test/part-*.parquet, test-set.json
+    D/batches/<id>/validation-<f>/profile/             its profile (:mod:`admm_jobs.lake.profiles`)
+    D/test-sets/<sha>/split=test/part-*.parquet, test-set.json, profile/
     D/<version>/manifest.json                          the dataset: which batches, which test set
     D/quarantine/<id>.json                             batches refused by validation (excluded)
 
 A batch is ingested once and reused afterwards; a batch whose content changed under the same
-date is refused. Each image goes to validation when a hash of its pixels falls below the
+date is refused. ``batch.json`` records each landed file's sha256 and its signature (size, and
+ETag on S3 or modification time elsewhere); a later run re-hashes only the files whose
+signature differs, so a change is seen unless the writer kept both size and ETag/mtime (an
+S3 ETag changes with the content; a local rewrite that restores the mtime is not seen). Likewise
+the lake's own part files are checked against the signatures in their profile and re-hashed
+only where those differ. Each image goes to validation when a hash of its pixels falls below the
 validation fraction, so the split of a batch never depends on the other batches.
 """
 
@@ -147,9 +153,10 @@ def hashes_match(directory_uri: str, record: dict[str, Any]) -> bool:
                == entry["sha256"] for entry in entries)
 
 
-def intact_record(directory_uri: str, record_file: str, sha256: str) -> dict[str, Any] | None:
+def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[dict[str, Any] | None, bool]:
     """The record committing ``directory_uri``, written from content ``sha256``, if it and every part file it
-    lists are intact, else None. The directory's profile is written if it lacks one.
+    lists are intact, else None; and whether its profile had to be written or updated (its lacking one, as in
+    lakes from before profiles, or new signatures).
 
     Part files whose signature (size and ETag or modification time) is the one their profile recorded are
     taken as intact without reading them; otherwise every part file is hashed, and when all match the new
@@ -157,23 +164,23 @@ def intact_record(directory_uri: str, record_file: str, sha256: str) -> dict[str
     """
     record_uri = storage.join(directory_uri, record_file)
     if not storage.exists(record_uri):
-        return None
+        return None, False
     try:
         record = storage.read_json(record_uri)
         paths = part_paths(record)
         profile = profiles.load_profile(directory_uri, sha256) if record.get("sha256") == sha256 else None
         listed = [path for split_paths in paths.values() for path in split_paths]
         if profile is not None and profiles.unchanged_files(directory_uri, profile, listed):
-            return record
+            return record, False
         if record.get("sha256") != sha256 or not hashes_match(directory_uri, record):
-            return None
+            return None, False
     except (storage.StorageError, KeyError, TypeError, AttributeError):
-        return None
+        return None, False
     if profile is None:
         profiles.ensure_profile(directory_uri, sha256, paths)
     else:
         profiles.record_signatures(directory_uri, profile, listed)
-    return record
+    return record, True
 
 
 def write_splits(directory_uri: str, record_file: str, record: dict[str, Any], pair: dict[str, SourceFile],
@@ -243,12 +250,12 @@ def pin_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, pinned: dict[
 def ingest_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, fraction: float,
                  load_pair: Callable[[], dict[str, SourceFile]]) -> tuple[str, dict[str, Any], bool]:
     """The splits of a batch of content ``sha`` in the lake, written from ``load_pair()`` unless an intact copy
-    exists: (their directory, their record, whether the copy was reused)."""
+    exists: (their directory, their record, whether an intact copy was reused with nothing written)."""
     identity = batch_id(batch, sha)
     splits_uri = storage.join(lake_dataset_uri, BATCHES_DIR, identity, fraction_tag(fraction))
-    record = intact_record(splits_uri, SPLITS_RECORD, sha)
+    record, profiled = intact_record(splits_uri, SPLITS_RECORD, sha)
     if record is not None:
-        return splits_uri, record, True
+        return splits_uri, record, not profiled
     pair = load_pair()
     images = pair["train_images"].array
     ids = image_ids(images.reshape(-1, PIXELS_PER_IMAGE))
@@ -260,13 +267,14 @@ def ingest_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, fraction: 
 
 
 def ingest_test_set(lake_dataset_uri: str, pair: dict[str, SourceFile]) -> tuple[str, dict[str, Any], bool]:
-    """The fixed test set, stored once per content: (its lake directory, its record, whether it was reused)."""
+    """The fixed test set, stored once per content: (its lake directory, its record, whether it was reused with
+    nothing written)."""
     sha = pair_sha256(pair)
     test_uri = storage.join(lake_dataset_uri, TEST_SETS_DIR, sha[:16])
     summary = {"sha256": sha, "sources": {role: source.summary() for role, source in pair.items()}}
-    record = intact_record(test_uri, TEST_SET_RECORD, sha)
+    record, profiled = intact_record(test_uri, TEST_SET_RECORD, sha)
     if record is not None:
-        return test_uri, record, True
+        return test_uri, record, not profiled
     rows = np.arange(pair["test_images"].array.shape[0])
     return test_uri, write_splits(test_uri, TEST_SET_RECORD, summary, pair, {"test": rows}), False
 
