@@ -10,13 +10,12 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_batch_checks import ROWS, landed, publish_reference  # noqa: F401  (landed is a fixture)
+from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
+from test_batch_checks import ROWS, landed  # noqa: F401  (landed is a fixture)
 from test_ingest import WEEKS, batch_files, batched_source, file_state
 
 from admm_jobs import ingest, validate
 from admm_jobs.lake import batches, dataset, profiles, storage
-
-from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
 
 
 def profile_directories(lake):
