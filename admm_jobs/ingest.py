@@ -15,6 +15,7 @@ version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from typing import Any
@@ -23,7 +24,7 @@ from admm_jobs.cli.command import run_command
 from admm_jobs.cli.config import require, setting, validate_fields
 from admm_jobs.lake import batches, landing, storage
 from admm_jobs.lake.dataset import MANIFEST_FILE, dataset_uri
-from admm_jobs.lake.idx import IngestError
+from admm_jobs.lake.idx import IngestError, SourceFile, read_source
 from admm_jobs.lake.landing import CHECKSUMS_FILE, LandedBatch, parse_date
 
 log = logging.getLogger("admm_jobs.ingest")
@@ -78,27 +79,53 @@ def absolute(uri: str) -> str:
     return str(storage.local_path(uri).resolve()) if storage.scheme(uri) == "" else uri
 
 
+def checked_batch(config: IngestConfig, lake_dataset: str, batch: LandedBatch, test_pair: dict[str, SourceFile]
+                  ) -> tuple[str, dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """Check a landed batch before anything is written: (its content sha256, the record pinning it if it was
+    ingested before, summaries of the files read). A pinned batch's files are read only where their signature
+    differs from the one recorded at ingest, and refused when their content changed."""
+    pinned = batches.pinned_batch(lake_dataset, batch.date) if batch.date else None
+    if pinned is not None:
+        read = {role: read_source(batch.uri, *landing.SOURCE_FILES[role])
+                for role in batches.changed_roles(pinned, batch)}
+        for role, source in read.items():
+            batches.check_unchanged(pinned, source, role)
+        return pinned["sha256"], pinned, {role: source.summary() for role, source in read.items()}
+    pair = read_batch_pair(config, batch)
+    landing.check_distinct({**pair, **test_pair})
+    return batches.pair_sha256(pair), None, {role: source.summary() for role, source in pair.items()}
+
+
+def read_batch_pair(config: IngestConfig, batch: LandedBatch, sha: str | None = None) -> dict[str, SourceFile]:
+    """The images and labels of a landed batch, read and checked (checksums, shapes, labels; content ``sha``
+    if given)."""
+    checksums = landing.load_checksums(config.source, config.checksums) if batch.date is None \
+        else landing.load_checksums(batch.uri)
+    pair = landing.read_pair(batch.uri, landing.TRAIN_ROLES, checksums)
+    if sha is not None and batches.pair_sha256(pair) != sha:
+        raise IngestError(f"{pair['train_images'].uri}: batch changed while it was being ingested; run again")
+    return pair
+
+
 def ingest(config: IngestConfig) -> dict[str, Any]:
     """Ingest the batches of ``config.source`` up to ``config.as_of`` into the lake; return the stage result."""
     lake_dataset = storage.join(config.lake, config.dataset)
     landed, quarantined = selected_batches(config, lake_dataset)
     fraction = config.validation_fraction
     four_file_source = landed[0].date is None
-    source_checksums = landing.load_checksums(config.source, config.checksums if four_file_source else None)
-    # read and check every input before writing anything
-    test_pair = landing.read_pair(config.source, landing.TEST_ROLES, source_checksums)
-    pairs = []
-    for batch in landed:
-        checksums = source_checksums if four_file_source else landing.load_checksums(batch.uri)
-        pair = landing.read_pair(batch.uri, landing.TRAIN_ROLES, checksums)
-        landing.check_distinct({**pair, **test_pair})
-        pairs.append(pair)
+    test_pair = landing.read_pair(config.source, landing.TEST_ROLES,
+                                  landing.load_checksums(config.source, config.checksums if four_file_source else None))
+    # Every input is checked before anything is written, one batch in memory at a time: a new batch is read
+    # again to be written, a batch ingested before only where its files' signatures changed.
+    checked = [checked_batch(config, lake_dataset, batch, test_pair) for batch in landed]
     test_uri, test_record, test_reused = batches.ingest_test_set(lake_dataset, test_pair)
     parts, reused_parts = [], [test_reused]
-    for batch, pair in zip(landed, pairs):
-        splits_uri, record, reused = batches.ingest_batch(lake_dataset, batch, pair, fraction)
+    for batch, (sha, pinned, read) in zip(landed, checked):
+        splits_uri, record, reused = batches.ingest_batch(
+            lake_dataset, batch, sha, fraction, functools.partial(read_batch_pair, config, batch, sha))
+        written = batches.pin_batch(lake_dataset, batch, sha, pinned, read)
         parts.append((splits_uri, record))
-        reused_parts.append(reused)
+        reused_parts.append(reused and not written)
     train_rows = sum(record["splits"]["train"]["rows"] for _, record in parts)
     if train_rows == 0:
         raise IngestError(f"{landed[-1].uri}: no training rows left after holding out "

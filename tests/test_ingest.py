@@ -19,7 +19,7 @@ import pytest
 
 from admm_jobs import ingest
 from admm_jobs.cli.config import ConfigError
-from admm_jobs.lake import batches, dataset, landing, storage
+from admm_jobs.lake import batches, dataset, landing, profiles, storage
 
 from idx_files import (
     IDX_NAMES,
@@ -215,10 +215,16 @@ def test_point_in_time_datasets_from_dated_batches(tmp_path):
     source, lake = batched_source(tmp_path / "landing", WEEKS[:3]), tmp_path / "lake"
     week3 = ingest.ingest_dataset(str(source), str(lake), as_of="2026-01-18")
     assert week3["batches"] == WEEKS[:3] and week3["rows"]["train"] + week3["rows"]["validation"] == 900
-    batched_source(source, WEEKS)  # weeks 4-6 land later (same content for weeks 1-3)
+    batched_source(source, WEEKS)  # weeks 4-6 land later; weeks 1-3 landed again, same bytes, new mtimes
     before = file_state(lake)
     backfill = ingest.ingest_dataset(str(source), str(lake), as_of="2026-01-20T00:00:00+00:00")
-    assert backfill == {**week3, "reused": True}
+    assert backfill == {**week3, "reused": False}
+    changed = {path for path, state in file_state(lake).items() if before.get(path) != state}
+    # the re-landed files were hashed, found unchanged, and their new signatures recorded: nothing else is rewritten
+    assert changed == {f"mnist/batches/{week}/{batches.BATCH_RECORD}" for week in WEEKS[:3]}
+    before = file_state(lake)
+    again = ingest.ingest_dataset(str(source), str(lake), as_of="2026-01-20T00:00:00+00:00")
+    assert again == {**week3, "reused": True}
     assert file_state(lake) == before  # re-ingest is a no-op: nothing rewritten
     week6 = ingest.ingest_dataset(str(source), str(lake), as_of="2026-02-08")
     assert week6["batches"] == WEEKS and week6["dataset_version"] != week3["dataset_version"]
@@ -304,7 +310,8 @@ def test_command_line_fails_on_bad_input(tmp_path):
 
 def committed_directories_only(lake):
     """Every lake file belongs to a directory committed by its record; no staging directory is left."""
-    records = {batches.SPLITS_RECORD, batches.TEST_SET_RECORD, dataset.MANIFEST_FILE, batches.BATCH_RECORD}
+    records = {batches.SPLITS_RECORD, batches.TEST_SET_RECORD, dataset.MANIFEST_FILE, batches.BATCH_RECORD,
+               profiles.PROFILE_RECORD}
     for path in lake_files(lake):
         assert not any(part.startswith(".") for part in path.parts), path
         directory = lake / path.parent

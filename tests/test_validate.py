@@ -7,14 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL_TEST_ROWS, SMALL_TRAIN_ROWS, SMALL_VALIDATION_ROWS
 
 from admm_jobs import validate
-from admm_jobs.lake import storage
-from admm_jobs.lake.dataset import PARQUET_SCHEMA, DatasetError, split_file_uris
+from admm_jobs.lake import dataset, profiles, storage
+from admm_jobs.lake.dataset import PARQUET_SCHEMA, SPLITS, DatasetError, read_split, split_file_uris
 
 TRAIN_ROWS = SMALL_TRAIN_ROWS - SMALL_VALIDATION_ROWS
 
@@ -54,25 +55,34 @@ def set_field(index: int, field: str, value):
 
 def test_pixel_statistics_count_non_null_values_and_leave_empty_rows_without_min_max():
     pixels = pa.array([[0, 5, 255], [], None, [7, None]], pa.list_(pa.uint8()))
-    stats = validate.pixel_statistics(pa.chunked_array([pixels[:2], pixels[2:]]))
+    stats = profiles.pixel_statistics(pa.chunked_array([pixels[:2], pixels[2:]]))
     assert stats["pixel_count"].tolist() == [3, 0, 0, 1]
     assert stats["pixel_min"].tolist()[::3] == [0, 7] and stats["pixel_max"].tolist()[::3] == [255, 7]
     assert stats[["pixel_min", "pixel_max"]].iloc[1:3].isna().all().all()
 
 
-def test_split_frame_derives_label_share_and_the_other_split_holding_an_id():
-    table = pa.table(
-        {
-            "image_id": ["a", "b", "c", "d"],
-            "label": pa.array([1, 1, 1, 2], pa.int8()),
-            "pixels": pa.array([[1, 2]] * 4, pa.list_(pa.uint8())),
-        }
-    )
-    frame = validate.split_frame(table, {"test": ["x", "c"], "validation": ["c", "d"]})
-    assert frame["label_share"].tolist() == [0.75, 0.75, 0.75, 0.25]
-    assert frame["image_id_also_in_split"].isna().tolist() == [True, True, False, False]
-    assert frame["image_id_also_in_split"].tolist()[2:] == ["test", "validation"]
-    assert frame["pixel_count"].tolist() == [2, 2, 2, 2]
+def test_split_frames_hold_a_row_per_part_and_label_with_ids_found_in_other_parts(dataset_copy):
+    manifest = dataset.load_manifest(dataset_copy)
+    parts = validate.dataset_parts(dataset_copy, manifest, None)
+    assert [part.name for part in parts] == [manifest["batches"][0]["id"], validate.TEST_PART]
+    views = {part.name: validate.read_part(part, None, 100) for part in parts}
+    batch, test = parts
+    # a test image copied into the batch's validation split, under a new label
+    test_view, held_out = views[test.name]["test"], views[batch.name]["validation"]
+    held_out.keys = np.sort(np.r_[held_out.keys[1:], test_view.keys[:1]])
+    held_out.repeated, held_out.in_other_split = np.zeros((2, len(held_out.keys)), bool)
+    frames = validate.split_frames(parts, views, validate.match_ids(views))
+
+    assert set(frames) == set(SPLITS)
+    train = frames["train"]
+    assert train["part"].unique().tolist() == [batch.name] and train["label"].tolist() == list(range(10))
+    assert train["rows"].sum() == TRAIN_ROWS
+    counts = np.bincount(read_split(dataset_copy, "train")[1], minlength=10)
+    np.testing.assert_allclose(train["label_share"], counts / TRAIN_ROWS)
+    assert (train["pixel_count_min"] == 784).all() and (train["pixel_max"] <= 255).all()
+    assert frames["validation"]["image_ids_in_other_splits"].sum() == 1
+    assert frames["test"]["image_ids_in_other_splits"].sum() == 1
+    assert frames["test"]["repeated_image_ids"].sum() == 0
 
 
 def test_expectation_parameters_come_from_the_manifest():
@@ -131,7 +141,7 @@ def test_small_dataset_passes_and_outputs_are_written_next_to_it(dataset_copy):
         split: next(
             r["result"]["observed_value"]
             for r in split_result["results"]
-            if r["expectation_config"]["type"] == "expect_table_row_count_to_equal"
+            if r["expectation_config"]["kwargs"].get("column") == "rows"
         )
         for split, split_result in written["results"].items()
     }
@@ -172,7 +182,8 @@ def test_validates_a_dataset_on_s3(dataset_copy, s3_env):
 def test_label_outside_0_to_9_is_reported_with_its_row_count(dataset_copy):
     rewrite_split(dataset_copy, "train", set_field(3, "label", 12))
     message = failure_message(dataset_copy)
-    assert f"split=train: expect_column_values_to_be_between(label) failed on 1 of {TRAIN_ROWS} rows" in message
+    # rows of the split's frame: one per label present (the ten digits and 12)
+    assert "split=train: expect_column_values_to_be_between(label) failed on 1 of 11 rows (e.g. [12.0])" in message
     assert "split=validation" not in message and "split=test" not in message
 
 
@@ -183,10 +194,8 @@ def test_row_with_783_pixels_is_reported(dataset_copy):
 
     rewrite_split(dataset_copy, "validation", drop_one_pixel)
     message = failure_message(dataset_copy)
-    assert (
-        f"split=validation: expect_column_values_to_be_between(pixel_count) failed on 1 of {SMALL_VALIDATION_ROWS} rows"
+    assert "split=validation: expect_column_values_to_be_between(pixel_count_min) failed on 1 of 10 rows (e.g. [783])" \
         in message
-    )
 
 
 def test_duplicate_image_id_within_a_split_is_reported(dataset_copy):
@@ -196,22 +205,16 @@ def test_duplicate_image_id_within_a_split_is_reported(dataset_copy):
 
     rewrite_split(dataset_copy, "test", duplicate)
     message = failure_message(dataset_copy)
-    # Both rows sharing the id are unexpected.
-    assert f"split=test: expect_column_values_to_be_unique(image_id) failed on 2 of {SMALL_TEST_ROWS} rows" in message
+    # Both rows sharing the id are counted.
+    assert "split=test: expect_column_sum_to_be_between(repeated_image_ids) failed (observed 2)" in message
 
 
 def test_test_image_copied_into_train_is_reported_in_both_splits(dataset_copy):
     test_id = pq.read_table(split_file_uris(dataset_copy, "test")[0]).column("image_id")[0].as_py()
     rewrite_split(dataset_copy, "train", set_field(0, "image_id", test_id))
     message = failure_message(dataset_copy)
-    assert (
-        f"split=train: expect_column_values_to_be_null(image_id_also_in_split) failed on 1 of {TRAIN_ROWS} rows "
-        "(e.g. ['test'])" in message
-    )
-    assert (
-        f"split=test: expect_column_values_to_be_null(image_id_also_in_split) failed on 1 of {SMALL_TEST_ROWS} rows "
-        "(e.g. ['train'])" in message
-    )
+    assert "split=train: expect_column_sum_to_be_between(image_ids_in_other_splits) failed (observed 1)" in message
+    assert "split=test: expect_column_sum_to_be_between(image_ids_in_other_splits) failed (observed 1)" in message
 
 
 def test_class_holding_30_percent_of_a_split_is_reported(dataset_copy):
@@ -226,17 +229,15 @@ def test_class_holding_30_percent_of_a_split_is_reported(dataset_copy):
     share_lines = [line for line in message.splitlines() if "(label_share)" in line]
     zeros = sum(1 for index in range(TRAIN_ROWS) if index % 10 in (0, 1, 2))
     share = zeros / TRAIN_ROWS
-    assert share_lines == [
-        f"split=train: expect_column_values_to_be_between(label_share) failed on {zeros} "
-        f"of {TRAIN_ROWS} rows (e.g. [{share}, {share}, {share}])"
-    ]
+    # one row per label present: 0 and 3..9
+    assert share_lines == [(f"split=train: expect_column_values_to_be_between(label_share) failed on 1 of 8 rows "
+                            f"(e.g. [{share}])")]
 
 
 def test_row_count_differing_from_the_manifest_is_reported(dataset_copy):
     rewrite_split(dataset_copy, "test", lambda rows: rows[:-1])
     message = failure_message(dataset_copy)
-    assert "split=test: expect_table_row_count_to_equal" in message
-    assert f"failed (observed {SMALL_TEST_ROWS - 1})" in message
+    assert f"split=test: expect_column_sum_to_be_between(rows) failed (observed {SMALL_TEST_ROWS - 1})" in message
 
 
 def test_failed_run_replaces_earlier_outputs_and_records_the_failure(dataset_copy):

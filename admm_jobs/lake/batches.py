@@ -4,12 +4,18 @@ Layout (``D`` = ``LAKE/<dataset>``), every directory committed by its record, wr
 
     D/batches/<id>/batch.json                          content identity of a batch (id = its date)
     D/batches/<id>/validation-<f>/split={train,validation}/part-*.parquet, splits.json
-    D/test-sets/<sha>/split=test/part-*.parquet, test-set.json
+    D/batches/<id>/validation-<f>/profile/             its profile (:mod:`admm_jobs.lake.profiles`)
+    D/test-sets/<sha>/split=test/part-*.parquet, test-set.json, profile/
     D/<version>/manifest.json                          the dataset: which batches, which test set
     D/quarantine/<id>.json                             batches refused by validation (excluded)
 
 A batch is ingested once and reused afterwards; a batch whose content changed under the same
-date is refused. Each image goes to validation when a hash of its pixels falls below the
+date is refused. ``batch.json`` records each landed file's sha256 and its signature (size, and
+ETag on S3 or modification time elsewhere); a later run re-hashes only the files whose
+signature differs, so a change is seen unless the writer kept both size and ETag/mtime (an
+S3 ETag changes with the content; a local rewrite that restores the mtime is not seen). Likewise
+the lake's own part files are checked against the signatures in their profile and re-hashed
+only where those differ. Each image goes to validation when a hash of its pixels falls below the
 validation fraction, so the split of a batch never depends on the other batches.
 """
 
@@ -19,13 +25,14 @@ import datetime
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from admm_jobs.lake import storage
+from admm_jobs.lake import profiles, storage
 from admm_jobs.lake.dataset import (
     DATASET_FORMAT,
     IMAGE_SHAPE,
@@ -116,14 +123,17 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_split(directory_uri: str, split: str, pair: dict[str, SourceFile], rows: np.ndarray, ids: list[str]
-                ) -> dict[str, Any]:
-    """Write records ``rows`` of a pair as part files of at most ROWS_PER_FILE rows; return the split's entry."""
+def write_split(directory_uri: str, split: str, pair: dict[str, SourceFile], rows: np.ndarray, ids: list[str],
+                profiler: profiles.SplitProfiler) -> dict[str, Any]:
+    """Write records ``rows`` of a pair as part files of at most ROWS_PER_FILE rows, each profiled as it is
+    written; return the split's entry."""
     images, labels = pair.values()
     files = []
     for part, first in enumerate(range(0, len(rows), ROWS_PER_FILE)):
         chunk = rows[first:first + ROWS_PER_FILE]
-        payload = parquet_bytes(split_table(images, labels, chunk, ids))
+        table = split_table(images, labels, chunk, ids)
+        profiler.add(table)
+        payload = parquet_bytes(table)
         relative = f"{split_directory(split)}/part-{part:05d}.parquet"
         storage.write_bytes(storage.join(directory_uri, relative), payload)
         files.append({"path": relative, "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(chunk)})
@@ -131,83 +141,142 @@ def write_split(directory_uri: str, split: str, pair: dict[str, SourceFile], row
     return {"rows": len(rows), "class_counts": [int(c) for c in class_counts], "files": files}
 
 
-def intact_record(directory_uri: str, record_file: str) -> dict[str, Any] | None:
-    """The record committing ``directory_uri`` if it and every part file it lists are intact, else None."""
+def part_paths(record: dict[str, Any]) -> dict[str, list[str]]:
+    """The part files of each split of a directory's record, relative to the directory."""
+    return {split: [entry["path"] for entry in entry_list["files"]] for split, entry_list in record["splits"].items()}
+
+
+def hashes_match(directory_uri: str, record: dict[str, Any]) -> bool:
+    """Whether every part file a record lists has the sha256 recorded (reads them all)."""
+    entries = [entry for split in record["splits"].values() for entry in split["files"]]
+    return all(hashlib.sha256(storage.read_bytes(storage.join(directory_uri, entry["path"]))).hexdigest()
+               == entry["sha256"] for entry in entries)
+
+
+def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[dict[str, Any] | None, bool]:
+    """The record committing ``directory_uri``, written from content ``sha256``, if it and every part file it
+    lists are intact, else None; and whether its profile had to be written or updated (its lacking one, as in
+    lakes from before profiles, or new signatures).
+
+    Part files whose signature (size and ETag or modification time) is the one their profile recorded are
+    taken as intact without reading them; otherwise every part file is hashed, and when all match the new
+    signatures are recorded.
+    """
     record_uri = storage.join(directory_uri, record_file)
     if not storage.exists(record_uri):
-        return None
+        return None, False
     try:
         record = storage.read_json(record_uri)
-        entries = [entry for split in record["splits"].values() for entry in split["files"]]
-        intact = all(hashlib.sha256(storage.read_bytes(storage.join(directory_uri, entry["path"]))).hexdigest()
-                     == entry["sha256"] for entry in entries)
+        paths = part_paths(record)
+        profile = profiles.load_profile(directory_uri, sha256) if record.get("sha256") == sha256 else None
+        listed = [path for split_paths in paths.values() for path in split_paths]
+        if profile is not None and profiles.unchanged_files(directory_uri, profile, listed):
+            return record, False
+        if record.get("sha256") != sha256 or not hashes_match(directory_uri, record):
+            return None, False
     except (storage.StorageError, KeyError, TypeError, AttributeError):
-        return None
-    return record if intact else None
+        return None, False
+    if profile is None:
+        profiles.ensure_profile(directory_uri, sha256, paths)
+    else:
+        profiles.record_signatures(directory_uri, profile, listed)
+    return record, True
 
 
 def write_splits(directory_uri: str, record_file: str, record: dict[str, Any], pair: dict[str, SourceFile],
-                 rows_by_split: dict[str, np.ndarray]) -> tuple[dict[str, Any], bool]:
-    """Write the splits of a pair under ``directory_uri`` (staged, record last), or reuse an intact copy.
-
-    Returns the record and whether an intact copy was reused."""
-    existing = intact_record(directory_uri, record_file)
-    if existing is not None:
-        return existing, True
+                 rows_by_split: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write the splits of a pair under ``directory_uri`` (staged, record last), then their profile; return the
+    record."""
     ids = image_ids(pair[next(iter(pair))].array.reshape(-1, PIXELS_PER_IMAGE))
+    profilers = {split: profiles.SplitProfiler() for split in rows_by_split}
     with storage.staged_directory(directory_uri) as staging:
-        record = dict(record, splits={split: write_split(staging, split, pair, rows, ids)
+        record = dict(record, splits={split: write_split(staging, split, pair, rows, ids, profilers[split])
                                       for split, rows in rows_by_split.items()})
         storage.write_json(storage.join(staging, record_file), record)
-    return record, False
+    paths = part_paths(record)
+    profiles.write_profile(directory_uri, record["sha256"], [path for split in paths.values() for path in split],
+                           {split: profiler.finish() for split, profiler in profilers.items()})
+    return record
 
 
 def fraction_tag(fraction: float) -> str:
     return f"validation-{fraction:.6g}"
 
 
-def ingest_batch(lake_dataset_uri: str, batch: LandedBatch, pair: dict[str, SourceFile], fraction: float
-                 ) -> tuple[str, dict[str, Any], bool]:
-    """Ingest one batch once: (its lake directory, the record of its splits, whether it was reused).
+def pinned_batch(lake_dataset_uri: str, identity: str) -> dict[str, Any] | None:
+    """The record pinning the content batch ``identity`` was first ingested with; None before its first ingest."""
+    record_uri = storage.join(lake_dataset_uri, BATCHES_DIR, identity, BATCH_RECORD)
+    return storage.read_json(record_uri) if storage.exists(record_uri) else None
 
-    ``batch.json`` pins the content a batch id was first ingested with: the same date
-    landed again with other content is refused, the same content is a no-op.
-    """
-    sha = pair_sha256(pair)
-    identity = batch_id(batch, sha)
-    batch_uri = storage.join(lake_dataset_uri, BATCHES_DIR, identity)
-    record_uri = storage.join(batch_uri, BATCH_RECORD)
-    images, labels = pair.values()
-    known = storage.read_json(record_uri) if storage.exists(record_uri) else None
-    if known is not None and known.get("sha256") != sha:
+
+def changed_roles(pinned: dict[str, Any], batch: LandedBatch) -> list[str]:
+    """The source roles of a pinned batch whose landed file may have changed since it was ingested: its
+    signature is not the one recorded then (or none was recorded, as before signatures existed)."""
+    return [role for role, source in pinned["sources"].items()
+            if source.get("signature") is None or batch.signatures.get(source["uri"]) != source["signature"]]
+
+
+def check_unchanged(pinned: dict[str, Any], source: SourceFile, role: str) -> None:
+    """Refuse a landed file whose content differs from what its batch was ingested with: a dated batch is
+    immutable."""
+    expected = pinned["sources"][role]["sha256"]
+    if source.sha256 != expected:
         raise IngestError(
-            f"{images.uri}: batch {identity} changed after it was ingested ({known.get('ingested_at')}): "
-            f"the lake holds content sha256 {known.get('sha256')}, the source now has {sha}; a dated batch is "
-            "immutable, land corrected data under a new date"
+            f"{source.uri}: batch {pinned['id']} changed after it was ingested ({pinned.get('ingested_at')}): "
+            f"the lake holds {source.name} with sha256 {expected}, the source now has {source.sha256}; a dated "
+            "batch is immutable, land corrected data under a new date"
         )
-    ids = image_ids(images.array.reshape(-1, PIXELS_PER_IMAGE))
+
+
+def pin_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, pinned: dict[str, Any] | None,
+              read: dict[str, dict[str, Any]]) -> bool:
+    """Record the content a batch was first ingested with, and its landed files' signatures; later, the
+    signatures of files found unchanged by their hash (``read``: summaries of the files read this run).
+    Returns whether anything was written."""
+    identity = batch_id(batch, sha)
+    record_uri = storage.join(lake_dataset_uri, BATCHES_DIR, identity, BATCH_RECORD)
+    pinned = pinned or pinned_batch(lake_dataset_uri, identity)
+    if pinned is None:
+        pinned = {"format": BATCH_FORMAT, "id": identity, "date": batch.date, "sha256": sha, "sources": {},
+                  "ingested_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    sources = {**pinned["sources"], **read}
+    signed = {role: {**source, "signature": batch.signatures.get(source["uri"])} for role, source in sources.items()}
+    if pinned["sources"] == signed and storage.exists(record_uri):
+        return False
+    storage.write_json(record_uri, {**pinned, "sources": signed})
+    return True
+
+
+def ingest_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, fraction: float,
+                 load_pair: Callable[[], dict[str, SourceFile]]) -> tuple[str, dict[str, Any], bool]:
+    """The splits of a batch of content ``sha`` in the lake, written from ``load_pair()`` unless an intact copy
+    exists: (their directory, their record, whether an intact copy was reused with nothing written)."""
+    identity = batch_id(batch, sha)
+    splits_uri = storage.join(lake_dataset_uri, BATCHES_DIR, identity, fraction_tag(fraction))
+    record, profiled = intact_record(splits_uri, SPLITS_RECORD, sha)
+    if record is not None:
+        return splits_uri, record, not profiled
+    pair = load_pair()
+    images = pair["train_images"].array
+    ids = image_ids(images.reshape(-1, PIXELS_PER_IMAGE))
     held_out = validation_mask(ids, fraction)
-    splits_uri = storage.join(batch_uri, fraction_tag(fraction))
-    record, reused = write_splits(splits_uri, SPLITS_RECORD,
-                                  {"id": identity, "sha256": sha, "validation_fraction": fraction},
-                                  pair, {"train": np.flatnonzero(~held_out), "validation": np.flatnonzero(held_out)})
-    if known is None:  # pinned once its data is in the lake
-        storage.write_json(record_uri, {
-            "format": BATCH_FORMAT, "id": identity, "date": batch.date, "sha256": sha,
-            "sources": {role: source.summary() for role, source in pair.items()},
-            "ingested_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        })
-        log.info("batch %s: ingested %d images from %s", identity, images.array.shape[0], batch.uri)
-    return splits_uri, record, reused
+    record = write_splits(splits_uri, SPLITS_RECORD, {"id": identity, "sha256": sha, "validation_fraction": fraction},
+                          pair, {"train": np.flatnonzero(~held_out), "validation": np.flatnonzero(held_out)})
+    log.info("batch %s: ingested %d images from %s", identity, images.shape[0], batch.uri)
+    return splits_uri, record, False
 
 
 def ingest_test_set(lake_dataset_uri: str, pair: dict[str, SourceFile]) -> tuple[str, dict[str, Any], bool]:
-    """The fixed test set, stored once per content: (its lake directory, its record, whether it was reused)."""
+    """The fixed test set, stored once per content: (its lake directory, its record, whether it was reused with
+    nothing written)."""
     sha = pair_sha256(pair)
     test_uri = storage.join(lake_dataset_uri, TEST_SETS_DIR, sha[:16])
     summary = {"sha256": sha, "sources": {role: source.summary() for role, source in pair.items()}}
+    record, profiled = intact_record(test_uri, TEST_SET_RECORD, sha)
+    if record is not None:
+        return test_uri, record, not profiled
     rows = np.arange(pair["test_images"].array.shape[0])
-    return (test_uri, *write_splits(test_uri, TEST_SET_RECORD, summary, pair, {"test": rows}))
+    return test_uri, write_splits(test_uri, TEST_SET_RECORD, summary, pair, {"test": rows}), False
 
 
 def relative_to(file_uri: str, dataset_directory: str) -> str:

@@ -17,6 +17,7 @@ the 28 x 28 grey levels of one image in row-major order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,23 @@ def check_schema(schema: pa.Schema, uri: str) -> None:
     ]
     if problems:
         raise DatasetError(f"{uri}: wrong Parquet schema: {'; '.join(problems)}")
+
+
+def read_chunks(uris: list[str], chunk_rows: int, columns: tuple[str, ...] = ("image_id", "label", "pixels")
+                ) -> Iterator[pa.Table]:
+    """The rows of part files in order, ``columns`` only, as tables of at most ``chunk_rows`` rows: memory
+    holds one chunk whatever the size of the files."""
+    for uri in uris:
+        try:
+            with storage.open_binary(uri) as handle:
+                parquet_file = pq.ParquetFile(handle)
+                check_schema(parquet_file.schema_arrow, uri)
+                for batch in parquet_file.iter_batches(batch_size=chunk_rows, columns=list(columns)):
+                    yield pa.Table.from_batches([batch])
+        except storage.StorageError as exc:
+            raise DatasetError(str(exc)) from exc
+        except pa.ArrowException as exc:
+            raise DatasetError(f"{uri}: unreadable Parquet file: {exc}") from exc
 
 
 def read_parquet_file(uri: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -130,10 +131,13 @@ def read_pair(directory_uri: str, roles: tuple[str, str], checksums: tuple[str, 
 
 @dataclasses.dataclass(frozen=True)
 class LandedBatch:
-    """A labelled batch in the landing directory: ``date`` None for a plain four-file source."""
+    """A labelled batch in the landing directory: ``date`` None for a plain four-file source. ``signatures``:
+    what the store said about its files when they were listed (:func:`storage.file_signatures`; empty when
+    the source cannot be listed)."""
 
     date: str | None
     uri: str
+    signatures: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
 def landed_batches(source_uri: str) -> list[LandedBatch]:
@@ -141,7 +145,8 @@ def landed_batches(source_uri: str) -> list[LandedBatch]:
     root = storage.join(source_uri, BATCHES_DIR)
     if storage.scheme(source_uri) in storage.HTTP_SCHEMES or not storage.exists(root):
         return [LandedBatch(None, source_uri)]
-    names = sorted({file_uri[len(root):].lstrip("/").split("/")[0] for file_uri in storage.list_files(root)})
+    signatures = storage.file_signatures(root)
+    names = sorted({file_uri[len(root):].lstrip("/").split("/")[0] for file_uri in signatures})
     for name in names:
         if parse_date(name) is None or name != parse_date(name).isoformat():
             raise IngestError(f"{storage.join(root, name)}: batch directories are named YYYY-MM-DD")
@@ -149,4 +154,6 @@ def landed_batches(source_uri: str) -> list[LandedBatch]:
              for suffix in ("", ".gz") if storage.exists(storage.join(source_uri, name + suffix))]
     if stray:
         raise IngestError(f"{stray[0]}: training files next to {root}/; land training data as dated batches only")
-    return [LandedBatch(name, storage.join(root, name)) for name in names]
+    batch_uris = {name: storage.join(root, name) for name in names}
+    return [LandedBatch(name, uri, {file: signature for file, signature in signatures.items()
+                                    if file.startswith(uri + "/")}) for name, uri in batch_uris.items()]
