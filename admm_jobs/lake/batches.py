@@ -6,7 +6,7 @@ Layout (``D`` = ``LAKE/<dataset>``), every directory committed by its record, wr
     D/batches/<id>/validation-<f>/split={train,validation}/part-*.parquet, splits.json
     D/test-sets/<sha>/split=test/part-*.parquet, test-set.json
     D/<version>/manifest.json                          the dataset: which batches, which test set
-    D/quarantine/<id>.json                             batches refused by validation (excluded)
+    D/quarantine/<id>.json                             evidence of batches refused by validation
 
 A batch is ingested once and reused afterwards; a batch whose content changed under the same
 date is refused. Each image goes to validation when a hash of its pixels falls below the
@@ -64,7 +64,7 @@ UNDATED_PREFIX = "undated-"
 
 
 def quarantine_uri(lake_dataset_uri: str, batch_id: str) -> str:
-    """Where validation records a refused batch; ingest leaves such batches out of later datasets."""
+    """Where validation keeps the evidence of a refused batch (the registry history says whether it is left out)."""
     return storage.join(lake_dataset_uri, QUARANTINE_DIR, f"{batch_id}.json")
 
 
