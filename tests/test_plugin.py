@@ -15,16 +15,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from admm_jobs import publish
 from admm_jobs.lake import storage
-from admm_jobs.orchestration import assets, tasks
+from admm_jobs.orchestration import assets, review, tasks
+from admm_jobs.registry import review as registry_review
 from admm_jobs.registry import store as registry
 
 import report_auth
-from report_auth import ANALYST, RETRAINING_DAG, SCORER, SCORING_DAG, STRANGER
+from report_auth import ANALYST, RETRAINING_DAG, REVIEW_DAG, REVIEWER, SCORER, SCORING_DAG, STRANGER
 from run_artifacts import make_evaluated_run
 
 PLUGINS_FOLDER = Path(__file__).resolve().parents[1] / "plugins"
@@ -166,6 +168,39 @@ def test_a_run_redirects_to_the_report_its_evaluate_task_returned(roots, client_
     # The analyst may read the report's root, but not the runs of other_dag: its run tab is refused.
     refused = client.get("/runs/other_dag/run_1", follow_redirects=False)
     assert refused.status_code == 403 and "not allowed to read the runs of 'other_dag'" in refused.text
+
+
+def test_a_review_run_links_the_contact_sheet_of_each_batch_to_its_readers(roots, client_for):
+    """The review question's link (orchestration.review.contact_sheet_link) redirects to the PNG that the run's
+    evidence task drew, for users who may read the runs of the review DAG and of the DAG writing the root."""
+    from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
+
+    labels = read_vendored(TRAIN_LABELS)[:200]
+    chosen = registry_review.sample_indices(labels, [3, 8], 60)
+    assert list(chosen) == list(np.flatnonzero((labels == 3) | (labels == 8)))  # every 3 and 8: fewer than 60
+    sheet = registry_review.contact_sheet_png(read_vendored(TRAIN_IMAGES)[chosen].reshape(-1, 784), labels[chosen],
+                                              [28, 28], "batch 2026-03-01: labels 3, 8")
+    sheet_uri = registry_review.contact_sheet_uri(f"{roots['runs'].uri}/{RUN_KEY}", "2026-03-01")
+    storage.write_bytes(sheet_uri, sheet)
+    evidence = [{"subject": "...", "body": "...",
+                 "quarantine": {"batch": batch, "contact_sheet_uri": registry_review.contact_sheet_uri(
+                     f"{roots['runs'].uri}/{RUN_KEY}", batch)}} for batch in ("2026-02-22", "2026-03-01")]
+    results = {(REVIEW_DAG, "review_1", review.EVIDENCE_TASK): evidence}
+    link = review.contact_sheet_link(REVIEW_DAG, "review_1", "2026-03-01")
+    assert link.startswith("admm-reports/")
+    route = "/" + link.removeprefix("admm-reports/")
+
+    reviewer = client_for(roots, user=REVIEWER, lookup=lambda *key: results.get(key))
+    redirect = reviewer.get(route, follow_redirects=False)
+    assert redirect.status_code == 303
+    assert redirect.headers["location"].endswith(f"/files/runs/{RUN_KEY}/quarantine/2026-03-01/contact-sheet.png")
+    served = reviewer.get(route)
+    assert served.content == sheet and served.headers["content-type"] == "image/png"
+    assert reviewer.get(route.replace("2026-03-01", "2026-02-22")).status_code == 404  # listed, not drawn
+    assert reviewer.get(route.replace("2026-03-01", "2026-03-08")).status_code == 404  # not in this review
+    refused = client_for(roots, user=ANALYST, lookup=lambda *key: results.get(key)).get(route)
+    assert refused.status_code == 403 and f"not allowed to read the runs of '{REVIEW_DAG}'" in refused.text
+    assert client_for(roots, user=None, lookup=lambda *key: results.get(key)).get(route).status_code == 401
 
 
 STRAY_RUN_KEY = "20260309T000000"
