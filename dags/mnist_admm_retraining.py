@@ -4,7 +4,7 @@ ingest -> validate -> plan -> train -> evaluate -> approval -> publish. The run 
 batches landed under ``source_uri/batches/`` dated on or before D (the newest ``window`` of them
 if set; a plain four-file source is one batch). ``validate`` also checks every batch the published
 model has not seen against that model's data and quarantines a failing batch (the run fails,
-nothing downstream runs; ``request_review``, run only when validate failed, starts the review DAG
+nothing downstream runs; ``request_review``, run once validate ran, whether it passed or failed, starts the review DAG
 ``mnist_quarantine_review`` through the asset ``mnist-quarantine``; the registry history says which
 batches stay out). ``plan`` skips train/evaluate/publish when a model of exactly this
 dataset, code and training settings already went through the gate, and otherwise hands train the
@@ -120,13 +120,14 @@ with DAG(
         outlets=[validated_dataset_asset()],
         **IO_RETRIES,
     )
-    # A failed task emits no asset event: this one, run only when validate failed, emits the quarantine's.
+    # A failed task emits no asset event: this one, run once validate ran (passed or failed; not when it never
+    # ran), emits the quarantine's, and skips itself when validate quarantined nothing.
     request_review_task = PythonOperator(
         task_id="request_review",
         python_callable=fail_fast(tasks.request_review_task),
         op_args=["{{ params.registry_uri }}", RUN_URI],
         outlets=[quarantine_asset()],
-        trigger_rule="one_failed",
+        trigger_rule="one_done",
     )
     plan_task = ShortCircuitOperator(
         task_id="plan",

@@ -84,15 +84,16 @@ def publish_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
 
 
 def request_review_task(registry_uri: str, run_uri: str, ti=None, outlet_events=None) -> list[str]:
-    """Run after validate failed (``trigger_rule="one_failed"``): when it quarantined batches, emit one event of
-    :func:`quarantine_asset` that starts their review; any other failure skips this task (nothing to review).
+    """Run once validate ran (``trigger_rule="one_done"``: passed or failed, not when it never ran): when it
+    quarantined batches, emit one event of :func:`quarantine_asset` that starts their review; otherwise skip
+    this task (nothing to review).
 
     The event's extra: ``registry_uri``, ``run_uri`` (the weekly run's outputs, where the contact sheets go),
     ``dataset_uri`` and ``quarantined`` (batch id -> its quarantine record). Returns the batch ids.
     """
     quarantined = ti.xcom_pull(task_ids="validate", key=QUARANTINED_KEY)
     if not quarantined:
-        raise AirflowSkipException("validate failed without quarantining a batch: nothing to review")
+        raise AirflowSkipException("validate quarantined no batch: nothing to review")
     manifest = load_manifest(quarantined["dataset_uri"])
     outlet_events[quarantine_asset(manifest["dataset"])].extra = {
         "registry_uri": registry_uri, "run_uri": run_uri, "dataset_uri": quarantined["dataset_uri"],
