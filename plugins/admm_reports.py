@@ -404,7 +404,8 @@ def _history_row(entry: dict[str, Any], root_uri: str, roots: dict[str, ServedRo
         html.escape(str(entry.get("dataset_version") or "")),
         html.escape(", ".join(map(str, batches))),
         _details(entry),
-        _links(_entry_report_uri(entry, root_uri), roots),
+        " ".join(filter(None, (_links(_entry_report_uri(entry, root_uri), roots),
+                               _link("contact sheet", entry.get("contact_sheet_uri"), roots)))),
     ]
     return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 

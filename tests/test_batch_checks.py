@@ -141,7 +141,7 @@ def test_a_released_batch_is_included_by_the_next_run_and_not_refused_again(land
     entry = review.record_review({**quarantine, "contact_sheet_uri": sheet_uri}, review.review_decision(
         [review.RELEASE], timed_out=False), {"id": "ann", "name": "ann"}, "2026-01-19T09:30:00+00:00")
     assert entry["decision"] == "released" and entry["batch"] == WEEKS[2] and entry["reviewer"] == "ann"
-    assert entry["responded_at"] == "2026-01-19T09:30:00+00:00" and entry["report_uri"] == sheet_uri
+    assert entry["responded_at"] == "2026-01-19T09:30:00+00:00" and entry["contact_sheet_uri"] == sheet_uri
     assert storage.exists(batches.quarantine_uri(str(lake / "mnist"), WEEKS[2]))  # the evidence stays
 
     result = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25, registry_uri=registry_uri)

@@ -328,6 +328,24 @@ def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(
     assert len(plots) == 1 and base64.b64decode(plots[0]).startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_registry_page_shows_who_reviewed_a_quarantine_and_when(tmp_path, client_for):
+    runs, registry_uri = tmp_path / "runs", str(tmp_path / "registry")
+    sheet_uri = registry_review.contact_sheet_uri(str(runs / RUN_KEY), "2026-03-01")
+    storage.write_bytes(sheet_uri, PNG)
+    quarantine = {"batch": "2026-03-01", "registry_uri": registry_uri, "run_uri": str(runs / RUN_KEY),
+                  "logical_date": "2026-03-02", "dataset_version": "d" * 16, "contact_sheet_uri": sheet_uri}
+    registry.record_decision(registry_uri, {"decision": "quarantined", "batch": "2026-03-01"})
+    registry_review.record_review(quarantine, "released", {"id": "7", "name": "ann"}, "2026-03-03T10:00:00+00:00")
+    registry_review.record_review({**quarantine, "batch": "2026-03-08"}, "timed_out", None, "2026-03-10T00:00:00")
+    client = client_for(retraining_roots(runs=runs, registry=registry_uri))
+    rows = client.get("/").text.split("<tr>")[2:]
+    timed_out, released, _ = rows
+    assert "by nobody (no answer in time) at 2026-03-10T00:00:00" in timed_out
+    assert "by ann at 2026-03-03T10:00:00+00:00" in released and "batch 2026-03-01 released" in released
+    (link,) = re.findall(r"href='([^']+)'>contact sheet<", released)
+    assert client.get("/" + link).content == PNG
+
+
 def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path, client_for):
     registry_uri = f"s3://{s3_env}/registry"
     accepted_run, rejected_run = str(tmp_path / "good"), str(tmp_path / "bad")

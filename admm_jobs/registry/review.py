@@ -141,7 +141,7 @@ def record_review(quarantine: Mapping[str, Any], decision: str, user: Mapping[st
     return store.record_decision(quarantine["registry_uri"], {
         "decision": decision, "logical_date": quarantine["logical_date"], "run_uri": quarantine["run_uri"],
         "dataset_version": quarantine["dataset_version"], "batch": quarantine["batch"],
-        "reasons": [reasons[decision]], "report_uri": quarantine.get("contact_sheet_uri"),
+        "reasons": [reasons[decision]], "contact_sheet_uri": quarantine.get("contact_sheet_uri"),
         "responded_at": responded_at, **responder(user),
     })
 
