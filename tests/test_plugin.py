@@ -176,7 +176,8 @@ def test_a_review_run_links_the_contact_sheet_of_each_batch_to_its_readers(roots
     from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
     labels = read_vendored(TRAIN_LABELS)[:200]
-    chosen = registry_review.sample_indices(labels, [3, 8], 60)
+    failures = [{"check": "label confusion", "given": 3, "predicted": 8}, {"check": "blank images"}]
+    chosen = registry_review.sample_indices(labels, registry_review.flagged_classes(failures), 60)
     assert list(chosen) == list(np.flatnonzero((labels == 3) | (labels == 8)))  # every 3 and 8: fewer than 60
     sheet = registry_review.contact_sheet_png(read_vendored(TRAIN_IMAGES)[chosen].reshape(-1, 784), labels[chosen],
                                               [28, 28], "batch 2026-03-01: labels 3, 8")

@@ -38,8 +38,10 @@ TITLE_HEIGHT = 16
 
 
 def flagged_classes(failures: Sequence[Mapping[str, Any]]) -> list[int]:
-    """The labels that failed checks name as a class pair (``class_pair``: [given label, predicted class])."""
-    return sorted({int(label) for failure in failures for label in failure.get("class_pair") or ()})
+    """The labels of the class pairs that failed checks name (``given`` label and ``predicted`` class, as a risen
+    confusion cell of ``admm_jobs.scoring.label_checks`` does)."""
+    return sorted({int(failure[key]) for failure in failures for key in ("given", "predicted")
+                   if failure.get(key) is not None})
 
 
 def sample_indices(labels: np.ndarray, classes: Sequence[int], count: int) -> np.ndarray:
