@@ -6,8 +6,8 @@
 Reads the landing directory ``SRC`` (its contract: :mod:`admm_jobs.lake.landing`; each file raw or
 gzip, every structural defect an :class:`IngestError` naming the file) and writes the lake
 (:mod:`admm_jobs.lake.batches`): each batch once, reused afterwards, and refused when its content
-changed under the same date. The run for logical date ``as_of`` uses every non-quarantined batch
-dated on or before it (the newest ``window`` of them if set); the dataset version is a hash of
+changed under the same date. The run for logical date ``as_of`` uses every batch dated on or before
+it that the registry history does not hold in quarantine (the newest ``window`` of them if set); the dataset version is a hash of
 those batches' contents, the test set and the split rule, so the same batches always give the same
 version.
 """
@@ -26,6 +26,7 @@ from admm_jobs.lake import batches, landing, storage
 from admm_jobs.lake.dataset import MANIFEST_FILE, dataset_uri
 from admm_jobs.lake.idx import IngestError, SourceFile, read_source
 from admm_jobs.lake.landing import CHECKSUMS_FILE, LandedBatch, parse_date
+from admm_jobs.registry import store as registry
 
 log = logging.getLogger("admm_jobs.ingest")
 
@@ -42,6 +43,8 @@ class IngestConfig:
     window: int | None = setting(None, "use only the newest N of those batches (none: all)", minimum=1, maximum=100_000)
     validation_fraction: float = setting(1 / 12, "share of each batch's images held out for validation, "
                                          "drawn per image from a hash of its pixels", exclusiveMinimum=0, maximum=0.5)
+    registry_uri: str | None = setting(None, "model registry root: the batches its history holds in quarantine "
+                                       "(quarantined, not released by a reviewer) are left out (none: none are)")
     checksums: str | None = setting(
         None, f"checksum manifest URI for a four-file source (default: SOURCE/{CHECKSUMS_FILE} if present; "
         "required for https)")
@@ -56,15 +59,20 @@ class IngestConfig:
                 f"--as-of {self.as_of!r}: expected a date YYYY-MM-DD")
 
 
-def selected_batches(config: IngestConfig, lake_dataset_uri: str) -> tuple[list[LandedBatch], list[str]]:
+def held_in_quarantine(config: IngestConfig) -> set[str]:
+    """The batch ids the registry history holds in quarantine; none without a registry."""
+    return registry.quarantined_batches(config.registry_uri) if config.registry_uri else set()
+
+
+def selected_batches(config: IngestConfig) -> tuple[list[LandedBatch], list[str]]:
     """The landed batches the run uses (dated on or before ``as_of``, not quarantined, newest ``window``),
     and the ids of the quarantined ones left out."""
     landed = landing.landed_batches(config.source)
     if config.as_of is not None:
         as_of = parse_date(config.as_of).isoformat()
         landed = [batch for batch in landed if batch.date is None or batch.date <= as_of]
-    quarantined = [batch.date for batch in landed
-                   if batch.date and storage.exists(batches.quarantine_uri(lake_dataset_uri, batch.date))]
+    held = held_in_quarantine(config)
+    quarantined = [batch.date for batch in landed if batch.date in held]
     landed = [batch for batch in landed if batch.date not in quarantined]
     if config.window is not None:
         landed = landed[-config.window:]
@@ -110,7 +118,7 @@ def read_batch_pair(config: IngestConfig, batch: LandedBatch, sha: str | None = 
 def ingest(config: IngestConfig) -> dict[str, Any]:
     """Ingest the batches of ``config.source`` up to ``config.as_of`` into the lake; return the stage result."""
     lake_dataset = storage.join(config.lake, config.dataset)
-    landed, quarantined = selected_batches(config, lake_dataset)
+    landed, quarantined = selected_batches(config)
     fraction = config.validation_fraction
     four_file_source = landed[0].date is None
     test_pair = landing.read_pair(config.source, landing.TEST_ROLES,
@@ -142,8 +150,8 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
         with storage.staged_directory(target) as staging:
             storage.write_json(storage.join(staging, MANIFEST_FILE), manifest)
     if quarantined:
-        log.warning("left out quarantined batch(es) %s (see %s)", quarantined,
-                    storage.join(lake_dataset, batches.QUARANTINE_DIR))
+        log.warning("left out quarantined batch(es) %s (registry history %s; evidence in %s)", quarantined,
+                    registry.history_uri(config.registry_uri), storage.join(lake_dataset, batches.QUARANTINE_DIR))
     return {
         "dataset_uri": target,
         "dataset_version": version,

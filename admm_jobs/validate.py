@@ -551,8 +551,13 @@ def failure_text(batch: str, failure: Mapping[str, Any]) -> str:
 
 def new_batch_checks(config: ValidateConfig, parts: list[Part], views: Mapping[str, Mapping[str, PartSplit]],
                      reference: Reference | None) -> dict[str, Check]:
-    """The checks of every batch of the dataset the reference was not trained on."""
+    """The checks of every batch of the dataset the reference was not trained on and no reviewer released
+    (the registry history's decision overrules the checks, so a released batch is not refused again)."""
+    released = registry.released_batches(config.registry_uri) if config.registry_uri else set()
     new = [part.name for part in parts if part.new and part.name != TEST_PART]
+    if released.intersection(new):
+        log.info("not checking batch(es) %s: released by a reviewer", sorted(released.intersection(new)))
+    new = [batch for batch in new if batch not in released]
     if not new:
         return {}
     suites = [load_suite(config.batch_suite, batch_parameters(config, reference))]
@@ -572,7 +577,8 @@ def merged_suite(suites: list[gx.ExpectationSuite]) -> gx.ExpectationSuite:
 
 def quarantine(config: ValidateConfig, manifest: Mapping[str, Any], batch: str, failures: list[dict[str, Any]],
                result_uri: str, data_docs_uri: str, reference: Reference | None) -> dict[str, Any]:
-    """Record a refused batch in the lake (ingest leaves it out from now on) and in the registry history."""
+    """Record a refused batch in the registry history (ingest leaves it out until a reviewer releases it) and its
+    evidence in the lake."""
     lake_dataset = config.dataset_uri.rstrip("/").rsplit("/", 1)[0]
     record = {
         "batch": batch, "dataset_version": manifest["version"], "logical_date": config.logical_date,

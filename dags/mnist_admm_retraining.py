@@ -1,12 +1,17 @@
 """Weekly retraining of the MNIST classifier by ADMM on Spark (wiring only; logic lives in admm_jobs).
 
-ingest -> validate -> plan -> train -> evaluate -> publish. The run for logical date D uses the
+ingest -> validate -> plan -> train -> evaluate -> approval -> publish. The run for logical date D uses the
 batches landed under ``source_uri/batches/`` dated on or before D (the newest ``window`` of them
 if set; a plain four-file source is one batch). ``validate`` also checks every batch the published
 model has not seen against that model's data and quarantines a failing batch (the run fails,
-nothing downstream runs). ``plan`` skips train/evaluate/publish when a model of exactly this
+nothing downstream runs; ``request_review``, run once validate ran, whether it passed or failed, starts the review DAG
+``mnist_quarantine_review`` through the asset ``mnist-quarantine``; the registry history says which
+batches stay out). ``plan`` skips train/evaluate/publish when a model of exactly this
 dataset, code and training settings already went through the gate, and otherwise hands train the
-published model to start from (``init``). Every task first refuses a run whose storage URIs (params,
+published model to start from (``init``). ``approval`` (human in the loop) waits for a person before
+publish when the ``approval`` param asks for one (``never``, the default, skips it; ``when-flagged``
+asks when the challenger scores below the published model on the test set or the newest batch;
+``always``); a rejection skips publish. Every task first refuses a run whose storage URIs (params,
 and the command line it was given) lie outside ``[admm] allowed_uri_roots``
 (``admm_jobs.orchestration.uri_roots``). Deterministic failures (bad input or documents, a missing
 model version, a checksum mismatch, failed expectations, quarantine, invalid settings, a URI outside
@@ -17,6 +22,9 @@ Lineage (Airflow Assets; logical URIs, since the lake and the registry are run p
 
 * `mnist-validated-dataset` (`x-admm://lake/mnist`): updated by `validate` when a dataset passes
   its expectations; the event's extra has `dataset_uri`, `dataset_version`, `result_uri`.
+* `mnist-quarantine` (`x-admm://lake/mnist/quarantine`): updated by `request_review` when `validate`
+  quarantined batches; the event's extra has `registry_uri`, `run_uri`, `dataset_uri` and `quarantined`
+  (batch id -> quarantine record). It schedules `mnist_quarantine_review`.
 * `mnist-admm-published-model` (`x-admm://registry/mnist-admm`): updated through the alias
   `mnist-admm-publications` by `publish`, only when the quality gate accepts a new version
   (a rejected model, or a re-run of the published one, emits nothing); the event's extra is the
@@ -39,10 +47,12 @@ from airflow.sdk import DAG, Param
 from admm_jobs import ingest, publish, validate
 from admm_jobs.operations import deploy
 from admm_jobs.orchestration import tasks, uri_roots
-from admm_jobs.orchestration.assets import publications_alias, validated_dataset_asset
+from admm_jobs.orchestration.assets import publications_alias, quarantine_asset, validated_dataset_asset
 from admm_jobs.orchestration.failures import fail_fast
 from admm_jobs.orchestration.params import airflow_params, templated_argv
+from admm_jobs.orchestration.review import APPROVAL_TIMEOUT, PublishApproval
 from admm_jobs.registry.gate import GateSettings
+from admm_jobs.registry.review import APPROVAL_MODES
 from admm_jobs.trainer.config import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +92,11 @@ with DAG(
         "lake_uri": Param(str(VAR / "lake"), type="string", minLength=1, description="data lake root for Parquet datasets"),
         "runs_uri": Param(str(VAR / "runs"), type="string", minLength=1, description="root of per-run artifacts"),
         "registry_uri": Param(str(VAR / "registry"), type="string", minLength=1, description="model registry root"),
-        **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of")),
+        "approval": Param("never", type="string", enum=list(APPROVAL_MODES),
+                          description="wait for a person before publish: never, when-flagged (the challenger scores "
+                                      "below the published model on the test set or the newest batch), always"),
+        **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of",
+                                                       "registry_uri")),
         **airflow_params(validate.ValidateConfig, exclude=("dataset_uri", "suite", "batch_suite", "drift_suite",
                                                            "registry_uri", "logical_date")),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
@@ -94,6 +108,7 @@ with DAG(
         task_id="ingest",
         python_callable=fail_fast(tasks.ingest_task),
         op_args=[["--source", "{{ params.source_uri }}", "--lake", "{{ params.lake_uri }}", "--as-of", LOGICAL_DATE,
+                  "--registry-uri", "{{ params.registry_uri }}",
                   *templated_argv(ingest.IngestConfig, ["window", "validation_fraction"])]],
         **IO_RETRIES,
     )
@@ -104,6 +119,15 @@ with DAG(
                   "--logical-date", LOGICAL_DATE, *templated_argv(validate.ValidateConfig, VALIDATE_SETTINGS)]],
         outlets=[validated_dataset_asset()],
         **IO_RETRIES,
+    )
+    # A failed task emits no asset event: this one, run once validate ran (passed or failed; not when it never
+    # ran), emits the quarantine's, and skips itself when validate quarantined nothing.
+    request_review_task = PythonOperator(
+        task_id="request_review",
+        python_callable=fail_fast(tasks.request_review_task),
+        op_args=["{{ params.registry_uri }}", RUN_URI],
+        outlets=[quarantine_asset()],
+        trigger_rule="one_done",
     )
     plan_task = ShortCircuitOperator(
         task_id="plan",
@@ -124,8 +148,13 @@ with DAG(
                   "--registry-uri", "{{ params.registry_uri }}"]],
         **IO_RETRIES,
     )
+    approval_task = PublishApproval(
+        task_id="approval", mode="{{ params.approval }}", registry_uri="{{ params.registry_uri }}", run_uri=RUN_URI,
+        logical_date=LOGICAL_DATE, response_timeout=APPROVAL_TIMEOUT,
+    )
     publish_task = PythonOperator(
         task_id="publish",
+        trigger_rule="none_failed",  # runs when approval was not required (skipped); a rejection skips it
         python_callable=fail_fast(tasks.publish_task),
         outlets=[publications_alias()],
         op_args=[["--run-uri", RUN_URI, "--registry-uri", "{{ params.registry_uri }}",
@@ -134,4 +163,5 @@ with DAG(
         **IO_RETRIES,
     )
 
-    ingest_task >> validate_task >> plan_task >> train_task >> evaluate_task >> publish_task
+    ingest_task >> validate_task >> plan_task >> train_task >> evaluate_task >> approval_task >> publish_task
+    validate_task >> request_review_task

@@ -9,6 +9,9 @@ Served by the API server under ``/admm-reports`` (an Airflow 3 plugin FastAPI ap
   disk a symlink may not lead out of its root.
 * ``runs/<dag_id>/<run_id>``: redirects to the report of a DAG run (the ``report_uri``
   its ``evaluate`` task returned); the "Evaluation report" tab of DAG runs shows it.
+* ``quarantine/<dag_id>/<run_id>/<batch>``: redirects to the contact sheet of a quarantined
+  batch (the ``contact_sheet_uri`` that the ``evidence`` task of a quarantine review run returned
+  for that batch); the review question links it.
 * ``/`` (the "Model registry" navigation entry): for every root holding a registry, the
   published model, a plot of test accuracy by logical date (accepted and rejected models,
   skipped runs and quarantined batches marked) and the whole decision history, newest first:
@@ -24,8 +27,8 @@ Airflow's auth manager decides, as for the REST API's DAG run routes, whether th
 may read that DAG's runs (``is_authorized_dag``, ``GET``, ``DagAccessEntity.RUN``):
 
 * ``files/<root>/...`` answers 403 unless the user may read the root's DAG;
-* ``runs/<dag_id>/<run_id>`` answers 403 unless the user may read ``dag_id`` and the
-  root holding the report;
+* ``runs/<dag_id>/<run_id>`` and ``quarantine/<dag_id>/...`` answer 403 unless the user may read
+  ``dag_id`` and the root holding the report or contact sheet;
 * ``/`` shows only the roots (sections, links, list of roots) whose DAG the user may
   read, and answers 403 when there is none.
 
@@ -72,6 +75,7 @@ ROOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 DAG_ID = re.compile(r"^[A-Za-z0-9_.-]+$")  # Airflow's own rule for DAG ids (KEY_REGEX)
 RETRAINING_DAG_ID = "mnist_admm_retraining"  # dags/mnist_admm_retraining.py, whose runs write the default roots
 REPORT_TASK = "evaluate"
+EVIDENCE_TASK = "evidence"  # the quarantine review DAG's task that draws the contact sheets
 MEDIA_TYPES = {
     "report.html": "text/html; charset=utf-8",
     "metrics.json": "application/json",
@@ -219,6 +223,17 @@ def report_location(task_result: Any, roots: dict[str, ServedRoot]) -> tuple[str
     return artifact_location(report_uri, roots)
 
 
+def contact_sheet_location(evidence: Any, batch: str, roots: dict[str, ServedRoot]) -> tuple[str, str] | None:
+    """(root, path) of a batch's contact sheet, from the return value of a review run's evidence task (one item
+    per batch, each with a ``quarantine`` naming ``batch`` and ``contact_sheet_uri``); None if none is servable."""
+    for item in evidence if isinstance(evidence, list) else []:
+        quarantine = item.get("quarantine") if isinstance(item, dict) else None
+        if isinstance(quarantine, dict) and quarantine.get("batch") == batch:
+            uri = quarantine.get("contact_sheet_uri")
+            return artifact_location(uri, roots) if isinstance(uri, str) and uri else None
+    return None
+
+
 def report_link(task_result: Any, roots: dict[str, ServedRoot]) -> str:
     """The "Evaluation report" link of a task from its return value; "" (no link) without a servable report.
 
@@ -305,7 +320,8 @@ def _page(title: str, body: str, status_code: int = 200) -> HTMLResponse:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:.2em 1em;text-align:left;vertical-align:top}"
         "table{border-collapse:collapse}tr{border-bottom:1px solid #ddd}img{max-width:100%}"
-        ".accepted{color:#17692a}.rejected{color:#a11}.quarantined{color:#b45f06}.skipped{color:#666}</style>"
+        ".accepted{color:#17692a}.rejected{color:#a11}.quarantined{color:#b45f06}.skipped{color:#666}"
+        ".released,.approved{color:#17692a}.confirmed,.timed_out,.declined{color:#b45f06}</style>"
         f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
     return HTMLResponse(document, status_code=status_code, headers=REPORT_HEADERS)
@@ -357,6 +373,9 @@ def _details(entry: dict[str, Any]) -> str:
     if entry["decision"] == registry.QUARANTINED and entry.get("check"):
         parts.append(f"batch {entry.get('batch')}: {entry['check']} observed {entry.get('observed')}, "
                      f"threshold {entry.get('threshold')}")
+    if entry["decision"] in (registry.RELEASED, registry.CONFIRMED, registry.TIMED_OUT, registry.APPROVED,
+                             registry.DECLINED):
+        parts.append(f"by {entry.get('reviewer') or 'nobody (no answer in time)'} at {entry.get('responded_at')}")
     champion = entry.get("champion")
     if isinstance(champion, dict) and champion.get("version"):
         scores = [f"test {_accuracy(champion.get('test_accuracy'))}"]
@@ -385,7 +404,8 @@ def _history_row(entry: dict[str, Any], root_uri: str, roots: dict[str, ServedRo
         html.escape(str(entry.get("dataset_version") or "")),
         html.escape(", ".join(map(str, batches))),
         _details(entry),
-        _links(_entry_report_uri(entry, root_uri), roots),
+        " ".join(filter(None, (_links(_entry_report_uri(entry, root_uri), roots),
+                               _link("contact sheet", entry.get("contact_sheet_uri"), roots)))),
     ]
     return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
@@ -423,6 +443,15 @@ def _registry_section(name: str, root_uri: str, roots: dict[str, ServedRoot]) ->
     rows = "".join(_history_row(entry, root_uri, roots) for entry in reversed(history))
     table = f"<table><tr>{header}</tr>{rows}</table>" if history else "<p>No decisions recorded yet.</p>"
     return f"{title}{published}{plot}<h3>History ({len(history)} decisions, newest first)</h3>{table}"
+
+
+def redirect_to_artifact(request: Request, location: tuple[str, str], roots: dict[str, ServedRoot],
+                         user: Any) -> RedirectResponse:
+    """A 303 to the files route of an artifact, refused (403) unless ``user`` may read the runs of the DAG
+    writing its root: a run may write into a root of another DAG, so redirect only where the files route serves."""
+    root, path = location
+    require_dag_runs_readable(roots[root].dag_id, user, f", which write root {root!r}")
+    return RedirectResponse(str(request.url_for("artifact", root=root, path=path)), status.HTTP_303_SEE_OTHER)
 
 
 def create_app(roots: dict[str, ServedRoot] | None = None, lookup: TaskResultLookup = task_result) -> FastAPI:
@@ -465,10 +494,19 @@ def create_app(roots: dict[str, ServedRoot] | None = None, lookup: TaskResultLoo
         if location is None:
             return _page("No evaluation report", f"<p>Task {html.escape(task_id)} of run {html.escape(run_id)} "
                          "has not produced a report in a served storage root (yet).</p>", status.HTTP_404_NOT_FOUND)
-        root, path = location
-        # A run may write into a root of another DAG: redirect only where the files route will serve.
-        require_dag_runs_readable(roots[root].dag_id, user, f", which write root {root!r}")
-        return RedirectResponse(str(request.url_for("artifact", root=root, path=path)), status.HTTP_303_SEE_OTHER)
+        return redirect_to_artifact(request, location, roots, user)
+
+    @app.get("/quarantine/{dag_id}/{run_id}/{batch}")
+    def contact_sheet(request: Request, dag_id: str, run_id: str, batch: str, user: SignedInUser,
+                      task_id: str = EVIDENCE_TASK) -> Response:
+        require_dag_runs_readable(dag_id, user)
+        roots = served_roots()
+        location = contact_sheet_location(lookup(dag_id, run_id, task_id), batch, roots)
+        if location is None:
+            return _page("No contact sheet", f"<p>Task {html.escape(task_id)} of run {html.escape(run_id)} has not "
+                         f"drawn a contact sheet of batch {html.escape(batch)} in a served storage root (yet).</p>",
+                         status.HTTP_404_NOT_FOUND)
+        return redirect_to_artifact(request, location, roots, user)
 
     @app.get("/")
     def index(user: SignedInUser) -> HTMLResponse:

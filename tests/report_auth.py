@@ -15,11 +15,14 @@ from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 AUTH_MANAGER = f"{__name__}.RunReadersAuthManager"
 RETRAINING_DAG = "mnist_admm_retraining"
 SCORING_DAG = "mnist_scoring"
+REVIEW_DAG = "mnist_quarantine_review"
 
-ANALYST = "analyst"  # reads the runs of both DAGs
+ANALYST = "analyst"  # reads the runs of the retraining and scoring DAGs
 SCORER = "scorer"  # reads the runs of the scoring DAG only
+REVIEWER = "reviewer"  # reads the runs of the review and retraining DAGs
 STRANGER = "stranger"  # signed in, reads the runs of no DAG
-RUN_READERS = {ANALYST: {RETRAINING_DAG, SCORING_DAG}, SCORER: {SCORING_DAG}, STRANGER: set()}
+RUN_READERS = {ANALYST: {RETRAINING_DAG, SCORING_DAG}, SCORER: {SCORING_DAG}, REVIEWER: {REVIEW_DAG, RETRAINING_DAG},
+               STRANGER: set()}
 
 
 class RunReadersAuthManager(SimpleAuthManager):

@@ -1,9 +1,10 @@
 """The DAG on a running Airflow: api-server, scheduler and dag-processor as subprocesses, driven over REST.
 
-A triggered run with non-default params (small slice, tmp lake/runs/registry) and a
-backfill over two logical dates, as an operator would do them from the UI or the API:
-params reaching the training job, one log line per epoch in the train task's log,
-the report link, asset events, per-date outputs and the registry pointer.
+A triggered run with non-default params (small slice, tmp lake/runs/registry) whose publish a person
+approves over the HITL REST API, and a backfill over two logical dates, as an operator would do them from
+the UI or the API: params reaching the training job, one log line per epoch in the train task's log,
+the report link, asset events, per-date outputs and the registry pointer. Last, a quarantine that starts
+the review DAG through its asset event, and a release answered over the HITL REST API.
 """
 
 from __future__ import annotations
@@ -12,22 +13,31 @@ import json
 import os
 import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
+import psutil
 import pytest
 
+from admm_jobs import ingest
 from admm_jobs.lake import storage
 from admm_jobs.operations import demo, ports
+from admm_jobs.registry import review
+from admm_jobs.registry import store as registry
 
 pytestmark = pytest.mark.slow
 
 DAG_ID = "mnist_admm_retraining"
+REVIEW_DAG_ID = "mnist_quarantine_review"
 USER, PASSWORD = demo.USER, "live-test-password"
 TRIGGERED_DATE = "2026-03-09T00:00:00Z"  # not test_dag's date: the session shares one DB
 TRIGGERED_KEY = "20260309T000000"
 BACKFILL_DATES = ("2026-01-04T00:00:00Z", "2026-01-11T00:00:00Z")  # two Sundays: the DAG is @weekly
 RUN_TIMEOUT_S = 420
+ANSWER_DELAY_S = 15
+QUARANTINED_DATE, QUARANTINED_KEY, QUARANTINED_BATCH = "2026-03-16T00:00:00Z", "20260316T000000", "2026-03-15"
 
 
 class Airflow(demo.AirflowServices):
@@ -37,18 +47,27 @@ class Airflow(demo.AirflowServices):
     def __init__(self, env: dict[str, str], logs: Path, port: int):
         super().__init__(env, logs, port, PASSWORD)
 
-    def wait_for_runs(self, run_ids: list[str]) -> dict[str, dict]:
-        """Poll until every run has finished; fail with the failed tasks' logs if one did not succeed."""
-        deadline = time.monotonic() + RUN_TIMEOUT_S
+    def poll(self, look, what: str, timeout: float = RUN_TIMEOUT_S):
+        """``look()`` every 3 s until it returns something true (returned); fail after ``timeout`` naming ``what``."""
+        deadline = time.monotonic() + timeout
         while True:
             self.revive()  # the scheduler can die on a race with the backfill request (demo.AirflowServices.revive)
-            runs = {run_id: self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}") for run_id in run_ids}
-            if all(run["state"] in ("success", "failed") for run in runs.values()):
-                break
+            if result := look():
+                return result
             if time.monotonic() > deadline:
-                pytest.fail(f"runs did not finish in {RUN_TIMEOUT_S} s: "
-                            f"{ {run_id: run['state'] for run_id, run in runs.items()} }\n{self.diagnostics()}")
+                pytest.fail(f"{what} not within {timeout:.0f} s\n{self.diagnostics()}")
             time.sleep(3)
+
+    def finished_runs(self, run_ids: list[str], dag_id: str = DAG_ID) -> dict[str, dict]:
+        """Poll until every run has finished (success or failed); returns them by run id."""
+        def look():
+            runs = {run_id: self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}") for run_id in run_ids}
+            return runs if all(run["state"] in ("success", "failed") for run in runs.values()) else None
+        return self.poll(look, f"runs {run_ids} of {dag_id} finished")
+
+    def wait_for_runs(self, run_ids: list[str]) -> dict[str, dict]:
+        """Poll until every run has finished; fail with the failed tasks' logs if one did not succeed."""
+        runs = self.finished_runs(run_ids)
         failed = [run_id for run_id, run in runs.items() if run["state"] != "success"]
         assert not failed, "\n".join(self.failed_task_logs(run_id) for run_id in failed)
         return runs
@@ -65,6 +84,31 @@ class Airflow(demo.AirflowServices):
         content = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
                            params={"full_content": "true"}, headers={"Accept": "application/json"})["content"]
         return "\n".join(entry.get("event", "") if isinstance(entry, dict) else str(entry) for entry in content)
+
+    def answer(self, dag_id: str, run_id: str, task_id: str, map_index: int, option: str) -> tuple[dict, dict]:
+        """Wait until a human-in-the-loop task awaits input, then choose ``option`` over the REST API, as the
+        Required Actions page does; returns the question (its HITL detail) and the stored answer."""
+        task = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        instance = task + (f"/{map_index}" if map_index >= 0 else "")  # a mapped instance exists once expanded
+        self.poll(lambda: (response := self.client.get(instance)).status_code == 200
+                  and response.json()["state"] == "awaiting_input", f"{instance} awaiting input")
+        # As a person would, answer only after the scheduler has seen the parked task's process exit: Airflow
+        # 3.3.2 takes that exit for an external kill when the resumed try already runs (state mismatch).
+        time.sleep(ANSWER_DELAY_S)
+        question = self.api("GET", f"{task}/{map_index}/hitlDetails")
+        answer = self.api("PATCH", f"{task}/{map_index}/hitlDetails", json={"chosen_options": [option]})
+        return question, answer
+
+    def restart_scheduler(self, **settings: str) -> None:
+        """Stop the scheduler and everything it started, and start it again with ``settings`` in its environment."""
+        scheduler = psutil.Process(self.processes["scheduler"].pid)
+        tree = [scheduler, *scheduler.children(recursive=True)]
+        for member in tree:
+            member.terminate()
+        psutil.wait_procs(tree, timeout=30)
+        self.processes["scheduler"].wait()
+        self.env.update(settings)
+        self._launch("scheduler")
 
     def asset_events(self, task_id: str, run_ids: list[str]) -> list[dict]:
         """The asset events ``task_id`` emitted in the given runs."""
@@ -104,6 +148,9 @@ def airflow(airflow_db, storage_roots, tmp_path_factory):
         services.start()
         services.wait_until_ready()
         services.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
+        # Unpaused before any quarantine: Airflow queues an asset event only for consumers that are not paused.
+        services.poll(lambda: services.client.get(f"/dags/{REVIEW_DAG_ID}").status_code == 200, "review DAG parsed")
+        services.api("PATCH", f"/dags/{REVIEW_DAG_ID}", json={"is_paused": False})
         yield services
     finally:
         services.stop()
@@ -117,8 +164,12 @@ def small_conf(source: Path, roots: dict[str, str], **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def triggered_run(airflow, small_idx_source, storage_roots):
-    run = airflow.api("POST", f"/dags/{DAG_ID}/dagRuns",
-                      json={"logical_date": TRIGGERED_DATE, "conf": small_conf(small_idx_source, storage_roots)})
+    """A run that waits for a person before publish (``approval`` always); the admin approves over REST."""
+    conf = small_conf(small_idx_source, storage_roots, approval="always")
+    run = airflow.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": TRIGGERED_DATE, "conf": conf})
+    question, answer = airflow.answer(DAG_ID, run["dag_run_id"], "approval", -1, "Approve")
+    assert question["options"] == ["Approve", "Reject"] and "approval is `always`" in question["body"]
+    assert answer["responded_by"]["name"] == USER
     airflow.wait_for_runs([run["dag_run_id"]])
     return run["dag_run_id"]
 
@@ -135,6 +186,9 @@ def test_triggered_run_trains_with_the_given_params_and_logs_each_epoch(airflow,
 
     pointer = storage.read_json(storage.join(storage_roots["registry"], "mnist-admm", "current.json"))
     assert pointer["run"] == run_uri
+    decisions = [entry for entry in registry.read_history(storage_roots["registry"]) if entry["run_uri"] == run_uri]
+    assert [entry["decision"] for entry in decisions] == ["approved", "accepted"]  # a person, then the gate
+    assert decisions[0]["reviewer"] == USER and decisions[0]["responded_at"] and decisions[0]["training_key"]
     (model_event,) = airflow.asset_events("publish", [triggered_run])
     assert model_event["name"] == "mnist-admm-published-model" and model_event["extra"]["version"] == pointer["version"]
     (dataset_event,) = airflow.asset_events("validate", [triggered_run])
@@ -193,3 +247,57 @@ def test_backfill_runs_each_date_into_its_own_directory(airflow, triggered_run, 
     assert decisions == {first: "rejected", second: "skipped"}
     assert airflow.asset_events("publish", run_ids) == []  # the rejected models emitted nothing
     assert len(airflow.asset_events("validate", run_ids)) == 2
+
+
+def test_a_quarantine_starts_the_review_whose_release_over_rest_brings_the_batch_back(airflow, storage_roots,
+                                                                                       tmp_path_factory):
+    """A batch with 10 % blank images fails the weekly run at validate; request_review's asset event starts the
+    review DAG, whose question shows the failed check and the contact sheet; released over the HITL REST API,
+    the registry history says so (who, when) and the next ingest includes the batch.
+
+    Last in this module: the review run is created by the scheduler from the asset event, which it does only
+    with ``[scheduler] use_job_schedule`` on; the scheduler is restarted so, with the weekly DAG paused (it would
+    otherwise start last week's scheduled run with the default params)."""
+    from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
+    from test_ingest import batch_files, batched_source
+
+    base = tmp_path_factory.mktemp("review")
+    landing = batched_source(base / "landing", [])
+    images, labels = read_vendored(TRAIN_IMAGES)[:400].reshape(-1, 784).copy(), read_vendored(TRAIN_LABELS)[:400]
+    images[::10] = 0
+    images[np.arange(0, 400, 10), np.arange(40)] = 5  # blank (no grey level above 10), yet each one distinct
+    batch_files(landing, QUARANTINED_BATCH, images.reshape(-1, 28, 28), labels)
+    conf = small_conf(landing, {**storage_roots, "lake": str(base / "lake"), "registry": str(base / "registry")})
+    run = airflow.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": QUARANTINED_DATE, "conf": conf})
+    assert airflow.finished_runs([run["dag_run_id"]])[run["dag_run_id"]]["state"] == "failed"
+    states = {task["task_id"]: task["state"] for task in airflow.api(
+        "GET", f"/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances")["task_instances"]}
+    assert states["validate"] == "failed" and states["request_review"] == "success"
+    assert {states[task] for task in ("plan", "train", "evaluate", "approval", "publish")} == {"upstream_failed"}
+    (event,) = airflow.asset_events("request_review", [run["dag_run_id"]])
+    assert event["uri"] == "x-admm://lake/mnist/quarantine" and list(event["extra"]["quarantined"]) == [
+        QUARANTINED_BATCH]
+
+    airflow.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": True})
+    airflow.restart_scheduler(AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="True")
+    (review_run,) = airflow.poll(lambda: airflow.api("GET", f"/dags/{REVIEW_DAG_ID}/dagRuns")["dag_runs"],
+                                 "the review run started by the quarantine event")
+    assert review_run["run_type"] == "asset_triggered"
+    question, answer = airflow.answer(REVIEW_DAG_ID, review_run["dag_run_id"], "review", 0, review.RELEASE)
+    assert question["options"] == [review.KEEP, review.RELEASE] and question["defaults"] == [review.KEEP]
+    assert QUARANTINED_BATCH in question["subject"] and "| blank images | 0.1 | at most 0.02 |" in question["body"]
+    (link,) = set(re.findall(r"\]\((admm-reports/quarantine/[^)]+)\)", question["body"]))
+    sheet = airflow.client.get(f"{airflow.url}/{link}", follow_redirects=True)
+    assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
+    assert sheet.url.path == f"/admm-reports/files/runs/{QUARANTINED_KEY}/quarantine/{QUARANTINED_BATCH}/contact-sheet.png"
+    assert httpx.get(f"{airflow.url}/{link}").status_code == 401  # not signed in
+    assert airflow.finished_runs([review_run["dag_run_id"]], REVIEW_DAG_ID)[review_run["dag_run_id"]]["state"] == \
+        "success"
+
+    history = registry.read_history(conf["registry_uri"])
+    assert [(entry["decision"], entry["batch"]) for entry in history] == [
+        ("quarantined", QUARANTINED_BATCH), ("released", QUARANTINED_BATCH)]
+    assert history[1]["reviewer"] == USER and answer["responded_by"]["name"] == USER
+    assert datetime.fromisoformat(history[1]["responded_at"]) == datetime.fromisoformat(answer["responded_at"])
+    assert ingest.ingest_dataset(str(landing), conf["lake_uri"], registry_uri=conf["registry_uri"],
+                                 validation_fraction=conf["validation_fraction"])["batches"] == [QUARANTINED_BATCH]

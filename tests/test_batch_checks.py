@@ -8,6 +8,7 @@ from test_ingest import WEEKS, batch_files, batched_source
 
 from admm_jobs import ingest, validate
 from admm_jobs.lake import batches, dataset, storage
+from admm_jobs.registry import review
 from admm_jobs.registry import store as registry
 from admm_jobs.registry.model import save_model
 
@@ -104,8 +105,9 @@ def test_a_poisoned_batch_is_quarantined(landed, make_batch, check):
     assert [entry["decision"] for entry in history] == ["quarantined"]
     assert history[0]["batch"] == WEEKS[2] and history[0]["logical_date"] == "2026-01-18T00:00:00+00:00"
     assert registry.read_pointer(registry_uri) == before  # the published model stays
-    # later runs leave the quarantined batch out
-    assert ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)["batches"] == WEEKS[:2]
+    # later runs leave the quarantined batch out: the registry history says so
+    assert ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25,
+                                 registry_uri=registry_uri)["batches"] == WEEKS[:2]
 
 
 def test_inverted_images_are_also_saturated(landed):
@@ -122,3 +124,28 @@ def test_thresholds_are_settings(landed):
     result = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
     outcome = validate.validate_dataset(result["dataset_uri"], registry_uri=registry_uri, max_accuracy_drop=1.0)
     assert outcome["success"] and outcome["checked_batches"] == [WEEKS[2]]
+
+
+def test_a_released_batch_is_included_by_the_next_run_and_not_refused_again(landed, tmp_path):
+    """A reviewer's release in the registry history, not a deleted file, brings the batch back."""
+    source, lake, registry_uri = landed
+    with pytest.raises(validate.BatchQuarantined) as failure:
+        validate_week3(landed, shuffled_labels)
+    record = failure.value.quarantined[WEEKS[2]]
+    quarantine = {**record, "batch": WEEKS[2], "registry_uri": registry_uri, "run_uri": str(tmp_path / "runs" / "w3"),
+                  "dataset_uri": failure.value.result["dataset_uri"]}
+    sheet_uri = review.write_contact_sheet(quarantine)
+    assert sheet_uri == review.contact_sheet_uri(quarantine["run_uri"], WEEKS[2])
+    assert storage.read_bytes(sheet_uri).startswith(b"\x89PNG")
+
+    entry = review.record_review({**quarantine, "contact_sheet_uri": sheet_uri}, review.review_decision(
+        [review.RELEASE], timed_out=False), {"id": "ann", "name": "ann"}, "2026-01-19T09:30:00+00:00")
+    assert entry["decision"] == "released" and entry["batch"] == WEEKS[2] and entry["reviewer"] == "ann"
+    assert entry["responded_at"] == "2026-01-19T09:30:00+00:00" and entry["contact_sheet_uri"] == sheet_uri
+    assert storage.exists(batches.quarantine_uri(str(lake / "mnist"), WEEKS[2]))  # the evidence stays
+
+    result = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25, registry_uri=registry_uri)
+    assert result["batches"] == WEEKS[:3] and result["quarantined"] == []
+    outcome = validate.validate_dataset(result["dataset_uri"], registry_uri=registry_uri)
+    assert outcome["success"] and outcome["checked_batches"] == []  # the reviewer overruled its checks
+    assert [entry["decision"] for entry in registry.read_history(registry_uri)] == ["quarantined", "released"]

@@ -13,26 +13,79 @@ from admm_jobs.lake import storage
 from admm_jobs.registry import model as model_io
 
 DAG_ID = "mnist_admm_retraining"
+REVIEW_DAG_ID = "mnist_quarantine_review"
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+STAGES = ["ingest", "validate", "plan", "train", "evaluate", "publish"]
 
 
 @pytest.fixture(scope="module")
-def dag():
+def dag_bag():
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(DAGS_FOLDER))
     assert bag.import_errors == {}
-    return bag.dags[DAG_ID]
+    return bag
+
+
+@pytest.fixture(scope="module")
+def dag(dag_bag):
+    return dag_bag.dags[DAG_ID]
 
 
 def test_dag_wires_the_stages_in_order(dag):
-    chain = ["ingest", "validate", "plan", "train", "evaluate", "publish"]
-    assert dag.task_dict.keys() == set(chain)
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    chain = ["ingest", "validate", "plan", "train", "evaluate", "approval", "publish"]
+    assert dag.task_dict.keys() == {*chain, "request_review"}
     for upstream, downstream in zip(chain, chain[1:]):
-        assert dag.get_task(upstream).downstream_task_ids == {downstream}
-    assert all(task.retries >= 1 for task in dag.tasks)  # every task does I/O: transient failures are retried
+        assert dag.get_task(upstream).downstream_task_ids - {"request_review"} == {downstream}
+    # every stage does I/O: transient failures are retried
+    assert all(dag.get_task(task_id).retries >= 1 for task_id in STAGES)
     assert type(dag.get_task("plan")).__name__ == "ShortCircuitOperator"
     assert dag.timetable.expression == "0 0 * * 0" and dag.catchup is False  # @weekly
+    # a person before publish: skipped unless the approval param asks, so publish also runs after a skip
+    approval = dag.get_task("approval")
+    assert isinstance(approval, ApprovalOperator) and approval.response_timeout.days == 6
+    assert approval.defaults == [ApprovalOperator.REJECT]  # no answer in time: nothing is published
+    assert dag.get_task("publish").trigger_rule == "none_failed"
+    assert dag.params["approval"] == "never"  # the schedule and make run never wait
+
+
+def test_a_quarantine_starts_the_review_dag_through_an_asset(dag, dag_bag):
+    """Only a successful task's outlet events are recorded, so validate (which fails on a quarantine) cannot emit
+    the event: request_review, run once validate ran (passed or failed), does."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    from admm_jobs.orchestration import assets, review
+
+    request = dag.get_task("request_review")
+    assert request.upstream_task_ids == {"validate"} and request.downstream_task_ids == set()
+    assert request.trigger_rule == "one_done" and request.outlets == [assets.quarantine_asset()]
+    review_dag = dag_bag.dags[REVIEW_DAG_ID]
+    assert list(review_dag.timetable.asset_condition.objects) == [assets.quarantine_asset()]
+    assert review_dag.catchup is False
+    assert review_dag.task_dict.keys() == {review.EVIDENCE_TASK, "review"}
+    question = review_dag.get_task("review")
+    assert question.upstream_task_ids == {review.EVIDENCE_TASK} and issubclass(question.operator_class, HITLOperator)
+    assert question.partial_kwargs["response_timeout"] == review.REVIEW_TIMEOUT
+    assert question.operator_class(task_id="probe", subject="s", quarantine={}).defaults == ["Keep quarantined"]
+
+
+@pytest.mark.parametrize("mode, evaluation, asks", [
+    ("never", {"delta_vs_published": -0.01, "batch_delta_vs_published": -0.02}, False),
+    ("when-flagged", {"delta_vs_published": 0.003, "batch_delta_vs_published": 0.0}, False),
+    ("when-flagged", {"delta_vs_published": None, "batch_delta_vs_published": None}, False),  # first model
+    ("when-flagged", {"delta_vs_published": -0.0015, "batch_delta_vs_published": 0.01}, True),
+    ("when-flagged", {"delta_vs_published": 0.001, "batch_delta_vs_published": -0.004}, True),
+    ("always", {"delta_vs_published": 0.003, "batch_delta_vs_published": 0.0}, True),
+])
+def test_approval_waits_for_a_person_as_its_param_says(dag, mode, evaluation, asks):
+    from admm_jobs.registry import review
+
+    dag.params.get_param("approval").resolve(mode)
+    flags = review.approval_flags(evaluation)
+    assert review.approval_required(mode, flags) is asks
+    assert len(flags) == sum(1 for value in evaluation.values() if value is not None and value < 0)
 
 
 def test_params_are_typed_and_bounded(dag):
@@ -78,7 +131,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
             "epochs": 3, "partitions": 2, "min_accuracy": 0.0}
 
     # week 2, backfilled after week 3 landed: trains on weeks 1-2 only, from random weights
-    assert run_week(dag, conf, WEEKS[1]) == ("success", dict.fromkeys(dag.task_dict, "success"))
+    assert run_week(dag, conf, WEEKS[1]) == ("success", {**dict.fromkeys(dag.task_dict, "success"),
+                                                         "approval": "skipped", "request_review": "skipped"})
     week2 = tmp_path / "runs" / "20260111T000000"
     plan = json.loads((week2 / "plan.json").read_text())
     assert plan["batches"] == WEEKS[:2] and plan["retrain"] is True and plan["init_model_uri"] is None
@@ -99,8 +153,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     # week 3 again: nothing new, so train/evaluate/publish are skipped, not failed
     state, states = run_week(dag, conf, WEEKS[2])
     assert state == "success"
-    assert states == {"ingest": "success", "validate": "success", "plan": "success",
-                      "train": "skipped", "evaluate": "skipped", "publish": "skipped"}
+    assert states == {"ingest": "success", "validate": "success", "plan": "success", "request_review": "skipped",
+                      "train": "skipped", "evaluate": "skipped", "approval": "skipped", "publish": "skipped"}
     skipped = json.loads((week3 / "plan.json").read_text())
     assert skipped["retrain"] is False and "already" in skipped["reason"]
 
@@ -109,8 +163,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     images, labels = read_vendored(TRAIN_IMAGES)[1200:1600], read_vendored(TRAIN_LABELS)[1200:1600]
     batch_files(source, WEEKS[3], images, np.random.default_rng(0).permutation(labels))
     state, states = run_week(dag, conf, WEEKS[3])
-    assert state == "failed" and states["validate"] == "failed"
-    assert {states[task] for task in ("plan", "train", "evaluate", "publish")} == {"upstream_failed"}
+    assert state == "failed" and states["validate"] == "failed" and states["request_review"] == "success"
+    assert {states[task] for task in ("plan", "train", "evaluate", "approval", "publish")} == {"upstream_failed"}
     assert (tmp_path / "registry" / "mnist-admm" / "current.json").read_text() == pointer
     decisions = [(entry["decision"], entry.get("batch")) for entry in history(tmp_path / "registry")]
     assert decisions[-2:] == [("skipped", None), ("quarantined", WEEKS[3])]

@@ -20,6 +20,7 @@ import pytest
 from admm_jobs import ingest
 from admm_jobs.cli.config import ConfigError
 from admm_jobs.lake import batches, dataset, landing, profiles, storage
+from admm_jobs.registry import store as registry
 
 from idx_files import (
     IDX_NAMES,
@@ -262,11 +263,15 @@ def test_changed_batch_under_the_same_date_is_refused(tmp_path):
     assert ingest.ingest_dataset(str(source), str(lake), as_of=WEEKS[0])["batches"] == [WEEKS[0]]
 
 
-def test_quarantined_batches_are_left_out(tmp_path):
+def test_batches_the_registry_history_holds_in_quarantine_are_left_out_until_released(tmp_path):
     source, lake = batched_source(tmp_path / "landing", WEEKS[:3]), tmp_path / "lake"
-    storage.write_json(batches.quarantine_uri(str(lake / "mnist"), WEEKS[1]), {"batch": WEEKS[1]})
-    result = ingest.ingest_dataset(str(source), str(lake))
+    registry_uri = str(tmp_path / "registry")
+    registry.record_decision(registry_uri, {"decision": registry.QUARANTINED, "batch": WEEKS[1]})
+    storage.write_json(batches.quarantine_uri(str(lake / "mnist"), WEEKS[2]), {"batch": WEEKS[2]})  # a file alone
+    result = ingest.ingest_dataset(str(source), str(lake), registry_uri=registry_uri)
     assert result["batches"] == [WEEKS[0], WEEKS[2]] and result["quarantined"] == [WEEKS[1]]
+    registry.record_decision(registry_uri, {"decision": registry.RELEASED, "batch": WEEKS[1], "reviewer": "ann"})
+    assert ingest.ingest_dataset(str(source), str(lake), registry_uri=registry_uri)["batches"] == WEEKS[:3]
 
 
 @pytest.mark.parametrize("layout, problem", [

@@ -15,16 +15,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from admm_jobs import publish
 from admm_jobs.lake import storage
-from admm_jobs.orchestration import assets, tasks
+from admm_jobs.orchestration import assets, review, tasks
+from admm_jobs.registry import review as registry_review
 from admm_jobs.registry import store as registry
 
 import report_auth
-from report_auth import ANALYST, RETRAINING_DAG, SCORER, SCORING_DAG, STRANGER
+from report_auth import ANALYST, RETRAINING_DAG, REVIEW_DAG, REVIEWER, SCORER, SCORING_DAG, STRANGER
 from run_artifacts import make_evaluated_run
 
 PLUGINS_FOLDER = Path(__file__).resolve().parents[1] / "plugins"
@@ -168,6 +170,40 @@ def test_a_run_redirects_to_the_report_its_evaluate_task_returned(roots, client_
     assert refused.status_code == 403 and "not allowed to read the runs of 'other_dag'" in refused.text
 
 
+def test_a_review_run_links_the_contact_sheet_of_each_batch_to_its_readers(roots, client_for):
+    """The review question's link (orchestration.review.contact_sheet_link) redirects to the PNG that the run's
+    evidence task drew, for users who may read the runs of the review DAG and of the DAG writing the root."""
+    from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
+
+    labels = read_vendored(TRAIN_LABELS)[:200]
+    failures = [{"check": "label confusion", "given": 3, "predicted": 8}, {"check": "blank images"}]
+    chosen = registry_review.sample_indices(labels, registry_review.flagged_classes(failures), 60)
+    assert list(chosen) == list(np.flatnonzero((labels == 3) | (labels == 8)))  # every 3 and 8: fewer than 60
+    sheet = registry_review.contact_sheet_png(read_vendored(TRAIN_IMAGES)[chosen].reshape(-1, 784), labels[chosen],
+                                              [28, 28], "batch 2026-03-01: labels 3, 8")
+    sheet_uri = registry_review.contact_sheet_uri(f"{roots['runs'].uri}/{RUN_KEY}", "2026-03-01")
+    storage.write_bytes(sheet_uri, sheet)
+    evidence = [{"subject": "...", "body": "...",
+                 "quarantine": {"batch": batch, "contact_sheet_uri": registry_review.contact_sheet_uri(
+                     f"{roots['runs'].uri}/{RUN_KEY}", batch)}} for batch in ("2026-02-22", "2026-03-01")]
+    results = {(REVIEW_DAG, "review_1", review.EVIDENCE_TASK): evidence}
+    link = review.contact_sheet_link(REVIEW_DAG, "review_1", "2026-03-01")
+    assert link.startswith("admm-reports/")
+    route = "/" + link.removeprefix("admm-reports/")
+
+    reviewer = client_for(roots, user=REVIEWER, lookup=lambda *key: results.get(key))
+    redirect = reviewer.get(route, follow_redirects=False)
+    assert redirect.status_code == 303
+    assert redirect.headers["location"].endswith(f"/files/runs/{RUN_KEY}/quarantine/2026-03-01/contact-sheet.png")
+    served = reviewer.get(route)
+    assert served.content == sheet and served.headers["content-type"] == "image/png"
+    assert reviewer.get(route.replace("2026-03-01", "2026-02-22")).status_code == 404  # listed, not drawn
+    assert reviewer.get(route.replace("2026-03-01", "2026-03-08")).status_code == 404  # not in this review
+    refused = client_for(roots, user=ANALYST, lookup=lambda *key: results.get(key)).get(route)
+    assert refused.status_code == 403 and f"not allowed to read the runs of '{REVIEW_DAG}'" in refused.text
+    assert client_for(roots, user=None, lookup=lambda *key: results.get(key)).get(route).status_code == 401
+
+
 STRAY_RUN_KEY = "20260309T000000"
 
 
@@ -291,6 +327,24 @@ def test_registry_page_shows_the_whole_history_newest_first_with_plot_and_links(
 
     plots = re.findall(r"src='data:image/png;base64,([^']+)'", text)
     assert len(plots) == 1 and base64.b64decode(plots[0]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_registry_page_shows_who_reviewed_a_quarantine_and_when(tmp_path, client_for):
+    runs, registry_uri = tmp_path / "runs", str(tmp_path / "registry")
+    sheet_uri = registry_review.contact_sheet_uri(str(runs / RUN_KEY), "2026-03-01")
+    storage.write_bytes(sheet_uri, PNG)
+    quarantine = {"batch": "2026-03-01", "registry_uri": registry_uri, "run_uri": str(runs / RUN_KEY),
+                  "logical_date": "2026-03-02", "dataset_version": "d" * 16, "contact_sheet_uri": sheet_uri}
+    registry.record_decision(registry_uri, {"decision": "quarantined", "batch": "2026-03-01"})
+    registry_review.record_review(quarantine, "released", {"id": "7", "name": "ann"}, "2026-03-03T10:00:00+00:00")
+    registry_review.record_review({**quarantine, "batch": "2026-03-08"}, "timed_out", None, "2026-03-10T00:00:00")
+    client = client_for(retraining_roots(runs=runs, registry=registry_uri))
+    rows = client.get("/").text.split("<tr>")[2:]
+    timed_out, released, _ = rows
+    assert "by nobody (no answer in time) at 2026-03-10T00:00:00" in timed_out
+    assert "by ann at 2026-03-03T10:00:00+00:00" in released and "batch 2026-03-01 released" in released
+    (link,) = re.findall(r"href='([^']+)'>contact sheet<", released)
+    assert client.get("/" + link).content == PNG
 
 
 def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path, client_for):

@@ -95,6 +95,24 @@ def test_find_decision_returns_the_latest_gate_decision_with_that_key(tmp_path):
         "rejected", "accepted", "skipped", "quarantined", "rejected"]
 
 
+def test_the_latest_decision_about_a_batch_says_whether_it_is_held_out(tmp_path):
+    registry_uri = str(tmp_path / "registry")
+    record = lambda **entry: registry.record_decision(registry_uri, entry)  # noqa: E731
+    for batch in ("2026-01-04", "2026-01-11", "2026-01-18", "2026-01-25"):
+        record(decision="quarantined", batch=batch)
+    record(decision="released", batch="2026-01-04", reviewer="ann")
+    record(decision="confirmed", batch="2026-01-11", reviewer="bob")
+    record(decision="timed_out", batch="2026-01-18", reviewer=None)
+    record(decision="accepted", training_key="k", version="v", test_accuracy=0.9, batch="2026-01-25")  # not a batch's
+    record(decision="quarantined", batch="2026-02-01")
+    record(decision="released", batch="2026-02-01", reviewer="ann")
+    record(decision="quarantined", batch="2026-02-01")  # refused again after its release: out again
+
+    assert registry.quarantined_batches(registry_uri) == {"2026-01-11", "2026-01-18", "2026-01-25", "2026-02-01"}
+    assert registry.released_batches(registry_uri) == {"2026-01-04"}
+    assert registry.quarantined_batches(str(tmp_path / "empty")) == set()
+
+
 def test_history_lines_written_before_the_decision_kinds_are_read_in_the_current_form(tmp_path):
     registry_uri = str(tmp_path / "registry")
     old = {"at": "2026-01-01T00:00:00+00:00", "reason": "test accuracy 0.9000 >= minimum 0.8500",

@@ -62,7 +62,8 @@ def test_unknown_param_and_valid_overrides(dag):
 def test_main_rejects_bad_date_and_params_before_running_anything(capsys):
     for argv, message in ([["--logical-date", "2026-02-30"], "logical date '2026-02-30': not a date"],
                           [["--params", "{\"epochs\": 0}"], "invalid param epochs: 0 is less than the minimum of 1"],
-                          [["--params", "[1]"], "--params must be a JSON object, got list"]):
+                          [["--params", "[1]"], "--params must be a JSON object, got list"],
+                          [["--params", "{\"approval\": \"always\"}"], "invalid param approval: 'always' waits"]):
         with pytest.raises(SystemExit) as raised:
             run_pipeline.main(argv)
         assert str(raised.value).startswith(message)

@@ -320,6 +320,7 @@ def test_the_dag_refuses_a_run_outside_the_roots_before_ingest_does_anything(air
     dag_run = dag.test(logical_date=datetime(2026, 5, 10, tzinfo=timezone.utc), run_conf=conf)
     states = run_states(dag_run)
     assert states["ingest"] == ("failed", 1)  # not retried, though ingest has retries for I/O errors
+    assert states.pop("request_review") == ("skipped", 0)  # validate never ran: no quarantine to review
     assert {state for task, (state, _) in states.items() if task != "ingest"} == {"upstream_failed"}
     assert requested == [] and not (tmp_path / "elsewhere").exists() and not (tmp_path / "allowed").exists()
     # refused by the pre-execute hook, on the run's params, before ingest's callable saw its --source

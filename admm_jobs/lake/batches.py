@@ -7,7 +7,7 @@ Layout (``D`` = ``LAKE/<dataset>``), every directory committed by its record, wr
     D/batches/<id>/validation-<f>/profile/             its profile (:mod:`admm_jobs.lake.profiles`)
     D/test-sets/<sha>/split=test/part-*.parquet, test-set.json, profile/
     D/<version>/manifest.json                          the dataset: which batches, which test set
-    D/quarantine/<id>.json                             batches refused by validation (excluded)
+    D/quarantine/<id>.json                             evidence of batches refused by validation
 
 A batch is ingested once and reused afterwards; a batch whose content changed under the same
 date is refused. ``batch.json`` records each landed file's sha256 and its signature (size, and
@@ -71,7 +71,7 @@ UNDATED_PREFIX = "undated-"
 
 
 def quarantine_uri(lake_dataset_uri: str, batch_id: str) -> str:
-    """Where validation records a refused batch; ingest leaves such batches out of later datasets."""
+    """Where validation keeps the evidence of a refused batch (the registry history says whether it is left out)."""
     return storage.join(lake_dataset_uri, QUARANTINE_DIR, f"{batch_id}.json")
 
 

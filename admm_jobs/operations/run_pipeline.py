@@ -67,6 +67,14 @@ def resolved_params(dag, overrides: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(first_line.replace("Invalid input for param ", "invalid param ", 1)) from None
 
 
+def refuse_waiting_for_a_person(params: dict[str, Any]) -> None:
+    """``airflow dags test`` runs without an API server, so nobody could answer a publish approval: refuse an
+    ``approval`` other than ``never`` before running anything (approve in the UI of a running Airflow instead)."""
+    if params["approval"] != "never":
+        raise SystemExit(f"invalid param approval: {params['approval']!r} waits for a person, who cannot answer "
+                         "a local run; trigger the DAG in the Airflow UI or REST API to approve its publish")
+
+
 def parse_logical_date(text: str | None) -> datetime:
     """``YYYY-MM-DD`` (00:00 UTC that day) or an ISO 8601 timestamp (UTC if it has no offset), in UTC; None: now."""
     if not text:
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--params must be a JSON object, got {type(overrides).__name__}")
     dag = load_dag()
     params = resolved_params(dag, overrides)
+    refuse_waiting_for_a_person(params)
     command = ["airflow", "dags", "test", dag.dag_id, logical_date.isoformat(), "--conf", json.dumps(overrides)]
     print("$ " + " ".join(command), flush=True)
     completed = subprocess.run(command, check=False)

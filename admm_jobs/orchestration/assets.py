@@ -29,3 +29,10 @@ def published_model_asset(model_name: str = DEFAULT_MODEL_NAME) -> Asset:
 def publications_alias(model_name: str = DEFAULT_MODEL_NAME) -> AssetAlias:
     """The publish task's outlet: events are added to it at run time, so a rejected model emits none."""
     return AssetAlias(name=f"{model_name}-publications", group="model")
+
+
+def quarantine_asset(dataset_name: str = "mnist") -> Asset:
+    """The Asset a quarantine updates: logical identity ``x-admm://lake/<dataset>/quarantine``; it schedules the
+    quarantine review DAG. Each event's extra names the quarantined batches and where their evidence is
+    (see :func:`admm_jobs.orchestration.tasks.request_review_task`)."""
+    return Asset(name=f"{dataset_name}-quarantine", uri=f"x-admm://lake/{dataset_name}/quarantine", group="dataset")

@@ -67,7 +67,13 @@ CONFLICT_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey
 S3_CLIENT_ERRORS = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError)
 
 ACCEPTED, REJECTED, SKIPPED, QUARANTINED = "accepted", "rejected", "skipped", "quarantined"
-DECISIONS = (ACCEPTED, REJECTED, SKIPPED, QUARANTINED)
+# A reviewer's answer about a quarantined batch (no answer in time: timed_out, the batch stays out).
+RELEASED, CONFIRMED, TIMED_OUT = "released", "confirmed", "timed_out"
+# A person's answer before publish (the weekly DAG's ``approval`` param).
+APPROVED, DECLINED = "approved", "declined"
+DECISIONS = (ACCEPTED, REJECTED, SKIPPED, QUARANTINED, RELEASED, CONFIRMED, TIMED_OUT, APPROVED, DECLINED)
+# Decisions about one batch (their entries name it in ``batch``): the latest says whether it is held out.
+BATCH_DECISIONS = (QUARANTINED, RELEASED, CONFIRMED, TIMED_OUT)
 # Decisions of the quality gate: a model with this training key has been judged.
 GATE_DECISIONS = (ACCEPTED, REJECTED)
 # Every history entry has these fields (None / [] when they do not apply), plus kind-specific extras.
@@ -359,6 +365,24 @@ def find_decision(
         if entry["decision"] in GATE_DECISIONS and entry.get("training_key") == training_key:
             return entry
     return None
+
+
+def batch_decisions(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
+    """The latest decision about each batch that one names (:data:`BATCH_DECISIONS`), by batch id."""
+    return {entry["batch"]: entry["decision"] for entry in read_history(registry_uri, model_name)
+            if entry["decision"] in BATCH_DECISIONS and entry.get("batch")}
+
+
+def quarantined_batches(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> set[str]:
+    """The batches held out of later datasets: quarantined and not released since (a review that confirmed the
+    quarantine, or got no answer in time, keeps them out). The history is the record of truth, not a file."""
+    return {batch for batch, decision in batch_decisions(registry_uri, model_name).items() if decision != RELEASED}
+
+
+def released_batches(registry_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> set[str]:
+    """The batches a reviewer released after their quarantine: later runs include them without checking them
+    again (the reviewer overruled the checks)."""
+    return {batch for batch, decision in batch_decisions(registry_uri, model_name).items() if decision == RELEASED}
 
 
 # --- versions ---------------------------------------------------------------------------------
