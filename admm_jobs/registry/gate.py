@@ -16,6 +16,8 @@ class GateSettings:
                                     "model's", minimum=0, maximum=1)
     max_batch_regression: float = setting(0.0, "publish only if accuracy on the newest batch is at most this much "
                                           "below the published model's", minimum=0, maximum=1)
+    max_class_regression: float = setting(0.02, "publish only if no class's recall on the test set is more than this "
+                                          "much below the published model's", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)
