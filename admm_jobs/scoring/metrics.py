@@ -1,5 +1,8 @@
 """Scoring a model on labelled images: accuracy, per-class scores, confusion matrices, champion against
-challenger (``metrics.json`` of an evaluation is built from these)."""
+challenger (``metrics.json`` of an evaluation is built from these).
+
+Sets are read and scored chunk by chunk (:func:`tally`); every score is computed from counts that add
+exactly over the chunks, so the chunk size changes the memory, never a number."""
 
 from __future__ import annotations
 
