@@ -1,9 +1,14 @@
 """Score a trained model (the challenger) and the published one (the champion); write the evaluation.
 
 Both models are scored on the dataset's fixed test split and, when the dataset
-manifest lists batches, on every row of the newest batch. The champion is the
-model the registry pointer names when the evaluation runs (``--registry-uri``);
-its version is recorded, so that publish can tell when the pointer moved since.
+manifest lists batches, on every row of the newest batch; the challenger also on
+the validation split. The champion is the model the registry pointer names when
+the evaluation runs (``--registry-uri``); its version is recorded, so that
+publish can tell when the pointer moved since.
+
+Every set is read ``--batch-size`` rows at a time and both models score each chunk
+as it is read; only counts (confusion matrices, discordant pairs) are kept, so
+memory does not grow with the size of the test split or of the newest batch.
 
 Outputs (``--output-uri``, normally ``RUN/evaluation``), committed together
 through :func:`storage.staged_directory`, ``metrics.json`` last:
@@ -15,6 +20,9 @@ through :func:`storage.staged_directory`, ``metrics.json`` last:
   the champion's version, pointer and scores on both sets (null when nothing
   is published); ``comparison``: challenger minus champion per set (accuracy,
   macro F1, per-class deltas, and the examples only one of them gets right);
+  ``validation``: the challenger's scores on the validation split, rows it never
+  fitted (null when the split is empty): publish stores its confusion matrix with
+  the version as the reference for the batch checks;
   the dataset (version, batch ids, as-of date) and the model's metadata.
 * ``accuracy.png``, ``loss.png``: per-epoch curves from ``metrics.jsonl``
   (train/validation/test, warm-up epochs shaded); ``confusion_matrix.png``;
@@ -39,10 +47,15 @@ from admm_jobs.scoring import report
 from admm_jobs.scoring.metrics import (
     EVALUATION_FORMAT,
     NEWEST_BATCH,
+    TEST,
+    VALIDATION,
     EvaluationError,
+    confusion_scores,
     evaluation_sets,
     score_deltas,
-    score_sets,
+    tally,
+    tally_sets,
+    validation_set,
 )
 
 METRICS_FILE = registry.EVALUATION_METRICS_FILE
@@ -63,7 +76,8 @@ class EvaluateConfig:
     output_uri: str = setting(help="directory to write the evaluation into", minLength=1)
     registry_uri: str | None = setting(None, "model registry, to compare with the published model")
     model_name: str = setting(registry.DEFAULT_MODEL_NAME, "registry entry name")
-    batch_size: int = setting(4096, "test rows scored per forward pass", minimum=1)
+    batch_size: int = setting(4096, "rows read and scored at a time (bounds the memory whatever the data's size)",
+                              minimum=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -108,20 +122,23 @@ def evaluate_run(
     manifest = dataset.load_manifest(dataset_uri)
     epochs = read_epoch_metrics(metrics_uri)
     sets = evaluation_sets(dataset_uri, manifest)
-    scored = score_sets(model, sets, batch_size)
-    test_scores = scored["test"][0]
-    newest = next((examples for examples in sets if examples.name == NEWEST_BATCH), None)
     champion = champion_of(registry_uri, model_name)
+    # Both models score each chunk as it is read: one pass over every set, in memory bounded by batch_size.
+    tallies = tally_sets([model] if champion is None else [model, champion[1]], sets, batch_size)
+    scored = {examples.name: [confusion_scores(confusion, examples.source)
+                              for confusion in tallies[examples.name].confusions] for examples in sets}
+    test_scores = scored[TEST][0]
+    held_out = validation_set(dataset_uri)
+    validation_confusion = tally([model], held_out, batch_size).confusions[0]
+    newest = next((examples for examples in sets if examples.name == NEWEST_BATCH), None)
     champion_section = comparison = None
     if champion is not None:
-        pointer, champion_model = champion
-        champion_scored = score_sets(champion_model, sets, batch_size)
-        champion_section = {"version": pointer["version"], "pointer": pointer, "test": None, NEWEST_BATCH: None}
-        comparison = {"test": None, NEWEST_BATCH: None}
-        for examples in sets:
-            (mine, my_predictions), (theirs, their_predictions) = scored[examples.name], champion_scored[examples.name]
-            champion_section[examples.name] = theirs
-            comparison[examples.name] = score_deltas(mine, theirs, examples.labels, my_predictions, their_predictions)
+        pointer = champion[0]
+        champion_section = {"version": pointer["version"], "pointer": pointer, TEST: None, NEWEST_BATCH: None}
+        comparison = {TEST: None, NEWEST_BATCH: None}
+        for name, (mine, theirs) in scored.items():
+            champion_section[name] = theirs
+            comparison[name] = score_deltas(mine, theirs, tallies[name])
     metadata = model.metadata
     evaluation = {
         "format": EVALUATION_FORMAT,
@@ -134,6 +151,7 @@ def evaluate_run(
             if newest
             else None
         ),
+        VALIDATION: confusion_scores(validation_confusion, held_out.source) if validation_confusion.sum() else None,
         "dataset": {
             "uri": dataset_uri,
             "version": manifest["version"],

@@ -8,7 +8,17 @@ accepted iff
 * its test accuracy is at least ``min_accuracy``, and, when there is a champion,
 * test accuracy >= champion's test accuracy - ``max_regression``, and
 * accuracy on the dataset's newest batch >= champion's on it - ``max_batch_regression``
-  (when the evaluation scored a newest batch).
+  (when the evaluation scored a newest batch), and
+* for every class k, recall_k on the test set >= the champion's recall_k - ``max_class_regression``
+  (a poison aimed at one class moves its recall, not the overall accuracy; the failed classes are named).
+
+Publish adds its decision to the run's report (``evaluation/report.html``), which the
+registry copies with an accepted version and the history links for a rejected one.
+
+An accepted version is stored with its reference confusion (``reference/confusion.json``,
+:func:`admm_jobs.registry.store.reference_confusion`): its confusion matrix on the validation
+split, which evaluate computed, so that the batch checks compare a new batch with it without
+scoring history again.
 
 The scores come from ``RUN/evaluation/metrics.json``, where evaluate scored both models on the
 same test split and newest batch. If the pointer has moved since (another model was published
@@ -40,7 +50,7 @@ from admm_jobs.lake import storage
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry.gate import GateSettings
 from admm_jobs.registry import store as registry
-from admm_jobs.scoring import metrics
+from admm_jobs.scoring import metrics, report
 from admm_jobs.serving.onnx_export import verified_onnx
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
@@ -68,6 +78,7 @@ class PublishConfig:
     min_accuracy: float = GATE_FIELDS["min_accuracy"]
     max_regression: float = GATE_FIELDS["max_regression"]
     max_batch_regression: float = GATE_FIELDS["max_batch_regression"]
+    max_class_regression: float = GATE_FIELDS["max_class_regression"]
     model_name: str = setting(DEFAULT_MODEL_NAME, "registry entry name")
     training_key: str | None = setting(
         None, "identity of what was trained (dataset version, code version, training params), for the history"
@@ -96,10 +107,18 @@ def _is_iso_date(text: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    """A model's accuracy on the test split and on the newest batch (None: not scored there)."""
+    """A model's accuracy on the test split and on the newest batch, and its recall of each class on the test
+    split (None: not scored there)."""
 
     test_accuracy: float
     batch_accuracy: float | None = None
+    class_recalls: list[float] | None = None
+
+
+def class_recalls(scores: dict[str, Any]) -> list[float] | None:
+    """Recall per class from scores with ``per_class`` (``metrics.json``'s form); None when they have none."""
+    per_class = scores.get("per_class")
+    return [float(entry["recall"]) for entry in per_class] if per_class else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +139,8 @@ class Candidate:
 class Decision:
     outcome: str  # "accepted" (switch the pointer), "rejected", or "unchanged" (already current)
     reasons: list[str]
+    # Classes whose test recall fell too far: {"class", "recall", "champion_recall", "allowed"} each.
+    failed_classes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def reason(self) -> str:
@@ -152,7 +173,8 @@ def load_candidate(run_uri: str) -> Candidate:
     return Candidate(
         run_uri=run_uri,
         version=registry.model_version(weights_sha256),
-        scores=Scores(float(evaluation["test_accuracy"]), float(newest["accuracy"]) if newest else None),
+        scores=Scores(float(evaluation["test_accuracy"]), float(newest["accuracy"]) if newest else None,
+                      class_recalls(evaluation)),
         dataset_uri=evaluated_dataset.get("uri"),
         dataset_version=evaluated_dataset.get("version"),
         batches=list(evaluated_dataset.get("batches") or []),
@@ -171,7 +193,8 @@ def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri:
     evaluated = candidate.evaluation.get("champion")
     if evaluated and evaluated.get("version") == pointer["version"]:
         batch = evaluated.get(NEWEST_BATCH)
-        return Scores(float(evaluated["test"]["accuracy"]), batch["accuracy"] if batch else None)
+        return Scores(float(evaluated["test"]["accuracy"]), batch["accuracy"] if batch else None,
+                      class_recalls(evaluated["test"]))
     if candidate.evaluation.get("format") != metrics.EVALUATION_FORMAT or not candidate.dataset_uri:
         return Scores(float(pointer["test_accuracy"]))
     log.info(
@@ -183,24 +206,49 @@ def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri:
     model_uri = storage.join(registry.version_uri(registry_uri, pointer["version"], model_name), registry.MODEL_DIR)
     scored = metrics.score_champion(model_uri, candidate.dataset_uri)
     batch = scored[NEWEST_BATCH]
-    return Scores(scored["test"]["accuracy"], batch["accuracy"] if batch else None)
+    return Scores(scored["test"]["accuracy"], batch["accuracy"] if batch else None, class_recalls(scored["test"]))
+
+
+def within(mine: float, theirs: float, allowed: float) -> bool:
+    """Whether ``mine >= theirs - allowed``, a drop of exactly ``allowed`` included despite rounding."""
+    return mine - theirs + TOLERANCE >= -allowed
 
 
 def _comparison(what: str, mine: float, theirs: float, allowed: float, champion_version: str) -> tuple[bool, str]:
     """Whether ``mine >= theirs - allowed``, and the sentence saying so."""
     delta = mine - theirs
-    passed = delta + TOLERANCE >= -allowed
+    passed = within(mine, theirs, allowed)
     verdict = f"a drop of up to {allowed:.4f} is allowed" if passed else f"more than the allowed drop of {allowed:.4f}"
     return passed, (
         f"{what} {mine:.4f} vs {theirs:.4f} for the published version {champion_version} ({delta:+.4f}; {verdict})"
     )
 
 
+def class_regressions(
+    mine: list[float], theirs: list[float], allowed: float, champion_version: str
+) -> tuple[list[tuple[bool, str]], list[dict[str, Any]]]:
+    """The per-class gate: a failed check for every class whose test recall is more than ``allowed`` below the
+    champion's (or one passed check naming the largest drop), and those classes with their recalls."""
+    failed = [
+        {"class": k, "recall": recall, "champion_recall": champion_recall, "allowed": allowed}
+        for k, (recall, champion_recall) in enumerate(zip(mine, theirs))
+        if not within(recall, champion_recall, allowed)
+    ]
+    if failed:
+        return [_comparison(f"recall of class {entry['class']} on the test set", entry["recall"],
+                            entry["champion_recall"], allowed, champion_version) for entry in failed], failed
+    worst = min(range(len(mine)), key=lambda k: mine[k] - theirs[k])
+    reason = (f"no class's test recall is more than {allowed:.4f} below the published version {champion_version}'s "
+              f"(largest change: class {worst}, {mine[worst] - theirs[worst]:+.4f})")
+    return [(True, reason)], []
+
+
 def quality_gate(
     candidate: Candidate, current: dict[str, Any] | None, champion: Scores | None, settings: GateSettings
 ) -> Decision:
     """Accept iff the challenger reaches ``min_accuracy`` and, against a champion, regresses by no more
-    than ``max_regression`` on the test set and ``max_batch_regression`` on the newest batch.
+    than ``max_regression`` on the test set, ``max_batch_regression`` on the newest batch and
+    ``max_class_regression`` in any class's recall on the test set.
 
     ``current`` is the registry pointer (None: nothing published), ``champion`` its scores.
     Every check's outcome is a reason; a rejection lists the failed checks first.
@@ -208,6 +256,7 @@ def quality_gate(
     scores = candidate.scores
     if current is not None and current["version"] == candidate.version:
         return Decision("unchanged", [f"version {candidate.version} is already the published model"])
+    failed_classes: list[dict[str, Any]] = []
     floor_passed = scores.test_accuracy + TOLERANCE >= settings.min_accuracy
     checks = [
         (
@@ -230,10 +279,43 @@ def quality_gate(
             )
         else:
             checks.append((True, "no newest batch scored for both models: the batch check does not apply"))
+        if scores.class_recalls is not None and champion.class_recalls is not None:
+            class_checks, failed_classes = class_regressions(
+                scores.class_recalls, champion.class_recalls, settings.max_class_regression, current["version"])
+            checks += class_checks
+        else:
+            checks.append((True, "no per-class test recall for both models: the per-class check does not apply"))
     failed = [reason for passed, reason in checks if not passed]
     if failed:
-        return Decision("rejected", failed + [reason for passed, reason in checks if passed])
+        return Decision("rejected", failed + [reason for passed, reason in checks if passed], failed_classes)
     return Decision("accepted", [reason for _, reason in checks])
+
+
+def version_extras(candidate: Candidate) -> dict[str, bytes]:
+    """What a version keeps besides the run's files: the verified ONNX export and, when evaluate scored
+    held-out rows, the reference confusion the batch checks compare new batches with."""
+    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(candidate.run_uri, registry.MODEL_DIR)))
+    extras = {f"{registry.MODEL_DIR}/{registry.ONNX_FILE}": onnx_bytes}
+    held_out = candidate.evaluation.get(metrics.VALIDATION)
+    if held_out:
+        extras[registry.REFERENCE_CONFUSION_PATH] = registry.reference_confusion_bytes(
+            held_out["confusion_matrix"], metrics.VALIDATION, candidate.dataset_version)
+    return extras
+
+
+def add_decision_to_report(candidate: Candidate, decision: Decision, settings: GateSettings) -> None:
+    """Render the run's report again with the gate's decision in it: the registry copies that report with an
+    accepted version, and the history links it for a rejected one. An evaluation that lists no plots (written
+    by hand or by an older evaluate) keeps its report."""
+    plots = (candidate.evaluation.get("files") or {}).get("plots")
+    if plots is None:
+        return
+    directory = storage.join(candidate.run_uri, registry.EVALUATION_DIR)
+    images = {name: storage.read_bytes(storage.join(directory, name)) for name in plots}
+    gate = {"decision": decision.outcome, "reasons": decision.reasons, "failed_classes": decision.failed_classes,
+            "settings": dataclasses.asdict(settings)}
+    page = report.render_report({**candidate.evaluation, "gate": gate}, images)
+    storage.write_bytes(storage.join(directory, registry.REPORT_FILE), page.encode())
 
 
 def publish_run(
@@ -243,11 +325,12 @@ def publish_run(
     min_accuracy: float = GateSettings.min_accuracy,
     max_regression: float = GateSettings.max_regression,
     max_batch_regression: float = GateSettings.max_batch_regression,
+    max_class_regression: float = GateSettings.max_class_regression,
     training_key: str | None = None,
     logical_date: str | None = None,
 ) -> dict[str, Any]:
     """Gate the run's model against the published one and, if accepted, make it current."""
-    settings = GateSettings(min_accuracy, max_regression, max_batch_regression)
+    settings = GateSettings(min_accuracy, max_regression, max_batch_regression, max_class_regression)
     candidate = load_candidate(run_uri)
     version_uri = registry.version_uri(registry_uri, candidate.version, model_name)
     created_version = False
@@ -256,12 +339,11 @@ def publish_run(
             current, token = registry.read_pointer_versioned(registry_uri, model_name)
             champion = champion_scores(candidate, current, registry_uri, model_name) if current else None
             decision = quality_gate(candidate, current, champion, settings)
+            add_decision_to_report(candidate, decision, settings)
             if decision.outcome == "accepted":
                 if not registry.version_exists(registry_uri, candidate.version, model_name):
-                    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(run_uri, registry.MODEL_DIR)))
-                    extra = {f"{registry.MODEL_DIR}/{registry.ONNX_FILE}": onnx_bytes}
                     created_version |= registry.store_version(
-                        run_uri, registry_uri, candidate.version, extra, model_name
+                        run_uri, registry_uri, candidate.version, version_extras(candidate), model_name
                     )
                 new_pointer = {
                     "version": candidate.version,
@@ -297,6 +379,7 @@ def publish_run(
             "decision": decision.outcome,
             "reason": decision.reason,
             "reasons": decision.reasons,
+            "failed_classes": decision.failed_classes,
             "model_version": candidate.version,
             "test_accuracy": candidate.scores.test_accuracy,
             "batch_accuracy": candidate.scores.batch_accuracy,
@@ -335,6 +418,7 @@ def history_entry(
         "newest_batch": candidate.newest_batch,
         "training_key": training_key,
         "reasons": decision.reasons,
+        "failed_classes": decision.failed_classes,
         "test_accuracy": candidate.scores.test_accuracy,
         "batch_accuracy": candidate.scores.batch_accuracy,
         "version": candidate.version,

@@ -366,7 +366,8 @@ def _accuracy(value: Any) -> str:
 
 
 def _details(entry: dict[str, Any]) -> str:
-    """What a decision was about beyond its reasons: the quarantined batch's check, or the champion."""
+    """What a decision was about beyond its reasons: the quarantined batch's check, or the champion and the
+    classes that failed the per-class gate."""
     from admm_jobs.registry import store as registry
 
     parts = []
@@ -382,6 +383,9 @@ def _details(entry: dict[str, Any]) -> str:
         if champion.get("batch_accuracy") is not None:
             scores.append(f"newest batch {_accuracy(champion['batch_accuracy'])}")
         parts.append(f"champion {champion['version']}: {', '.join(scores)}")
+    parts += [f"class {failed['class']} failed the per-class gate: test recall {_accuracy(failed['recall'])}, "
+              f"the champion {_accuracy(failed['champion_recall'])}, allowed drop {_accuracy(failed['allowed'])}"
+              for failed in entry.get("failed_classes") or []]
     parts += [str(reason) for reason in entry.get("reasons") or []]
     if entry.get("report_uri") and posixpath.basename(entry["report_uri"]) != registry.REPORT_FILE:
         parts.append(f"report: {entry['report_uri']}")  # e.g. a quarantined batch's Data Docs, not served here

@@ -104,6 +104,22 @@ def test_params_are_typed_and_bounded(dag):
         assert params.get_param(name).description
 
 
+def test_every_gate_setting_is_a_param_that_plan_and_publish_receive(dag):
+    """GateSettings alone defines the gate: a new threshold becomes a typed param, part of plan's training key
+    and an option of publish with nothing else to wire."""
+    import dataclasses
+
+    from admm_jobs.registry.gate import GateSettings
+
+    templates = {task: " ".join(dag.get_task(task).op_args[0]) for task in ("plan", "publish")}
+    for field in dataclasses.fields(GateSettings):
+        param = dag.params.get_param(field.name)
+        assert param.schema["minimum"] == 0 and param.schema["maximum"] == 1
+        option = f"--{field.name.replace('_', '-')} {{{{ params.{field.name} }}}}"
+        assert option in templates["plan"].split(" -- ")[-1] and option in templates["publish"]
+    assert dag.params["max_class_regression"] == GateSettings.max_class_regression
+
+
 def task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
 

@@ -39,6 +39,20 @@ def test_read_split_limit_spans_part_files(small_idx_source, tmp_path, monkeypat
     assert full_pixels.shape == (train_rows, 784) and train_rows == (~held_out).sum()
 
 
+def test_chunked_reads_give_the_rows_of_a_whole_read_a_few_at_a_time(small_idx_source, tmp_path, monkeypatch):
+    monkeypatch.setattr(batches, "ROWS_PER_FILE", 300)
+    uri = ingest.ingest_dataset(str(small_idx_source), str(tmp_path), validation_fraction=1 / 6)["dataset_uri"]
+    files = dataset.split_file_uris(uri, "train")
+    chunks = list(dataset.iter_file_chunks(files, chunk_rows=128))
+    # 300-row files in chunks of 128: 128 + 128 + 44 per full file; a chunk never spans two files.
+    assert [len(labels) for _, labels in chunks[:3]] == [128, 128, 44]
+    assert all(len(labels) <= 128 for _, labels in chunks)
+    pixels, labels = dataset.read_split(uri, "train")
+    np.testing.assert_array_equal(np.concatenate([chunk for chunk, _ in chunks]), pixels)
+    np.testing.assert_array_equal(np.concatenate([chunk for _, chunk in chunks]), labels)
+    assert chunks[0][0].dtype == np.uint8 and chunks[0][1].dtype == np.int8
+
+
 def test_split_file_uris_follow_the_manifest(small_dataset):
     uri = small_dataset["dataset_uri"]
     manifest = dataset.load_manifest(uri)
@@ -102,6 +116,9 @@ def test_wrong_pixel_count_names_the_row(tmp_path):
     with pytest.raises(dataset.DatasetError, match="row 1 has 783 pixels, expected 784") as info:
         dataset.read_parquet_file(str(path))
     assert str(path) in str(info.value)
+    # Read a row at a time, the row number still counts from the start of the file.
+    with pytest.raises(dataset.DatasetError, match=f"{path}: row 1 has 783 pixels, expected 784"):
+        list(dataset.iter_file_chunks([str(path)], chunk_rows=1))
 
 
 def test_not_parquet_and_missing_file(tmp_path):
@@ -114,3 +131,7 @@ def test_not_parquet_and_missing_file(tmp_path):
     with pytest.raises(dataset.DatasetError, match="no such file") as info:
         dataset.read_parquet_file(str(missing))
     assert str(missing) in str(info.value)
+    for path, message in ((garbage, "unreadable Parquet file"), (missing, "no such file")):
+        with pytest.raises(dataset.DatasetError, match=message) as info:
+            list(dataset.iter_file_chunks([str(path)]))
+        assert str(path) in str(info.value)

@@ -82,6 +82,40 @@ def test_batched_scoring_matches_one_forward_pass(small_dataset, tmp_path):
     assert np.trace(np.array(result["confusion_matrix"])) == result["correct"]
 
 
+def test_scores_do_not_depend_on_the_chunk_size(small_dataset, tmp_path):
+    """Every score is computed from counts summed chunk by chunk: 7-row chunks give exactly what one chunk per
+    part file gives, for both models on every set, the validation split and the discordant pairs included."""
+    dataset_uri, registry_uri = small_dataset["dataset_uri"], str(tmp_path / "registry")
+    make_trained_run(str(tmp_path / "champion"), seed=5)
+    run_evaluation(tmp_path / "champion", dataset_uri)
+    assert publish.publish_run(str(tmp_path / "champion"), registry_uri, min_accuracy=0.0)["published"]
+    challenger = make_trained_run(str(tmp_path / "run"), seed=6)
+
+    def evaluation(chunk_rows: int) -> dict:
+        run = tmp_path / "run"
+        result = evaluate.evaluate_run(str(run / "model"), dataset_uri, str(run / "metrics.jsonl"),
+                                       str(tmp_path / f"evaluation-{chunk_rows}"), registry_uri=registry_uri,
+                                       batch_size=chunk_rows)
+        del result["evaluated_at"]
+        return result
+
+    tiny, whole = evaluation(7), evaluation(1_000_000)
+    assert tiny == whole
+    assert whole["champion"] is not None and whole["comparison"]["newest_batch"] is not None
+    # ... and both are the scores of all rows at once.
+    for name, split in (("test", "test"), ("validation", "validation")):
+        pixels, labels = dataset.read_split(dataset_uri, split)
+        expected = metrics.confusion_matrix(labels, challenger.predict(pixels), 10)
+        scores = whole if name == "test" else whole["validation"]
+        assert scores["confusion_matrix"] == expected.tolist()
+    assert whole["validation"]["examples"] == dataset.load_manifest(dataset_uri)["splits"]["validation"]["rows"]
+    champion = publish.model_io.load_model(registry.published_model_uri(registry_uri))
+    pixels, labels = dataset.read_split(dataset_uri, "test")
+    mine, theirs = challenger.predict(pixels) == labels, champion.predict(pixels) == labels
+    assert whole["comparison"]["test"]["challenger_only_correct"] == int(np.sum(mine & ~theirs)) > 0
+    assert whole["comparison"]["test"]["champion_only_correct"] == int(np.sum(theirs & ~mine)) > 0
+
+
 def test_plots_and_self_contained_report(small_dataset, tmp_path):
     make_trained_run(str(tmp_path), seed=1)
     result = run_evaluation(tmp_path, small_dataset["dataset_uri"])

@@ -36,7 +36,8 @@ def test_training_key_follows_data_code_the_settings_that_shape_the_model_and_th
                     plan.training_key("v1", "0.1.0+abc", train_config(init="random"), gate),
                     plan.training_key("v1", "0.1.0+abc", train_config(chunk_rows=512), gate),
                     plan.training_key("v1", "0.1.0+abc", train_config(), GateSettings(min_accuracy=0.9)),
-                    plan.training_key("v1", "0.1.0+abc", train_config(), GateSettings(max_batch_regression=0.01))):
+                    plan.training_key("v1", "0.1.0+abc", train_config(), GateSettings(max_batch_regression=0.01)),
+                    plan.training_key("v1", "0.1.0+abc", train_config(), GateSettings(max_class_regression=0.05))):
         assert changed != key
 
 

@@ -364,6 +364,22 @@ def test_registry_page_reads_a_registry_on_s3(s3_env, tmp_path, client_for):
     assert "href='files/" not in text.split("<tr>")[2]  # the rejected run's report lies outside every root
 
 
+def test_registry_page_names_the_class_that_failed_the_per_class_gate(tmp_path, client_for):
+    registry_uri = str(tmp_path / "registry")
+    settings = publish.GateSettings()
+    recalls = [0.99, 0.98, 0.97, 0.96, 0.95, 0.96, 0.97, 0.98, 0.99, 0.97]
+    champion, current = publish.Scores(0.97, None, recalls), {"version": "old", "test_accuracy": 0.97}
+    forgetful = publish.Scores(0.97, None, [0.9 if k == 4 else recall for k, recall in enumerate(recalls)])
+    candidate = publish.Candidate(run_uri=str(tmp_path / "run"), version="new", scores=forgetful, dataset_uri=None,
+                                  dataset_version="a" * 16, batches=[], newest_batch=None, evaluation={})
+    decision = publish.quality_gate(candidate, current, champion, settings)
+    registry.record_decision(registry_uri, publish.history_entry(
+        candidate, decision, current, champion, settings, str(tmp_path / "run" / "report.html"), None, "2026-01-12"))
+    text = client_for(retraining_roots(registry=registry_uri)).get("/").text
+    assert (f"class 4 failed the per-class gate: test recall 0.9000, the champion 0.9500, allowed drop "
+            f"{settings.max_class_regression:.4f}") in text
+
+
 def test_registry_page_reports_a_corrupt_history_instead_of_failing(tmp_path, client_for):
     registry_uri = str(tmp_path / "registry")
     registry.record_decision(registry_uri, {"decision": "skipped"})

@@ -12,6 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from admm_jobs import publish
@@ -92,7 +93,8 @@ def test_gate_against_the_published_model(tmp_path, accuracy, outcome):
     assert [h["version"] for h in history] == [first, second]
     assert history[1]["decision"] == outcome and history[1]["previous_version"] == first
     assert history[1]["reasons"] == result["reasons"] and result["reason"] == "; ".join(result["reasons"])
-    assert history[1]["champion"] == {"version": first, "test_accuracy": 0.9, "batch_accuracy": None}
+    assert history[1]["champion"] == {"version": first, "test_accuracy": 0.9, "batch_accuracy": None,
+                                      "class_recalls": None}
     if outcome == "accepted":
         assert storage.read_json(registry.pointer_uri(registry_uri))["version"] == second
         assert version_names(registry_uri) == {first, second}
@@ -374,7 +376,32 @@ def test_gate_decides_on_the_test_set_and_the_newest_batch():
     assert gate(publish.Scores(0.86, 0.10), None, min_accuracy=0.85).outcome == "accepted"
     assert gate(publish.Scores(0.84, 0.99), None, min_accuracy=0.85).outcome == "rejected"
     no_batch = gate(publish.Scores(0.95), champion)
-    assert no_batch.outcome == "accepted" and "the batch check does not apply" in no_batch.reasons[-1]
+    assert no_batch.outcome == "accepted" and "the batch check does not apply" in no_batch.reasons[2]
+    assert "the per-class check does not apply" in no_batch.reasons[3]
+
+
+def test_gate_rejects_a_class_whose_test_recall_falls_beyond_the_limit_and_names_it():
+    allowed = publish.GateSettings.max_class_regression
+    recalls = [0.99, 0.98, 0.97, 0.96, 0.95, 0.96, 0.97, 0.98, 0.99, 0.97]
+    champion = publish.Scores(0.97, None, recalls)
+    within = [recall - allowed if k == 4 else recall for k, recall in enumerate(recalls)]  # exactly the limit
+    passed = gate(publish.Scores(0.97, None, within), champion)
+    assert passed.outcome == "accepted" and passed.failed_classes == []
+    assert passed.reasons[-1] == (f"no class's test recall is more than {allowed:.4f} below the published version "
+                                  f"old's (largest change: class 4, {-allowed:+.4f})")
+
+    # Overall accuracy unchanged: class 4 loses 0.0001 more than allowed while class 7 gains.
+    beyond = [recall - allowed - 1e-4 if k == 4 else recall + 0.01 if k == 7 else recall
+              for k, recall in enumerate(recalls)]
+    rejected = gate(publish.Scores(0.97, None, beyond), champion)
+    assert rejected.outcome == "rejected"
+    assert rejected.reasons[0] == (
+        f"recall of class 4 on the test set {beyond[4]:.4f} vs 0.9500 for the published version old "
+        f"({-allowed - 1e-4:+.4f}; more than the allowed drop of {allowed:.4f})"
+    )
+    assert rejected.failed_classes == [{"class": 4, "recall": beyond[4], "champion_recall": 0.95, "allowed": allowed}]
+    assert gate(publish.Scores(0.97, None, beyond), champion, max_class_regression=allowed + 2e-4).outcome == (
+        "accepted")
 
 
 def evaluated_constant_run(run: Path, dataset_uri: str, predicted_class: int, seed: int, registry_uri=None) -> dict:
@@ -399,7 +426,8 @@ def test_decision_records_champion_scores_dataset_batches_and_training_key(small
     assert evaluation["champion"]["version"] == first["model_version"]
 
     result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
-                                 max_batch_regression=1.0, training_key="key-b", logical_date="2026-01-12")
+                                 max_batch_regression=1.0, max_class_regression=1.0, training_key="key-b",
+                                 logical_date="2026-01-12")
 
     entry = registry.find_decision(registry_uri, "key-b")
     assert entry == result["history_entry"] == registry.read_history(registry_uri)[-1]
@@ -413,9 +441,12 @@ def test_decision_records_champion_scores_dataset_batches_and_training_key(small
         "version": first["model_version"],
         "test_accuracy": evaluation["champion"]["test"]["accuracy"],
         "batch_accuracy": evaluation["champion"]["newest_batch"]["accuracy"],
+        "class_recalls": [7 == k for k in range(10)],  # the champion always says 7
     }
+    assert entry["failed_classes"] == []
     assert entry["report_uri"] == registry.version_report_uri(registry_uri, result["model_version"])
-    assert entry["gate"] == {"min_accuracy": 0.0, "max_regression": 1.0, "max_batch_regression": 1.0}
+    assert entry["gate"] == {"min_accuracy": 0.0, "max_regression": 1.0, "max_batch_regression": 1.0,
+                             "max_class_regression": 1.0}
     assert registry.find_decision(registry_uri, "key-a")["version"] == first["model_version"]
 
 
@@ -429,17 +460,18 @@ def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_da
     # Another model is published between b's evaluation and b's publish.
     evaluated_constant_run(tmp_path / "c", dataset_uri, predicted_class=3, seed=3)
     newer = publish.publish_run(str(tmp_path / "c"), registry_uri, min_accuracy=0.0, max_regression=1.0,
-                                max_batch_regression=1.0)
+                                max_batch_regression=1.0, max_class_regression=1.0)
     assert newer["decision"] == "accepted" and evaluation["champion"]["version"] != newer["model_version"]
 
     result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
-                                 max_batch_regression=1.0)
+                                 max_batch_regression=1.0, max_class_regression=1.0)
 
     rescored = metrics.score_champion(newer["model_uri"], dataset_uri)
     assert result["history_entry"]["champion"] == {
         "version": newer["model_version"],
         "test_accuracy": rescored["test"]["accuracy"],
         "batch_accuracy": rescored["newest_batch"]["accuracy"],
+        "class_recalls": [3 == k for k in range(10)],  # c always says 3
     }
     assert rescored["test"]["accuracy"] != evaluation["champion"]["test"]["accuracy"]  # c is not a
 
@@ -480,8 +512,57 @@ def test_default_gate_takes_a_model_fitted_on_more_data_and_stops_a_degraded_one
     assert result["decision"] == "rejected"
     assert "more than the allowed drop of 0.0020" in result["reasons"][0]
     assert "newest batch" in result["reasons"][1] and "more than the allowed drop of 0.0000" in result["reasons"][1]
+    champion_recall = better["per_class"][3]["recall"]
+    assert result["reasons"][2] == (
+        f"recall of class 3 on the test set 0.0000 vs {champion_recall:.4f} for the published version "
+        f"{worse['champion']['version']} ({-champion_recall:+.4f}; more than the allowed drop of "
+        f"{publish.GateSettings.max_class_regression:.4f})"
+    )
+    assert result["failed_classes"] == result["history_entry"]["failed_classes"] == [
+        {"class": 3, "recall": 0.0, "champion_recall": champion_recall,
+         "allowed": publish.GateSettings.max_class_regression}]
+    # The run's report, which the history links, now shows the decision and the class that failed.
+    page = Path(result["report_uri"]).read_text()
+    assert "<h2>Quality gate</h2>" in page and '<strong class="bad">rejected</strong>' in page
+    assert (f'<tr><td class="key">3</td><td>0.0000</td><td>{champion_recall:.4f}</td>'
+            f'<td>{-champion_recall:+.4f}</td>') in page
+    accepted_page = Path(registry.version_report_uri(registry_uri, registry.read_pointer(registry_uri)["version"]))
+    assert '<strong class="good">accepted</strong>' in accepted_page.read_text()
     assert registry.read_pointer(registry_uri)["version"] == registry.model_version(
         model_io.load_model(str(tmp_path / "large" / "model")).metadata["weights_sha256"])
+
+
+def test_a_published_version_keeps_its_validation_confusion_as_the_reference(small_dataset, tmp_path):
+    from admm_jobs import evaluate
+    from admm_jobs.lake import dataset
+
+    from run_artifacts import make_trained_run
+
+    dataset_uri, registry_uri, run = small_dataset["dataset_uri"], str(tmp_path / "registry"), tmp_path / "run"
+    model = make_trained_run(str(run), seed=3)
+    evaluate.evaluate_run(str(run / "model"), dataset_uri, str(run / "metrics.jsonl"), str(run / "evaluation"),
+                          batch_size=50)
+    version = publish.publish_run(str(run), registry_uri, min_accuracy=0.0)["model_version"]
+
+    reference = registry.reference_confusion(registry_uri, version)
+    pixels, labels = dataset.read_split(dataset_uri, "validation")
+    expected = metrics.confusion_matrix(labels, model.predict(pixels), 10)
+    np.testing.assert_array_equal(reference["confusion_matrix"], expected)
+    assert reference["confusion_matrix"].dtype == np.int64
+    assert (reference["examples"], reference["split"], reference["dataset_version"]) == (
+        len(labels), "validation", small_dataset["dataset_version"])
+    manifest = storage.read_json(storage.join(registry.version_uri(registry_uri, version), "manifest.json"))
+    assert registry.REFERENCE_CONFUSION_PATH in [file["path"] for file in manifest["files"]]
+
+    # A version stored without one (its evaluation scored no held-out rows): None, so the batch checks can say so.
+    older = make_evaluated_run(str(tmp_path / "older"), seed=4, test_accuracy=0.99)
+    assert publish.publish_run(str(tmp_path / "older"), registry_uri)["published"]
+    assert registry.reference_confusion(registry_uri, older) is None
+    # A damaged one is an error, not a silent pass.
+    path = Path(registry.version_uri(registry_uri, version)) / registry.REFERENCE_CONFUSION_PATH
+    path.write_text(json.dumps({**json.loads(path.read_text()), "examples": 1}))
+    with pytest.raises(registry.RegistryError, match="not an admm-reference-confusion/1 reference"):
+        registry.reference_confusion(registry_uri, version)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -12,11 +12,12 @@ import itertools
 import json
 
 import boto3
+import numpy as np
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from admm_jobs import evaluate
-from admm_jobs.lake import idx, storage
+from admm_jobs.lake import dataset, idx, storage
 from admm_jobs.operations.ports import free_port
 from admm_jobs.orchestration import tasks
 from admm_jobs.orchestration.failures import fail_fast
@@ -75,6 +76,24 @@ def test_throttling_server_errors_and_resets_outlast_the_clients_retries_as_tran
     proxy.clear()  # what the task's retry sees once the store recovers
     assert registry.read_pointer(f"s3://{bucket}/registry")["version"] == "v1"
     assert json.loads(storage.read_bytes(uri))["version"] == "v1"
+
+
+def test_a_chunked_read_that_meets_a_transient_failure_stays_retryable(s3, small_dataset):
+    """Evaluate reads the lake chunk by chunk; a throttled open or a read that fails after the open is a
+    dataset error the task retries, and the rows come back once the store recovers."""
+    proxy, bucket = s3
+    local = dataset.split_file_uris(small_dataset["dataset_uri"], "test")[0]
+    uri = f"s3://{bucket}/lake/part-00000.parquet"
+    storage.write_bytes(uri, storage.read_bytes(local))
+    for method in (None, "GET"):  # every request (the open's look-up first), or only the reads of the body
+        proxy.fail(SLOW_DOWN, method=method)
+        with pytest.raises(dataset.DatasetError, match=uri) as info:
+            list(dataset.iter_file_chunks([uri], chunk_rows=100))
+        assert storage.is_retryable(info.value)
+        proxy.clear()
+    chunks = list(dataset.iter_file_chunks([uri], chunk_rows=100))
+    labels = np.concatenate([chunk for _, chunk in chunks])
+    np.testing.assert_array_equal(labels, dataset.read_parquet_file(local)[1])
 
 
 def test_a_transient_registry_error_is_still_a_registry_error(s3):

@@ -33,6 +33,8 @@ SPLITS = ("train", "validation", "test")
 IMAGE_SHAPE = (28, 28)
 PIXELS_PER_IMAGE = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 NUM_CLASSES = 10
+# Rows decoded at a time by the chunked reader: about 8 MB of pixels.
+CHUNK_ROWS = 10_000
 
 PARQUET_SCHEMA = pa.schema(
     [
@@ -149,7 +151,10 @@ def read_parquet_file(uri: str) -> tuple[np.ndarray, np.ndarray]:
     return _columns_to_numpy(table, uri)
 
 
-def _columns_to_numpy(table: pa.Table, uri: str) -> tuple[np.ndarray, np.ndarray]:
+def _columns_to_numpy(
+    table: pa.Table | pa.RecordBatch, uri: str, first_row: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels ``(n, 784)`` uint8 and labels ``(n,)`` int8 of a table whose first row is row ``first_row`` of ``uri``."""
     labels_column = table.column("label")
     pixels_column = table.column("pixels")
     if labels_column.null_count or pixels_column.null_count:
@@ -157,7 +162,9 @@ def _columns_to_numpy(table: pa.Table, uri: str) -> tuple[np.ndarray, np.ndarray
     lengths = pc.list_value_length(pixels_column).to_numpy()
     if np.any(lengths != PIXELS_PER_IMAGE):
         row = int(np.flatnonzero(lengths != PIXELS_PER_IMAGE)[0])
-        raise DatasetError(f"{uri}: row {row} has {lengths[row]} pixels, expected {PIXELS_PER_IMAGE}")
+        raise DatasetError(
+            f"{uri}: row {first_row + row} has {lengths[row]} pixels, expected {PIXELS_PER_IMAGE}"
+        )
     pixels = pc.list_flatten(pixels_column).to_numpy().reshape(len(table), PIXELS_PER_IMAGE)
     labels = labels_column.to_numpy()
     return pixels.astype(np.uint8, copy=False), labels.astype(np.int8, copy=False)
@@ -182,3 +189,28 @@ def read_files(uris: list[str], limit: int | None = None) -> tuple[np.ndarray, n
         return np.zeros((0, PIXELS_PER_IMAGE), np.uint8), np.zeros(0, np.int8)
     pixels, labels = np.concatenate(pixel_parts), np.concatenate(label_parts)
     return (pixels, labels) if limit is None else (pixels[:limit], labels[:limit])
+
+
+def iter_file_chunks(uris: list[str], chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows of part files in order, at most ``chunk_rows`` at a time: pixels ``(m, 784)`` uint8, labels ``(m,)``.
+
+    Only the label and pixel columns of one record batch are decoded at a time, so memory is bounded by
+    ``chunk_rows`` (and one row group's compressed columns), not by the number or size of the files.
+    """
+    for uri in uris:
+        yield from _file_chunks(uri, chunk_rows)
+
+
+def _file_chunks(uri: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    try:
+        with storage.storage_errors(uri, "read"), storage.open_binary(uri) as source:
+            parquet_file = pq.ParquetFile(source)
+            check_schema(parquet_file.schema_arrow, uri)
+            first_row = 0
+            for batch in parquet_file.iter_batches(batch_size=chunk_rows, columns=["label", "pixels"]):
+                yield _columns_to_numpy(batch, uri, first_row)
+                first_row += batch.num_rows
+    except storage.StorageError as exc:  # transient ones stay retryable through __cause__
+        raise DatasetError(str(exc)) from exc
+    except pa.ArrowException as exc:
+        raise DatasetError(f"{uri}: unreadable Parquet file: {exc}") from exc

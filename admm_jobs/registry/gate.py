@@ -9,13 +9,15 @@ from admm_jobs.cli.config import setting, validate_fields
 
 @dataclasses.dataclass(frozen=True)
 class GateSettings:
-    """The gate's thresholds (defaults: see the README, "Quality gate")."""
+    """The gate's thresholds (defaults and how they were sized: see the README, "Quality gate")."""
 
     min_accuracy: float = setting(0.85, "publish only at or above this test accuracy", minimum=0, maximum=1)
     max_regression: float = setting(0.002, "publish only if test accuracy is at most this much below the published "
                                     "model's", minimum=0, maximum=1)
     max_batch_regression: float = setting(0.0, "publish only if accuracy on the newest batch is at most this much "
                                           "below the published model's", minimum=0, maximum=1)
+    max_class_regression: float = setting(0.025, "publish only if no class's recall on the test set is more than this "
+                                          "much below the published model's", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)

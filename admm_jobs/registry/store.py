@@ -5,6 +5,7 @@ Layout (``REG`` = the registry URI, ``NAME`` = the model name, default :data:`DE
     REG/NAME/<model_version>/model/...          copy of RUN/model, plus model/model.onnx
     REG/NAME/<model_version>/evaluation/...     copy of RUN/evaluation
     REG/NAME/<model_version>/metrics.jsonl      copy of RUN/metrics.jsonl
+    REG/NAME/<model_version>/reference/confusion.json   its confusion on held-out data (:func:`reference_confusion`)
     REG/NAME/<model_version>/manifest.json      sha256 of every file above; written LAST
     REG/NAME/current.json                       pointer to the published version
     REG/NAME/history.jsonl                      one line per decision, oldest first
@@ -43,6 +44,7 @@ from typing import Any
 
 import boto3
 import botocore.exceptions
+import numpy as np
 
 from admm_jobs.lake import storage
 
@@ -58,6 +60,8 @@ EVALUATION_DIR = "evaluation"
 EVALUATION_METRICS_FILE = "metrics.json"
 EPOCH_METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.html"
+REFERENCE_CONFUSION_PATH = "reference/confusion.json"
+REFERENCE_CONFUSION_FORMAT = "admm-reference-confusion/1"
 VERSION_HEX_DIGITS = 16
 # Conditional writes that lose a race re-read and retry; this many losses in a row is an error.
 MAX_ATTEMPTS = 10
@@ -435,3 +439,46 @@ def store_version(
 
 def delete_version(registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME) -> None:
     storage.delete_tree(version_uri(registry_uri, version, model_name))
+
+
+# --- reference statistics ---------------------------------------------------------------------
+
+
+def reference_confusion_bytes(confusion: list[list[int]], split: str, dataset_version: str | None) -> bytes:
+    """The file a version keeps its reference confusion in: ``confusion[i][j]`` = images of given label i that
+    the model predicts as j, on ``split`` of dataset ``dataset_version`` (data it never fitted)."""
+    return _json_bytes({
+        "format": REFERENCE_CONFUSION_FORMAT,
+        "split": split,
+        "dataset_version": dataset_version,
+        "examples": int(sum(map(sum, confusion))),
+        "confusion_matrix": confusion,
+    })
+
+
+def reference_confusion(
+    registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME
+) -> dict[str, Any] | None:
+    """A published version's reference confusion: ``confusion_matrix`` (classes x classes int64 array, rows the
+    given label, columns the predicted class), ``examples``, ``split`` and ``dataset_version``.
+
+    None when the version has none (published before references were stored, or its evaluation had no
+    held-out rows); raises :class:`RegistryError` when the file is corrupt.
+    """
+    uri = storage.join(version_uri(registry_uri, version, model_name), REFERENCE_CONFUSION_PATH)
+    if not storage.exists(uri):
+        return None
+    try:
+        reference = storage.read_json(uri)
+    except storage.StorageError as exc:  # a transient one stays retryable through __cause__
+        raise RegistryError(str(exc)) from exc
+    try:
+        confusion = np.array(reference["confusion_matrix"], dtype=np.int64)
+        valid = (reference.get("format") == REFERENCE_CONFUSION_FORMAT and confusion.ndim == 2
+                 and confusion.shape[0] == confusion.shape[1] and (confusion >= 0).all()
+                 and confusion.sum() == reference["examples"] > 0)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise RegistryError(f"{uri}: not an {REFERENCE_CONFUSION_FORMAT} reference (a square matrix of counts)")
+    return {**reference, "confusion_matrix": confusion}

@@ -1,5 +1,8 @@
 """Scoring a model on labelled images: accuracy, per-class scores, confusion matrices, champion against
-challenger (``metrics.json`` of an evaluation is built from these)."""
+challenger (``metrics.json`` of an evaluation is built from these).
+
+Sets are read and scored chunk by chunk (:func:`tally`); every score is computed from counts that add
+exactly over the chunks, so the chunk size changes the memory, never a number."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from admm_jobs.registry import model as model_io
 EVALUATION_FORMAT = "admm-evaluation/2"
 
 
-NEWEST_BATCH = "newest_batch"
+TEST, NEWEST_BATCH, VALIDATION = "test", "newest_batch", "validation"
 
 
 CLASS_SCORES = ("precision", "recall", "f1")
@@ -22,12 +25,6 @@ CLASS_SCORES = ("precision", "recall", "f1")
 
 class EvaluationError(ValueError):
     """An input of the evaluation is unusable; the message names the URI."""
-
-
-def predict(model: model_io.Model, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """Predicted class of every row, ``argmax_k logits_k(x)``, computed ``batch_size`` rows at a time."""
-    parts = [model.predict(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int) -> np.ndarray:
@@ -54,14 +51,17 @@ def class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
 
 
-def score_predictions(labels: np.ndarray, predictions: np.ndarray, classes: int) -> dict[str, Any]:
-    """Accuracy ``#{yhat_n = y_n} / N``, macro F1, per-class scores and the confusion matrix."""
-    confusion = confusion_matrix(labels, predictions, classes)
+def confusion_scores(confusion: np.ndarray, source: str) -> dict[str, Any]:
+    """Accuracy ``trace(C) / sum(C)``, macro F1, per-class scores and the confusion matrix itself."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    examples = int(confusion.sum())
+    if examples == 0:
+        raise EvaluationError(f"{source}: no examples to score")
     scores = class_scores(confusion)
     correct = int(np.trace(confusion))
     return {
-        "accuracy": correct / len(labels),
-        "examples": len(labels),
+        "accuracy": correct / examples,
+        "examples": examples,
         "correct": correct,
         "macro_f1": float(scores["f1"].mean()),
         "per_class": [
@@ -72,18 +72,15 @@ def score_predictions(labels: np.ndarray, predictions: np.ndarray, classes: int)
                 "recall": float(scores["recall"][k]),
                 "f1": float(scores["f1"][k]),
             }
-            for k in range(classes)
+            for k in range(len(confusion))
         ],
         "confusion_matrix": confusion.tolist(),
     }
 
 
-def check_labels(model: model_io.Model, labels: np.ndarray, source: str) -> None:
-    """Raise unless there are labels and every one is a class of ``model``."""
-    classes = model.layer_sizes[-1]
-    if len(labels) == 0:
-        raise EvaluationError(f"{source}: no examples to score")
-    if labels.min() < 0 or labels.max() >= classes:
+def check_labels(classes: int, labels: np.ndarray, source: str) -> None:
+    """Raise unless every label is one of ``classes`` classes."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise EvaluationError(
             f"{source}: labels span [{labels.min()}, {labels.max()}], the model has {classes} classes"
         )
@@ -91,48 +88,73 @@ def check_labels(model: model_io.Model, labels: np.ndarray, source: str) -> None
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-    """A labelled set the models are scored on: the test split or the newest batch."""
+    """A labelled set the models are scored on (the test split, the newest batch, the validation split),
+    read from its part files chunk by chunk."""
 
-    name: str  # "test" or "newest_batch"
+    name: str  # "test", "newest_batch" or "validation"
     source: str  # for error messages: the dataset URI and what was read
-    pixels: np.ndarray
-    labels: np.ndarray
+    uris: list[str]  # its part files, in row order
     batch: dict[str, Any] | None = None  # the manifest entry of the newest batch
 
 
 def evaluation_sets(dataset_uri: str, manifest: dict[str, Any]) -> list[Examples]:
     """The fixed test split and, when the manifest lists batches, every row of the newest batch."""
-    pixels, labels = dataset.read_split(dataset_uri, "test")
-    sets = [Examples("test", f"{dataset_uri} (test split)", pixels, labels)]
+    sets = [Examples(TEST, f"{dataset_uri} (test split)", dataset.split_file_uris(dataset_uri, TEST))]
     if manifest.get("batches"):
         batch = dataset.newest_batch(manifest)
-        pixels, labels = dataset.read_batch(dataset_uri, batch["id"])
-        sets.append(Examples(NEWEST_BATCH, f"{dataset_uri} (batch {batch['id']})", pixels, labels, batch))
+        uris = dataset.batch_file_uris(dataset_uri, batch["id"])
+        sets.append(Examples(NEWEST_BATCH, f"{dataset_uri} (batch {batch['id']})", uris, batch))
     return sets
 
 
-def score_sets(model: model_io.Model, sets: list[Examples], batch_size: int) -> dict[str, tuple[dict, np.ndarray]]:
-    """Per set name: the scores of ``model`` and its predictions."""
-    scored = {}
-    for examples in sets:
-        check_labels(model, examples.labels, examples.source)
-        predictions = predict(model, examples.pixels, batch_size)
-        scored[examples.name] = (score_predictions(examples.labels, predictions, model.layer_sizes[-1]), predictions)
-    return scored
+def validation_set(dataset_uri: str) -> Examples:
+    """The validation split: rows the trainer holds out of its fit (it only picks the best epoch on them)."""
+    return Examples(VALIDATION, f"{dataset_uri} (validation split)", dataset.split_file_uris(dataset_uri, VALIDATION))
 
 
-def score_deltas(
-    challenger: dict[str, Any],
-    champion: dict[str, Any],
-    labels: np.ndarray,
-    challenger_predictions: np.ndarray,
-    champion_predictions: np.ndarray,
-) -> dict[str, Any]:
-    """Challenger minus champion: accuracy, macro F1 and per-class precision/recall/F1 deltas,
-    plus the discordant pairs (examples only one of the two models gets right).
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """Counts over one labelled set for one or more models; counts add exactly, so summing them chunk by chunk
+    gives the same numbers for any chunk size.
+
+    ``confusions[m]``: model m's confusion matrix. ``right_by[mask]``: how many examples exactly the models
+    in the bit mask get right (bit m: model m), e.g. with two models ``right_by[1]`` only the first.
     """
-    challenger_right = challenger_predictions == labels
-    champion_right = champion_predictions == labels
+
+    confusions: list[np.ndarray]
+    right_by: np.ndarray
+
+    @property
+    def examples(self) -> int:
+        return int(self.confusions[0].sum())
+
+
+def tally(models: list[model_io.Model], examples: Examples, chunk_rows: int) -> Tally:
+    """Score ``models`` on ``examples``, reading and predicting ``chunk_rows`` rows at a time (one pass over the
+    data for all models): memory depends on ``chunk_rows``, not on the size of the set."""
+    classes = models[0].layer_sizes[-1]
+    confusions = [np.zeros((classes, classes), np.int64) for _ in models]
+    right_by = np.zeros(2 ** len(models), np.int64)
+    bits = 2 ** np.arange(len(models))
+    for pixels, labels in dataset.iter_file_chunks(examples.uris, chunk_rows):
+        for model in models:
+            check_labels(model.layer_sizes[-1], labels, examples.source)
+        predictions = np.stack([model.predict(pixels) for model in models])
+        for confusion, predicted in zip(confusions, predictions):
+            confusion += confusion_matrix(labels, predicted, classes)
+        right_by += np.bincount(bits @ (predictions == labels), minlength=len(right_by))
+    return Tally(confusions, right_by)
+
+
+def tally_sets(models: list[model_io.Model], sets: list[Examples], chunk_rows: int) -> dict[str, Tally]:
+    """Per set name: its tally of ``models``."""
+    return {examples.name: tally(models, examples, chunk_rows) for examples in sets}
+
+
+def score_deltas(challenger: dict[str, Any], champion: dict[str, Any], both: Tally) -> dict[str, Any]:
+    """Challenger minus champion: accuracy, macro F1 and per-class precision/recall/F1 deltas, plus the
+    discordant pairs (examples only one of the two gets right) from ``both``, their tally (challenger first).
+    """
     return {
         "accuracy": challenger["accuracy"] - champion["accuracy"],
         "macro_f1": challenger["macro_f1"] - champion["macro_f1"],
@@ -140,16 +162,18 @@ def score_deltas(
             {"class": mine["class"], **{key: mine[key] - theirs[key] for key in CLASS_SCORES}}
             for mine, theirs in zip(challenger["per_class"], champion["per_class"])
         ],
-        "challenger_only_correct": int(np.sum(challenger_right & ~champion_right)),
-        "champion_only_correct": int(np.sum(champion_right & ~challenger_right)),
+        "challenger_only_correct": int(both.right_by[0b01]),
+        "champion_only_correct": int(both.right_by[0b10]),
     }
 
 
-def score_champion(champion_model_uri: str, dataset_uri: str, batch_size: int = 4096) -> dict[str, Any]:
+def score_champion(champion_model_uri: str, dataset_uri: str, chunk_rows: int = 4096) -> dict[str, Any]:
     """A champion's scores on the test split and the newest batch (None without batches), as in ``metrics.json``.
 
     For publish, when the published model changed after the evaluation.
     """
     model = model_io.load_model(champion_model_uri)
-    scored = score_sets(model, evaluation_sets(dataset_uri, dataset.load_manifest(dataset_uri)), batch_size)
-    return {name: scored[name][0] if name in scored else None for name in ("test", NEWEST_BATCH)}
+    sets = evaluation_sets(dataset_uri, dataset.load_manifest(dataset_uri))
+    scored = {examples.name: confusion_scores(tally([model], examples, chunk_rows).confusions[0], examples.source)
+              for examples in sets}
+    return {name: scored.get(name) for name in (TEST, NEWEST_BATCH)}

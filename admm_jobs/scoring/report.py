@@ -306,6 +306,23 @@ def _comparison(evaluation: dict[str, Any], images: dict[str, bytes]) -> str:
     )
 
 
+def _gate(gate: dict[str, Any] | None) -> str:
+    """The quality gate's decision (publish adds it): the outcome, the classes whose test recall fell more than
+    allowed below the champion's, and every reason."""
+    if gate is None:
+        return '<p class="note">Not gated yet: publish adds its decision here.</p>'
+    verdict = "bad" if gate["decision"] == "rejected" else "good"
+    parts = [f'<p>Decision: <strong class="{verdict}">{_text(gate["decision"])}</strong></p>']
+    if gate["failed_classes"]:
+        rows = [[entry["class"], _score(entry["recall"]), _score(entry["champion_recall"]),
+                 _delta(entry["recall"] - entry["champion_recall"]), _score(entry["allowed"])]
+                for entry in gate["failed_classes"]]
+        parts += ["<p>Classes whose recall on the test set fell more than allowed below the champion's:</p>",
+                  _table(["class", "recall", "champion's recall", "\u0394", "allowed drop"], rows)]
+    parts.append("<ul>" + "".join(f"<li>{_text(reason)}</li>" for reason in gate["reasons"]) + "</ul>")
+    return "".join(parts)
+
+
 def _training_dataset_note(training_dataset: dict[str, Any] | None, evaluated_version: str) -> str:
     trained_on = (training_dataset or {}).get("version")
     if trained_on in (None, evaluated_version):
@@ -365,6 +382,8 @@ def render_report(evaluation: dict[str, Any], images: dict[str, bytes]) -> str:
         *_newest_batch_summary(evaluation),
         "<h2>Champion (published model) vs challenger (this model)</h2>",
         _comparison(evaluation, images),
+        "<h2>Quality gate</h2>",
+        _gate(evaluation.get("gate")),
         "<h2>Training curves</h2>",
         '<p class="note">Shaded: warm-up epochs. Dashed: the epoch whose weights were kept.</p>',
         *(_image(name, images[name]) for name in CURVE_PLOTS if name in images),
