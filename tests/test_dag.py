@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_a_quarantine_starts_the_review_dag_through_an_asset(dag, dag_bag):
 def test_approval_waits_for_a_person_as_its_param_says(dag, mode, evaluation, asks):
     from admm_jobs.registry import review
 
-    dag.params.get_param("approval").resolve(mode)
+    copy.deepcopy(dag.params).get_param("approval").resolve(mode)  # a copy: resolve() sets the value it checks
     flags = review.approval_flags(evaluation)
     assert review.approval_required(mode, flags) is asks
     assert len(flags) == sum(1 for value in evaluation.values() if value is not None and value < 0)
@@ -91,7 +92,7 @@ def test_approval_waits_for_a_person_as_its_param_says(dag, mode, evaluation, as
 def test_params_are_typed_and_bounded(dag):
     from airflow.sdk.exceptions import ParamValidationError
 
-    params = dag.params
+    params = copy.deepcopy(dag.params)  # resolve() sets the value it checks: the module's DAG must keep its defaults
     assert params["hidden_layers"] == [256, 256] and params["train_limit"] is None
     for name, bad in [("beta", 0), ("beta", -1.0), ("epochs", 0), ("hidden_layers", []),
                       ("hidden_layers", [0]), ("loss", "softmax"), ("partitions", 0),
