@@ -539,8 +539,17 @@ def check_failures(outcomes: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         threshold, bound = (high, "at most") if low is None else ([low, high], "within")
         failures.append({"check": CHECK_NAMES.get(kwargs.get("column"), config["type"]),
                          "expectation": config["type"], "column": kwargs.get("column"),
-                         "observed": details.get("observed_value"), "threshold": threshold, "bound": bound})
+                         "observed": builtin(details.get("observed_value")), "threshold": builtin(threshold),
+                         "bound": bound})
     return failures
+
+
+def builtin(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as Python numbers and lists: a quarantine record travels as
+    JSON (XCom, an asset event's extra, the registry history), and Airflow's serialiser refuses numpy types."""
+    if isinstance(value, (list, tuple)):
+        return [builtin(item) for item in value]
+    return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
 
 
 def failure_text(batch: str, failure: Mapping[str, Any]) -> str:

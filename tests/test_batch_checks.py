@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_ingest import WEEKS, batch_files, batched_source
@@ -98,6 +100,10 @@ def test_a_poisoned_batch_is_quarantined(landed, make_batch, check):
     # the record names the batch, the check, the observed value and the threshold
     assert f"batch {WEEKS[2]}: {check}: observed" in str(failure.value)
     assert failed[check]["observed"] is not None and failed[check]["threshold"] is not None
+    # plain JSON values: the record travels through XCom and an asset event, whose serialiser refuses numpy types
+    assert json.loads(json.dumps(record)) == record
+    assert all(type(value) in (int, float, str, bool, list, type(None))
+               for entry in record["failures"] for value in (entry["observed"], entry["threshold"]))
     stored = storage.read_json(batches.quarantine_uri(str(lake / "mnist"), WEEKS[2]))
     assert stored["batch"] == WEEKS[2] and stored["failures"] == record["failures"]
     assert storage.exists(stored["result_uri"]) and storage.exists(stored["data_docs_uri"])
