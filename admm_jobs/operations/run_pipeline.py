@@ -70,7 +70,7 @@ def resolved_params(dag, overrides: dict[str, Any]) -> dict[str, Any]:
 def refuse_waiting_for_a_person(params: dict[str, Any]) -> None:
     """``airflow dags test`` runs without an API server, so nobody could answer a publish approval: refuse an
     ``approval`` other than ``never`` before running anything (approve in the UI of a running Airflow instead)."""
-    if params["approval"] != "never":
+    if params.get("approval", "never") != "never":  # a DAG without the param has nobody to wait for
         raise SystemExit(f"invalid param approval: {params['approval']!r} waits for a person, who cannot answer "
                          "a local run; trigger the DAG in the Airflow UI or REST API to approve its publish")
 
