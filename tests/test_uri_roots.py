@@ -4,13 +4,11 @@ the train submission of every target, and whole DAG runs refused before any I/O.
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import threading
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from admm_jobs.orchestration import tasks, uri_roots
 from admm_jobs.orchestration.failures import fail_fast
 
 from conftest import ALLOWED_URI_ROOTS
+from test_deploy import load_dag
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO_ROOT / "dags" / "mnist_admm_retraining.py"
@@ -244,18 +243,6 @@ def test_every_task_callable_refuses_an_outside_uri_before_any_io(http_recorder,
 
 
 # --- The train submission of every target, in the real DAG ---
-
-
-def load_dag(monkeypatch, document: dict | None):
-    """The retraining DAG as parsed with the Airflow Variable admm_deploy set to ``document``."""
-    if document is None:
-        monkeypatch.delenv("AIRFLOW_VAR_ADMM_DEPLOY", raising=False)
-    else:
-        monkeypatch.setenv("AIRFLOW_VAR_ADMM_DEPLOY", json.dumps(document))
-    spec = importlib.util.spec_from_file_location(f"dag_{uuid.uuid4().hex[:8]}", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.dag
 
 
 class XComStub:
