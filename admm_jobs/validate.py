@@ -107,6 +107,9 @@ class ValidateConfig:
                                          minimum=0, maximum=1)
     chunk_rows: int = setting(profiles.CHUNK_ROWS, "rows of a new batch read at once (memory holds one chunk of "
                               "pixels, whatever the size of the batch or the dataset)", minimum=1, maximum=1_000_000)
+    false_alarm_rate: float = setting(0.001, "chance that a clean new batch fails any of the statistical label and "
+                                      "pixel checks (family-wise: split over every test made on the batch)",
+                                      exclusiveMinimum=0, maximum=0.5)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
                                        "its test accuracy (label sanity)", minimum=0, maximum=1)
 

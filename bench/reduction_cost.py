@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -88,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.master("local[2]").appName("reduction-cost")
-             .config("spark.pyspark.python", sys.executable).config(map=TRAINING_SPARK_CONF).getOrCreate())
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the Python workers': this venv's
+    spark = (SparkSession.builder.master("local[2]").appName("reduction-cost").config(map=TRAINING_SPARK_CONF).getOrCreate())
     spark.sparkContext.setLogLevel("WARN")
     dataset_uri = mnist_dataset_uri()
     try:
