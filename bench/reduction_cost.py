@@ -26,6 +26,7 @@ import time
 import urllib.request
 
 import numpy as np
+from common import RESULTS, machine, mnist_dataset_uri
 
 from admm_jobs import train
 from admm_jobs.operations.deploy import TRAINING_SPARK_CONF
@@ -33,8 +34,6 @@ from admm_jobs.trainer.blocks import block_specs, load_block
 from admm_jobs.trainer.config import TrainConfig
 from admm_jobs.trainer.loop import chunked, statistics_bytes
 from admm_jobs.trainer.spark_backend import SparkBackend, driver_result_budget
-
-from common import RESULTS, machine, mnist_dataset_uri
 
 LAYERS = (784, 256, 256, 10)
 CHUNK_ROWS = 64
@@ -46,18 +45,26 @@ def init_sized_pass(block, params):
     return block, chunked(block, "train", lambda rows: {f"s{i}": np.ones(shape) for i, shape in enumerate(shapes)})
 
 
-def result_bytes(spark, job_group: str) -> int:
-    """Bytes of task results of the jobs in ``job_group`` (the result stages' tasks), from Spark's REST API."""
+def api(spark, path: str):
+    """One answer of the Spark UI's REST API for this application."""
     base = f"{spark.sparkContext.uiWebUrl}/api/v1/applications/{spark.sparkContext.applicationId}"
-    jobs = json.load(urllib.request.urlopen(f"{base}/jobs"))
+    return json.load(urllib.request.urlopen(f"{base}/{path}"))
+
+
+def last_job_id(spark) -> int:
+    return max((job["jobId"] for job in api(spark, "jobs")), default=-1)
+
+
+def result_bytes(spark, after_job_id: int) -> int:
+    """Bytes of task results the driver received for the jobs after ``after_job_id`` (their result stages'
+    tasks), from Spark's REST API. (The backend names each pass's job group itself, so jobs are told by id.)"""
     total = 0
-    for job in jobs:
-        if job.get("jobGroup") != job_group:
+    for job in api(spark, "jobs"):
+        if job["jobId"] <= after_job_id:
             continue
         last_stage = max(job["stageIds"])  # the result stage
-        for attempt in json.load(urllib.request.urlopen(f"{base}/stages/{last_stage}")):
-            tasks = json.load(urllib.request.urlopen(
-                f"{base}/stages/{last_stage}/{attempt['attemptId']}/taskList?length=100000"))
+        for attempt in api(spark, f"stages/{last_stage}"):
+            tasks = api(spark, f"stages/{last_stage}/{attempt['attemptId']}/taskList?length=100000")
             total += sum(task.get("taskMetrics", {}).get("resultSize", 0) for task in tasks)
     return total
 
@@ -68,13 +75,12 @@ def measure_pass(spark, dataset_uri: str, partitions: int, repeats: int) -> dict
     backend = SparkBackend(spark.sparkContext, specs, load_block, nodes)
     try:
         seconds, received = [], []
-        for repeat in range(repeats):
-            group = f"reduction-cost-{partitions}-{repeat}"
-            spark.sparkContext.setLocalProperty("spark.jobGroup.id", group)
+        for _ in range(repeats):
+            before = last_job_id(spark)
             started = time.perf_counter()
             backend.inspect(init_sized_pass, {})
             seconds.append(time.perf_counter() - started)
-            received.append(result_bytes(spark, group))
+            received.append(result_bytes(spark, before))
     finally:
         backend.close()
     return {"partitions": partitions, "result_nodes": nodes, "median_pass_seconds": round(statistics.median(seconds), 3),
