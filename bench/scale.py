@@ -3,7 +3,7 @@
 Landings are weekly batches cut from shifted copies of MNIST's training images (copy k moves every
 image by its own (dx, dy) of up to 4 pixels, so no image repeats another), plus MNIST's test files:
 
-* ``sizes``: 150k, 1M and 3M images in weekly batches of 50,000, and one single batch of 1M images;
+* ``sizes``: 150k, 1M and 3M images in weekly batches of 50,000 (raw IDX files; ``--gzip`` compresses them), and one single batch of 1M images;
   each stage (ingest, validate, evaluate's scoring, ...) runs in a child process that reports its
   wall seconds, peak resident memory (``ru_maxrss``) and bytes read (``/proc/self/io`` rchar: every
   read() the process made, module imports included);
@@ -65,8 +65,9 @@ def synthetic_images(count: int, images: np.ndarray, labels: np.ndarray):
     raise ValueError(f"{count} images need more than {len(SHIFTS)} shifted copies")
 
 
-def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
-    """Land ``images_total`` synthetic images as weekly batches of ``batch_size`` (plus MNIST's test files)."""
+def land(landing: Path, images_total: int, batch_size: int, compress: bool = True) -> list[str]:
+    """Land ``images_total`` synthetic images as weekly batches of ``batch_size`` (plus MNIST's test files),
+    gzip-compressed or raw (gzip at level 9 writes about 2 MB/s: 3M images take an hour, raw a minute)."""
     images = read_source(str(MNIST), *SOURCE_FILES["train_images"]).array
     labels = read_source(str(MNIST), *SOURCE_FILES["train_labels"]).array
     landing.mkdir(parents=True, exist_ok=True)
@@ -79,8 +80,9 @@ def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
         nonlocal batch_images, batch_labels, week
         day = (FIRST_WEEK + datetime.timedelta(weeks=week)).isoformat()
         directory = landing / BATCHES_DIR / day
-        write_idx(directory / f"{SOURCE_FILES['train_images'][0]}.gz", np.concatenate(batch_images))
-        write_idx(directory / f"{SOURCE_FILES['train_labels'][0]}.gz", np.concatenate(batch_labels))
+        suffix = ".gz" if compress else ""
+        for role, arrays in (("train_images", batch_images), ("train_labels", batch_labels)):
+            write_idx(directory / f"{SOURCE_FILES[role][0]}{suffix}", np.concatenate(arrays), compress)
         dates.append(day)
         batch_images, batch_labels, week = [], [], week + 1
 
@@ -139,7 +141,7 @@ def sizes_part(args, work: Path) -> list[dict]:
         landing, lake = work / "landing", work / "lake"
         shutil.rmtree(work, ignore_errors=True)
         started = time.perf_counter()
-        land(landing, total, batch)
+        land(landing, total, batch, args.gzip)
         stages = ingest_and_validate(landing, lake)
         rows.append({"landing": label, "images": total, "landing_seconds": round(time.perf_counter() - started, 1),
                      **{stage: stages[stage] for stage in ("ingest", "validate")}})
@@ -152,7 +154,7 @@ def increment_part(args, work: Path) -> list[dict]:
     rows = []
     shutil.rmtree(work, ignore_errors=True)
     landing, lake = work / "landing", work / "lake"
-    dates = land(landing, (max(args.weeks) + 1) * BATCH_SIZE, BATCH_SIZE)
+    dates = land(landing, (max(args.weeks) + 1) * BATCH_SIZE, BATCH_SIZE, args.gzip)
     for weeks in sorted(args.weeks):
         ingest_and_validate(landing, lake, as_of=dates[weeks - 1])  # the history, as earlier runs left it
         increment = ingest_and_validate(landing, lake, as_of=dates[weeks])
@@ -168,7 +170,7 @@ def train_part(args, work: Path) -> list[dict]:
     rows = []
     for total in args.sizes:
         shutil.rmtree(work, ignore_errors=True)
-        land(work / "landing", total, BATCH_SIZE)
+        land(work / "landing", total, BATCH_SIZE, args.gzip)
         dataset_uri = ingest_and_validate(work / "landing", work / "lake")["dataset_uri"]
         run = work / "run"
         spark_submit = Path(sys.executable).parent / "spark-submit"
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--weeks", default="1,20,60", help="history lengths of the increment, in weeks")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--work", default=str(WORK / "scale"))
+    parser.add_argument("--gzip", action="store_true", help="land gzip-compressed IDX files (default raw: faster)")
     args = parser.parse_args()
     default_sizes = {"sizes": "150000,1000000,3000000", "train": "1000000,3000000", "increment": ""}[args.part]
     args.sizes = [int(n) for n in (args.sizes or default_sizes).split(",") if n]
