@@ -37,7 +37,7 @@ def test_dag_wires_the_stages_in_order(dag):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     chain = ["ingest", "validate", "plan", "train", "evaluate", "approval", "publish"]
-    assert dag.task_dict.keys() == {*chain, "request_review"}
+    assert dag.task_dict.keys() == {*chain, "request_review", "request_review_after_publish"}
     for upstream, downstream in zip(chain, chain[1:]):
         assert dag.get_task(upstream).downstream_task_ids - {"request_review"} == {downstream}
     # every stage does I/O: transient failures are retried
@@ -62,6 +62,10 @@ def test_a_quarantine_starts_the_review_dag_through_an_asset(dag, dag_bag):
     request = dag.get_task("request_review")
     assert request.upstream_task_ids == {"validate"} and request.downstream_task_ids == set()
     assert request.trigger_rule == "one_done" and request.outlets == [assets.quarantine_asset()]
+    # publish's challenger check quarantines the batch a poisoned challenger came from: its own request task
+    after_publish = dag.get_task("request_review_after_publish")
+    assert after_publish.upstream_task_ids == {"publish"} and after_publish.downstream_task_ids == set()
+    assert after_publish.outlets == [assets.quarantine_asset()] and after_publish.op_args[2] == "publish"
     review_dag = dag_bag.dags[REVIEW_DAG_ID]
     assert list(review_dag.timetable.asset_condition.objects) == [assets.quarantine_asset()]
     assert review_dag.catchup is False
@@ -149,7 +153,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
 
     # week 2, backfilled after week 3 landed: trains on weeks 1-2 only, from random weights
     assert run_week(dag, conf, WEEKS[1]) == ("success", {**dict.fromkeys(dag.task_dict, "success"),
-                                                         "approval": "skipped", "request_review": "skipped"})
+                                                         "approval": "skipped", "request_review": "skipped",
+                                                         "request_review_after_publish": "skipped"})
     week2 = tmp_path / "runs" / "20260111T000000"
     plan = json.loads((week2 / "plan.json").read_text())
     assert plan["batches"] == WEEKS[:2] and plan["retrain"] is True and plan["init_model_uri"] is None
@@ -171,7 +176,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     state, states = run_week(dag, conf, WEEKS[2])
     assert state == "success"
     assert states == {"ingest": "success", "validate": "success", "plan": "success", "request_review": "skipped",
-                      "train": "skipped", "evaluate": "skipped", "approval": "skipped", "publish": "skipped"}
+                      "train": "skipped", "evaluate": "skipped", "approval": "skipped", "publish": "skipped",
+                      "request_review_after_publish": "skipped"}
     skipped = json.loads((week3 / "plan.json").read_text())
     assert skipped["retrain"] is False and "already" in skipped["reason"]
 
