@@ -254,3 +254,34 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
     assert secret not in json.dumps(dag.params.dump(), default=str)
     for key in keys:
         assert secret.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
+
+
+@pytest.mark.slow
+def test_a_poison_found_only_by_the_challenger_check_quarantines_its_batch(dag, airflow_db, tmp_path):
+    """A trigger on 5 % of the second week's images, relabelled to one class, passes validate (its statistical
+    label checks are turned off here, so that only the challenger check can find it): the challenger memorises it,
+    publish rejects it and quarantines the batch, request_review_after_publish starts the review, and the week's
+    re-run leaves the batch out."""
+    from test_challenger_check import HISTORY, HISTORY_ROWS, NEW, TARGET, land, new_batch
+
+    source = land(tmp_path / "landing", new_batch(HISTORY_ROWS, poisoned=True))
+    conf = {"source_uri": str(source), "lake_uri": str(tmp_path / "lake"), "runs_uri": str(tmp_path / "runs"),
+            "registry_uri": str(tmp_path / "registry"), "hidden_layers": [128], "epochs": 10, "patience": 0,
+            "min_accuracy": 0.5, "false_alarm_rate": 1e-12}
+    state, states = run_week(dag, conf, HISTORY)
+    assert state == "success" and states["publish"] == "success"
+    pointer = (tmp_path / "registry" / "mnist-admm" / "current.json").read_text()
+
+    state, states = run_week(dag, conf, NEW)
+    assert state == "success" and states["validate"] == "success" and states["request_review"] == "skipped"
+    assert states["publish"] == "success" and states["request_review_after_publish"] == "success"
+    assert (tmp_path / "registry" / "mnist-admm" / "current.json").read_text() == pointer  # the champion stays
+    rejected, quarantined = history(tmp_path / "registry")[-2:]
+    assert rejected["decision"] == "rejected" and any(
+        reason.startswith(f"the challenger adopted the label {TARGET} ") for reason in rejected["reasons"])
+    assert (quarantined["decision"], quarantined["batch"], quarantined["given"]) == ("quarantined", NEW, TARGET)
+
+    # the week again: ingest leaves the batch out, so the dataset is the champion's and nothing is retrained
+    state, states = run_week(dag, conf, NEW)
+    plan = json.loads((tmp_path / "runs" / "20260111T000000" / "plan.json").read_text())
+    assert state == "success" and plan["batches"] == [HISTORY] and states["train"] == "skipped"
