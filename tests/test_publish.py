@@ -387,8 +387,8 @@ def test_gate_rejects_a_class_whose_test_recall_falls_beyond_the_limit_and_names
     within = [recall - allowed if k == 4 else recall for k, recall in enumerate(recalls)]  # exactly the limit
     passed = gate(publish.Scores(0.97, None, within), champion)
     assert passed.outcome == "accepted" and passed.failed_classes == []
-    assert passed.reasons[-1] == (f"no class's test recall is more than {allowed:.4f} below the published version "
-                                  f"old's (largest change: class 4, {-allowed:+.4f})")
+    assert (f"no class's test recall is more than {allowed:.4f} below the published version "
+            f"old's (largest change: class 4, {-allowed:+.4f})") in passed.reasons
 
     # Overall accuracy unchanged: class 4 loses 0.0001 more than allowed while class 7 gains.
     beyond = [recall - allowed - 1e-4 if k == 4 else recall + 0.01 if k == 7 else recall
@@ -446,7 +446,8 @@ def test_decision_records_champion_scores_dataset_batches_and_training_key(small
     assert entry["failed_classes"] == []
     assert entry["report_uri"] == registry.version_report_uri(registry_uri, result["model_version"])
     assert entry["gate"] == {"min_accuracy": 0.0, "max_regression": 1.0, "max_batch_regression": 1.0,
-                             "max_class_regression": 1.0}
+                             "max_class_regression": 1.0,
+                             "challenger_false_alarm_rate": publish.GateSettings.challenger_false_alarm_rate}
     assert registry.find_decision(registry_uri, "key-a")["version"] == first["model_version"]
 
 
@@ -466,7 +467,11 @@ def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_da
     result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
                                  max_batch_regression=1.0, max_class_regression=1.0)
 
-    rescored = metrics.score_champion(newer["model_uri"], dataset_uri)
+    rescored = metrics.score_champion(newer["model_uri"], dataset_uri, str(tmp_path / "b" / "model"))
+    # and the challenger check against c: b (always 1) adopts every class-1 label of the batch, c never says 1
+    check = rescored["challenger_check"]
+    assert [entry["adopted"] for entry in check] == [entry["batch_images"] * (k == 1) for k, entry in enumerate(check)]
+    assert check[1]["adopted"] > 0 and check[1]["p_value"] == 1.0  # c errs on every test 1 as well: no evidence
     assert result["history_entry"]["champion"] == {
         "version": newer["model_version"],
         "test_accuracy": rescored["test"]["accuracy"],
