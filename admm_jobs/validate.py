@@ -114,11 +114,13 @@ class ValidateConfig:
                                       exclusiveMinimum=0, maximum=0.5)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
                                        "its test accuracy (label sanity)", minimum=0, maximum=1)
-    min_cell_excess: float = setting(0.02, "margin of the per-class label checks' confusion cells: a cell's share "
-                                     "of its given label must exceed the reference's by more than this (and beyond "
-                                     "sampling) to fail", minimum=0, maximum=1)
-    min_mislabelled_excess: float = setting(0.02, "margin of the per-class label checks' share of likely mislabelled "
-                                            "images (per class and overall) over the reference's", minimum=0, maximum=1)
+    min_cell_excess: float = setting(0.05, "margin of the label checks' confusion cells: a cell's share of its given "
+                                     "label must exceed the reference's by more than this (and beyond sampling) to "
+                                     "fail", minimum=0, maximum=1)
+    min_class_mislabelled_excess: float = setting(0.05, "margin of the label checks' share of likely mislabelled "
+                                                  "images of one class over the reference's", minimum=0, maximum=1)
+    min_mislabelled_excess: float = setting(0.02, "margin of the label checks' share of likely mislabelled images "
+                                            "over all classes over the reference's", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -616,7 +618,7 @@ def label_failures(confusion: np.ndarray, joint: np.ndarray, reference: label_ch
                                      confusion.sum(axis=1), reference.confusion.sum(axis=1))
     classes = label_checks.risen_mislabelled(joint, confusion.sum(axis=1), reference.confident_joint,
                                              reference.confusion.sum(axis=1), test_level,
-                                             config.min_mislabelled_excess)
+                                             config.min_class_mislabelled_excess, config.min_mislabelled_excess)
 
     def shares(risen: label_checks.RisenCell | label_checks.RisenMislabelled) -> dict[str, Any]:
         # "threshold": the bound on the share; "bound": how it bounds it (as the batch suites' failures say)

@@ -65,7 +65,7 @@ def closest_approach(batch: tuple[np.ndarray, np.ndarray], reference: label_chec
     tests = [*label_checks.risen_cells(joint, reference.confident_joint, 1.0, -1.0, confusion.sum(axis=1),
                                        reference.confusion.sum(axis=1)),
              *label_checks.risen_mislabelled(joint, confusion.sum(axis=1), reference.confident_joint,
-                                             reference.confusion.sum(axis=1), 1.0, -1.0)]
+                                             reference.confusion.sum(axis=1), 1.0, -1.0, -1.0)]
     return (max(risen.observed - risen.expected for risen in tests),
             min(risen.p_value for risen in tests) / level)
 
@@ -152,8 +152,8 @@ def main() -> None:
     accuracy = float((model.predict(test_images.reshape(-1, 784)) == test_labels).mean())
     summary = {"machine": machine(), "args": vars(args), "train_seconds": round(train_seconds, 1),
                "test_accuracy": accuracy, "temperature": reference.calibration.temperature,
-               "level": level, "margins": {key: getattr(config, key) for key in ("min_cell_excess",
-                                                                                  "min_mislabelled_excess")},
+               "level": level, "margins": {key: getattr(config, key) for key in (
+                   "min_cell_excess", "min_class_mislabelled_excess", "min_mislabelled_excess")},
                "reference_mislabelled_share": float(label_checks.mislabelled_counts(reference.confident_joint).sum()
                                                     / reference.confusion.sum()),
                "rows": rows}

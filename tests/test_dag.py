@@ -121,6 +121,15 @@ def test_every_gate_setting_is_a_param_that_plan_and_publish_receive(dag):
     assert dag.params["max_class_regression"] == GateSettings.max_class_regression
 
 
+def test_every_validate_check_setting_is_a_param_that_validate_receives(dag):
+    """The thresholds, the label checks' margins and the false-alarm budget reach the validate task."""
+    template = " ".join(dag.get_task("validate").op_args[0])
+    for name in ("max_accuracy_drop", "min_cell_excess", "min_class_mislabelled_excess", "min_mislabelled_excess",
+                 "false_alarm_rate"):
+        assert name in dag.params
+        assert f"--{name.replace('_', '-')} {{{{ params.{name} }}}}" in template
+
+
 def task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
 

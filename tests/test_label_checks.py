@@ -117,11 +117,11 @@ def test_uniform_noise_rises_in_every_row_and_is_found_overall():
         others = np.flatnonzero(np.arange(CLASSES) != given)
         np.add.at(batch[given], rng.choice(others, 21), 1)
     level = FAMILY_ALPHA / label_checks.tests_per_batch(CLASSES)
-    risen = label_checks.risen_mislabelled(batch, batch_rows, reference, reference_rows, level, 0.02)
-    assert risen[-1].given is None  # all classes together: 3,000 images say what 300 cannot
+    risen = label_checks.risen_mislabelled(batch, batch_rows, reference, reference_rows, level, 0.05, 0.02)
+    assert [share.given for share in risen] == [None]  # all classes together: 3,000 images say what 300 cannot
     assert risen[-1].observed == pytest.approx(0.07) and risen[-1].expected == pytest.approx(0.02)
     assert risen[-1].expected + 0.02 <= risen[-1].bound < risen[-1].observed
     clean = np.diag(batch_rows) - np.diag(np.full(CLASSES, 6))
     clean[:, 1] += 6 * (np.arange(CLASSES) != 1)
     clean[1, 0] += 6
-    assert label_checks.risen_mislabelled(clean, batch_rows, reference, reference_rows, level, 0.02) == []
+    assert label_checks.risen_mislabelled(clean, batch_rows, reference, reference_rows, level, 0.05, 0.02) == []

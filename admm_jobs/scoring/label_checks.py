@@ -163,10 +163,13 @@ def risen_cells(batch: np.ndarray, reference: np.ndarray, test_level: float, min
 
 
 def risen_mislabelled(batch_joint: np.ndarray, batch_rows: np.ndarray, reference_joint: np.ndarray,
-                      reference_rows: np.ndarray, test_level: float, min_excess: float) -> list[RisenMislabelled]:
+                      reference_rows: np.ndarray, test_level: float, min_excess: float,
+                      min_overall_excess: float) -> list[RisenMislabelled]:
     """Classes, and all classes together (``given`` None, tested last), whose share of likely mislabelled
     images (the off-diagonal of their row of the confident joint, :func:`mislabelled_counts`, over the
-    images with that label, ``*_rows``) exceeds the reference's beyond sampling (:func:`risen_share`)."""
+    images with that label, ``*_rows``) exceeds the reference's beyond sampling (:func:`risen_share`); the
+    margin of a class is ``min_excess``, of all classes together ``min_overall_excess`` (natural drift moves
+    one class's share more than the average)."""
     batch_issues, reference_issues = mislabelled_counts(batch_joint), mislabelled_counts(reference_joint)
     rows = [(given, int(batch_issues[given]), int(batch_rows[given]), int(reference_issues[given]),
              int(reference_rows[given])) for given in range(len(batch_rows))]
@@ -174,7 +177,8 @@ def risen_mislabelled(batch_joint: np.ndarray, batch_rows: np.ndarray, reference
                  int(np.sum(reference_rows))))
     risen = []
     for given, count, row, reference_count, reference_row in rows:
-        outcome = risen_share(count, row, reference_count, reference_row, test_level, min_excess)
+        margin = min_excess if given is not None else min_overall_excess
+        outcome = risen_share(count, row, reference_count, reference_row, test_level, margin)
         if outcome is not None:
             risen.append(RisenMislabelled(given, count / row, reference_count / reference_row, *outcome))
     return risen
