@@ -277,3 +277,16 @@ def test_without_a_published_model_the_label_checks_say_they_did_not_run(tmp_pat
         validate.validate_dataset(result["dataset_uri"], registry_uri=registry_uri)
     assert failure.value.result["label_checks"] == {WEEKS[0]: validate.LABEL_CHECKS_WITHOUT_MODEL}
     assert failure.value.quarantined[WEEKS[0]]["label_checks"] == validate.LABEL_CHECKS_WITHOUT_MODEL
+
+
+def test_the_label_checks_count_the_same_in_any_chunk_size(label_landed):
+    """Only counts are kept chunk by chunk: a chunk of 257 rows finds what one chunk of the whole batch finds."""
+    source, lake, registry_uri = label_landed
+    batch_files(source, WEEKS[2], *half_flip(*label_batch(2)))
+    dataset_uri = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)["dataset_uri"]
+    failures = []
+    for chunk_rows in (257, 100_000):
+        with pytest.raises(validate.BatchQuarantined) as failure:
+            validate.validate_dataset(dataset_uri, chunk_rows=chunk_rows, registry_uri=registry_uri)
+        failures.append(failure.value.quarantined[WEEKS[2]]["failures"])
+    assert failures[0] == failures[1] and any(entry["check"] == validate.LABEL_CELL_CHECK for entry in failures[0])
