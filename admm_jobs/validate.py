@@ -181,18 +181,17 @@ def read_part(part: Part, reference: Reference | None, chunk_rows: int) -> dict[
     splits = {}
     for split, paths in part.files.items():
         profiler = profiles.SplitProfiler()
-        confusion = joint = None
+        classes = reference.model.layer_sizes[-1] if reference is not None else 0
+        confusion = np.zeros((classes, classes), np.int64) if reference is not None else None
+        joint = np.zeros((classes, classes), np.int64) if reference is not None and reference.labels else None
         for table in read_chunks([storage.join(part.directory, path) for path in paths], chunk_rows):
             rows, pixels = profiler.add(table)
-            if reference is not None and len(rows):
+            if confusion is not None and len(rows):
                 scores, labels = reference.model.logits(pixels), profiles.labels_of(table)[rows]
-                classes = scores.shape[1]
                 known = (labels >= 0) & (labels < classes)  # other labels are the split suite's concern
-                counted = confusion_matrix(labels[known], scores[known].argmax(axis=1), classes)
-                confusion = counted if confusion is None else confusion + counted
-                if reference.labels is not None:
-                    counted = label_checks.confident_joint(scores, labels, reference.labels.calibration)
-                    joint = counted if joint is None else joint + counted
+                confusion += confusion_matrix(labels[known], scores[known].argmax(axis=1), classes)
+                if joint is not None:
+                    joint += label_checks.confident_joint(scores, labels, reference.labels.calibration)
         profile = profiler.finish()
         splits[split] = PartSplit(profile.groups, "", profile.keys, profile.labels,
                                   profiles.repeated_rows(profile.keys), np.zeros(len(profile.keys), bool),
@@ -538,8 +537,7 @@ def batch_frame(views: Mapping[str, PartSplit], reference: Reference | None) -> 
         shares = np.array(reference.class_shares)
         frame["class_divergence"] = class_divergence(class_counts(groups, len(shares)), shares)
         frame["intensity_mean"], frame["intensity_stdev"] = intensity_moments(groups)
-        frame["accuracy"] = sum(int(np.trace(view.confusion)) for view in views.values()
-                                if view.confusion is not None) / images
+        frame["accuracy"] = sum(int(np.trace(view.confusion)) for view in views.values()) / images
     return pd.DataFrame([frame])
 
 
@@ -671,12 +669,9 @@ def label_outcome(views: Mapping[str, PartSplit], reference: Reference | None,
         return LABEL_CHECKS_WITHOUT_MODEL, []
     if reference.labels is None:
         return LABEL_CHECKS_WITHOUT_REFERENCE, []
-    confusion = sum(view.confusion for view in views.values() if view.confusion is not None)
-    joint = sum(view.confident_joint for view in views.values() if view.confident_joint is not None)
-    classes = len(reference.labels.confusion)
-    if isinstance(confusion, int):  # no scored image: the batch is empty (the split suite says so)
-        confusion = joint = np.zeros((classes, classes), np.int64)
-    tests = label_checks.tests_per_batch(classes)
+    confusion = np.sum([view.confusion for view in views.values()], axis=0)  # a new batch's splits were all read
+    joint = np.sum([view.confident_joint for view in views.values()], axis=0)
+    tests = label_checks.tests_per_batch(len(confusion))
     status = (f"ran: {tests} tests (every confusion cell, every class's and the overall mislabelled share), "
               f"each at level {family_false_alarm_rate(config) / tests:.3g}")
     return status, label_failures(confusion, joint, reference.labels, config)
