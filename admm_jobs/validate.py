@@ -16,7 +16,11 @@ validated against ``expectations/mnist_dataset.json`` with parameters from the m
 per split, pixels per image), so any dataset in the idx-parquet format validates, not only MNIST's.
 Each new batch becomes one row of statistics (shares of blank, saturated and duplicate images, and
 with a published model: class divergence, intensity, the model's accuracy), validated against
-``mnist_batch.json`` and ``mnist_batch_drift.json``; a batch failing them is quarantined.
+``mnist_batch.json`` and ``mnist_batch_drift.json``. With a published model whose version stores its label
+reference, each new batch also goes through the per-class label checks (:func:`label_failures`,
+:mod:`admm_jobs.scoring.label_checks`): the model's counts on the batch, kept chunk by chunk, against its
+validation split's, within half of ``false_alarm_rate`` (:func:`family_false_alarm_rate`). A batch failing any
+of them is quarantined; its record and the stage result say whether the label checks ran (``label_checks``).
 
 Outputs go to ``<dataset_uri>/validation/``: ``data_docs/`` (GX Data Docs,
 built in a local temporary directory and copied) and ``result.json`` (the
