@@ -23,8 +23,10 @@ registry copies with an accepted version and the history links for a rejected on
 
 An accepted version is stored with its reference confusion (``reference/confusion.json``,
 :func:`admm_jobs.registry.store.reference_confusion`): its confusion matrix on the validation
-split, which evaluate computed, so that the batch checks compare a new batch with it without
-scoring history again.
+split, which evaluate computed, and its calibration on the same split (``reference/calibration.json``,
+:func:`admm_jobs.registry.store.reference_calibration`: the temperature that turns its scores into
+probabilities, the confident-learning thresholds and confident joint, fitted here), so that the
+label checks compare a new batch with them without scoring history again.
 
 The scores come from ``RUN/evaluation/metrics.json``, where evaluate scored both models on the
 same test split and newest batch. If the pointer has moved since (another model was published
@@ -348,13 +350,19 @@ def quality_gate(
 
 def version_extras(candidate: Candidate) -> dict[str, bytes]:
     """What a version keeps besides the run's files: the verified ONNX export and, when evaluate scored
-    held-out rows, the reference confusion the batch checks compare new batches with."""
-    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(candidate.run_uri, registry.MODEL_DIR)))
+    held-out rows, the references the batch checks compare new batches with: the confusion evaluate counted
+    and the calibration fitted here on the same rows (read again, chunk by chunk)."""
+    model = model_io.load_model(storage.join(candidate.run_uri, registry.MODEL_DIR))
+    onnx_bytes, _ = verified_onnx(model)
     extras = {f"{registry.MODEL_DIR}/{registry.ONNX_FILE}": onnx_bytes}
     held_out = candidate.evaluation.get(metrics.VALIDATION)
     if held_out:
         extras[registry.REFERENCE_CONFUSION_PATH] = registry.reference_confusion_bytes(
             held_out["confusion_matrix"], metrics.VALIDATION, candidate.dataset_version)
+        calibration, joint = metrics.held_out_calibration(model, metrics.validation_set(candidate.dataset_uri))
+        extras[registry.REFERENCE_CALIBRATION_PATH] = registry.reference_calibration_bytes(
+            calibration.temperature, calibration.thresholds.tolist(), joint.tolist(), metrics.VALIDATION,
+            candidate.dataset_version)
     return extras
 
 

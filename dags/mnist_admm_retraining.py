@@ -62,9 +62,10 @@ VAR = PROJECT_ROOT / "var"
 DEPLOY = deploy.load_deploy_config()
 TRAIN_SETTINGS = [name for name in TrainConfig.__dataclass_fields__
                   if name not in ("dataset_uri", "output_uri", "init_model_uri")]
-# validate's thresholds; its chunk_rows is left at its default (the param of that name is train's)
-VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__
-                     if name.startswith("max_") or name == "false_alarm_rate"]
+# Validate's settings that are DAG params (thresholds, margins, the false-alarm budget); the others the DAG sets
+# itself, and its chunk_rows stays its default (the param of that name is train's).
+VALIDATE_FIXED = ("dataset_uri", "suite", "batch_suite", "drift_suite", "registry_uri", "logical_date", "chunk_rows")
+VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__ if name not in VALIDATE_FIXED]
 PUBLISH_SETTINGS = [field.name for field in dataclasses.fields(GateSettings)]
 
 # One directory per logical date (or per run when triggered without one): re-running a
@@ -100,8 +101,7 @@ with DAG(
                                       "below the published model on the test set or the newest batch), always"),
         **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of",
                                                        "registry_uri")),
-        **airflow_params(validate.ValidateConfig, exclude=("dataset_uri", "suite", "batch_suite", "drift_suite",
-                                                           "registry_uri", "logical_date", "chunk_rows")),
+        **airflow_params(validate.ValidateConfig, exclude=VALIDATE_FIXED),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
         **airflow_params(publish.PublishConfig, defaults={"min_accuracy": 0.9},
                          exclude=("run_uri", "registry_uri", "model_name", "training_key", "logical_date")),

@@ -125,21 +125,17 @@ def test_every_gate_setting_is_a_param_that_plan_and_publish_receive(dag):
     assert dag.params["max_class_regression"] == GateSettings.max_class_regression
 
 
-def test_every_validate_threshold_is_a_param_that_validate_receives(dag):
-    """The batch checks' thresholds and their family-wise false-alarm budget reach the validate command; its
+def test_every_validate_check_setting_is_a_param_that_validate_receives(dag):
+    """The thresholds, the label checks' margins and the false-alarm budget reach the validate task; its
     chunk_rows is not a param (the param of that name is train's and would shadow it)."""
-    import dataclasses
-
-    from admm_jobs import validate
     from admm_jobs.trainer.config import TrainConfig
 
-    command = " ".join(dag.get_task("validate").op_args[0])
-    thresholds = [field.name for field in dataclasses.fields(validate.ValidateConfig)
-                  if field.name.startswith("max_") or field.name == "false_alarm_rate"]
-    assert "false_alarm_rate" in thresholds
-    for name in thresholds:
-        assert f"--{name.replace('_', '-')} {{{{ params.{name} }}}}" in command
-    assert "--chunk-rows" not in command
+    template = " ".join(dag.get_task("validate").op_args[0])
+    for name in ("max_accuracy_drop", "max_class_divergence", "min_cell_excess", "min_class_mislabelled_excess",
+                 "min_mislabelled_excess", "false_alarm_rate"):
+        assert name in dag.params
+        assert f"--{name.replace('_', '-')} {{{{ params.{name} }}}}" in template
+    assert "--chunk-rows" not in template
     assert dag.params["chunk_rows"] == TrainConfig.chunk_rows  # train's, not validate's (10,000)
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import special
 
 from admm_jobs import publish
 from admm_jobs.lake import storage
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
-from admm_jobs.scoring import metrics
+from admm_jobs.scoring import label_checks, metrics
 
 from run_artifacts import make_evaluated_run
 
@@ -557,12 +558,33 @@ def test_a_published_version_keeps_its_validation_confusion_as_the_reference(sma
     assert (reference["examples"], reference["split"], reference["dataset_version"]) == (
         len(labels), "validation", small_dataset["dataset_version"])
     manifest = storage.read_json(storage.join(registry.version_uri(registry_uri, version), "manifest.json"))
-    assert registry.REFERENCE_CONFUSION_PATH in [file["path"] for file in manifest["files"]]
+    assert {registry.REFERENCE_CONFUSION_PATH, registry.REFERENCE_CALIBRATION_PATH} <= {
+        file["path"] for file in manifest["files"]}
+    # and its calibration on the same rows: the temperature of least negative log-likelihood, per class the mean
+    # calibrated probability of the given label, and the confident joint counted with those
+    stored = registry.reference_calibration(registry_uri, version)
+    scores = model.logits(pixels)
+    temperatures = label_checks.TEMPERATURES
+    losses = [np.sum(special.logsumexp(scores / t, axis=1) - scores[np.arange(len(labels)), labels] / t)
+              for t in temperatures]
+    assert stored["temperature"] == pytest.approx(temperatures[int(np.argmin(losses))])
+    probabilities = label_checks.calibrated_probabilities(scores, stored["temperature"])
+    present = np.unique(labels)
+    np.testing.assert_allclose(stored["thresholds"][present],
+                               [probabilities[labels == k, k].mean() for k in present], rtol=1e-6)
+    calibration = label_checks.Calibration(stored["temperature"], stored["thresholds"])
+    np.testing.assert_array_equal(stored["confident_joint"], label_checks.confident_joint(scores, labels, calibration))
+    assert (stored["split"], stored["dataset_version"]) == ("validation", small_dataset["dataset_version"])
 
     # A version stored without one (its evaluation scored no held-out rows): None, so the batch checks can say so.
     older = make_evaluated_run(str(tmp_path / "older"), seed=4, test_accuracy=0.99)
     assert publish.publish_run(str(tmp_path / "older"), registry_uri)["published"]
     assert registry.reference_confusion(registry_uri, older) is None
+    assert registry.reference_calibration(registry_uri, older) is None
+    calibration_path = Path(registry.version_uri(registry_uri, version)) / registry.REFERENCE_CALIBRATION_PATH
+    calibration_path.write_text(json.dumps({**json.loads(calibration_path.read_text()), "temperature": -1}))
+    with pytest.raises(registry.RegistryError, match="not an admm-reference-calibration/1 reference"):
+        registry.reference_calibration(registry_uri, version)
     # A damaged one is an error, not a silent pass.
     path = Path(registry.version_uri(registry_uri, version)) / registry.REFERENCE_CONFUSION_PATH
     path.write_text(json.dumps({**json.loads(path.read_text()), "examples": 1}))

@@ -7,6 +7,7 @@ exactly over the chunks, so the chunk size changes the memory, never a number.""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from admm_jobs.lake import dataset
 from admm_jobs.registry import model as model_io
 from admm_jobs.scoring.challenger_checks import adoption_statistics
+from admm_jobs.scoring import label_checks
 
 EVALUATION_FORMAT = "admm-evaluation/2"
 
@@ -156,6 +158,18 @@ def tally(models: list[model_io.Model], examples: Examples, chunk_rows: int) -> 
             confusion += counted
         right_by_class += chunk.right_by_class
     return Tally(confusions, right_by_class)
+
+
+def held_out_calibration(model: model_io.Model, examples: Examples,
+                         chunk_rows: int = 4096) -> tuple[label_checks.Calibration, np.ndarray]:
+    """The model's calibration and confident joint on held-out ``examples`` (:func:`label_checks.calibrate`):
+    two passes, each reading and scoring ``chunk_rows`` rows at a time."""
+    def scored_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for pixels, labels in dataset.iter_file_chunks(examples.uris, chunk_rows):
+            check_labels(model.layer_sizes[-1], labels, examples.source)
+            yield model.logits(pixels), labels
+
+    return label_checks.calibrate(scored_chunks)
 
 
 def tally_sets(models: list[model_io.Model], sets: list[Examples], chunk_rows: int) -> dict[str, Tally]:
