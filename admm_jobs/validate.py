@@ -41,7 +41,7 @@ import pandas as pd
 from admm_jobs.cli.command import FailedWithResult, run_command
 from admm_jobs.cli.config import setting, validate_fields
 from admm_jobs.lake import batches, profiles, storage
-from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks, split_directory
+from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
 
@@ -143,24 +143,15 @@ class PartSplit:
     repeated: np.ndarray | None = None  # per sorted key: the id occurs in another row of the split
     in_other_split: np.ndarray | None = None
     correct: int = 0
+    ink: pd.DataFrame | None = None  # images with ink at each pixel, by label (profiles.ink_by_label)
 
 
 def dataset_parts(dataset_uri: str, manifest: Mapping[str, Any], reference: Reference | None) -> list[Part]:
     """The parts of a dataset, in manifest order; those the reference was not validated with are new."""
-    shas = {batch["id"]: batch["sha256"] for batch in manifest.get("batches", [])}
-    shas[None] = manifest.get("test_set", {}).get("sha256", manifest["version"])
-    parts: dict[str, Part] = {}
-    for split in SPLITS:
-        for entry in manifest["splits"][split]["files"]:
-            uri = storage.join(dataset_uri, entry["path"])
-            directory, relative = uri.rsplit(f"/{split_directory(split)}/", 1)
-            name = entry.get("batch") or TEST_PART
-            part = parts.setdefault(directory, Part(
-                name, directory, shas.get(entry.get("batch"), manifest["version"]), {},
-                new=reference is None or (name not in reference.batches if name != TEST_PART
-                                          else shas[None] != reference.test_set_sha256)))
-            part.files.setdefault(split, []).append(f"{split_directory(split)}/{relative}")
-    return list(parts.values())
+    return [Part(part.batch or TEST_PART, part.directory, part.sha256, part.files,
+                 new=reference is None or (part.batch not in reference.batches if part.batch
+                                           else part.sha256 != reference.test_set_sha256))
+            for part in profiles.part_directories(dataset_uri, manifest)]
 
 
 def read_part(part: Part, model: model_io.Model | None, chunk_rows: int) -> dict[str, PartSplit]:
@@ -174,7 +165,8 @@ def read_part(part: Part, model: model_io.Model | None, chunk_rows: int) -> dict
                 correct += int((model.predict(pixels) == profiles.labels_of(table)[rows]).sum())
         profile = profiler.finish()
         splits[split] = PartSplit(profile.groups, "", profile.keys, profile.labels,
-                                  profiles.repeated_rows(profile.keys), np.zeros(len(profile.keys), bool), correct)
+                                  profiles.repeated_rows(profile.keys), np.zeros(len(profile.keys), bool), correct,
+                                  profile.ink)
     return splits
 
 
@@ -182,7 +174,8 @@ def stored_part(part: Part) -> dict[str, PartSplit]:
     """An old part as its profile describes it (written first if it has none)."""
     profile = profiles.ensure_profile(part.directory, part.sha256, part.files)
     return {split: PartSplit(profiles.groups_frame(entry["groups"]),
-                             storage.join(part.directory, profiles.PROFILE_DIR, entry["ids"]))
+                             storage.join(part.directory, profiles.PROFILE_DIR, entry["ids"]),
+                             ink=profiles.ink_frame(entry["ink"]))
             for split, entry in profile["splits"].items() if split in part.files}
 
 
