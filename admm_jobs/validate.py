@@ -44,6 +44,7 @@ from admm_jobs.lake import batches, profiles, storage
 from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
+from admm_jobs.scoring import pixel_checks
 
 log = logging.getLogger("admm_jobs.validate")
 
@@ -422,6 +423,7 @@ class Reference:
     saturated_share: float
     test_accuracy: float
     model: model_io.Model
+    pixels: profiles.ClassInk  # per class, its images with ink at each pixel (the pixel drift check's reference)
 
 
 def intensity_moments(groups: pd.DataFrame) -> tuple[float, float]:
@@ -452,6 +454,10 @@ def load_reference(registry_uri: str | None) -> Reference | None:
     counts = class_counts(groups, model.layer_sizes[-1]) + 1.0  # +1: no class has zero weight
     mean, stdev = intensity_moments(groups)
     images = max(float(groups["images"].sum()), 1.0)
+    version = registry.read_pointer(registry_uri)["version"]
+    # a version published before reference pixels were stored: the same sums, from the profiles
+    pixels = (registry.reference_pixels(registry_uri, version)
+              or profiles.dataset_class_ink(reference_uri, model.layer_sizes[-1]))
     return Reference(
         dataset_uri=reference_uri,
         batches=tuple(batch["id"] for batch in manifest.get("batches", [])),
@@ -463,6 +469,7 @@ def load_reference(registry_uri: str | None) -> Reference | None:
         saturated_share=float(groups["saturated"].sum()) / images,
         test_accuracy=float(registry.read_pointer(registry_uri)["test_accuracy"]),
         model=model,
+        pixels=pixels,
     )
 
 
@@ -575,6 +582,27 @@ def new_batch_checks(config: ValidateConfig, parts: list[Part], views: Mapping[s
     return {f"batch={batch}": (combined, batch_frame(views[batch], reference), {}) for batch in new}
 
 
+def pixel_drift_failures(config: ValidateConfig, image_shape: list[int], views: Mapping[str, PartSplit],
+                         reference: Reference) -> list[dict[str, Any]]:
+    """The pixel drift check of a new batch (all its splits, ``views``) against the reference's images: one
+    failure per class with drifted pixels (:mod:`admm_jobs.scoring.pixel_checks`). It gets half the batch's
+    false-alarm budget (the label checks the other half), split over every class and pixel."""
+    classes, pixels = reference.pixels.ink.shape
+    batch = profiles.class_ink(profiles.merge_groups(view.groups for view in views.values()),
+                               profiles.merge_ink(view.ink for view in views.values()), classes)
+    level = config.false_alarm_rate / 2 / pixel_checks.pixel_tests(classes, pixels)
+    return [{"check": "pixel drift", "given": drifted.given, "pixels": [list(pixel) for pixel in drifted.pixels],
+             "drifted_pixels": drifted.drifted, "observed": rounded(drifted.observed),
+             "expected": rounded(drifted.expected), "threshold": rounded(drifted.bound), "bound": "at most"}
+            for drifted in pixel_checks.drifted_classes(batch, reference.pixels, image_shape, level,
+                                                        config.pixel_drift_margin)]
+
+
+def rounded(shares: list[float]) -> list[float]:
+    """Shares to 4 digits: what a reviewer reads, and a short record."""
+    return [round(share, 4) for share in shares]
+
+
 def merged_suite(suites: list[gx.ExpectationSuite]) -> gx.ExpectationSuite:
     """One suite holding the expectations of ``suites`` (named after them), so each batch is one asset."""
     import great_expectations as gx
@@ -630,6 +658,9 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
     checks: dict[str, Check] = {split: (suite, frames[split], expectation_parameters(manifest, split))
                                 for split in SPLITS}
     checks.update(new_batch_checks(config, parts, views, reference))
+    pixel_failures = {name.removeprefix("batch="): pixel_drift_failures(config, manifest["image_shape"],
+                                                                        views[name.removeprefix("batch=")], reference)
+                      for name in checks if name.startswith("batch=") and reference is not None}
     validation_uri = storage.join(dataset_uri, VALIDATION_DIR)
     result_uri = storage.join(validation_uri, RESULT_FILE)
     data_docs_uri = storage.join(validation_uri, DATA_DOCS_DIR)
@@ -640,9 +671,12 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
         success = all(result["success"] for result in serialised.values())
         refused = {name.removeprefix("batch="): check_failures(result["results"])
                    for name, result in serialised.items() if name.startswith("batch=") and not result["success"]}
+        for batch, failures in pixel_failures.items():
+            if failures:
+                refused[batch] = refused.get(batch, []) + failures
         stage_result = {
             "dataset_uri": dataset_uri,
-            "success": success,
+            "success": success and not refused,
             "result_uri": result_uri,
             "data_docs_uri": storage.join(data_docs_uri, "index.html"),
             "statistics": summary_statistics(serialised),

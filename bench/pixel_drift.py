@@ -27,7 +27,7 @@ from admm_jobs.validate import ValidateConfig
 from common import RESULTS, ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))  # the image transforms the tests use
-from image_drift import CROSS, SQUARE_3X3, rescaled, shifted, stamped  # noqa: E402
+from image_drift import CROSS, SQUARE_3X3, rescaled, shifted, stamped
 
 CLASSES, SHAPE = 10, (28, 28)
 REFERENCE_IMAGES = 20_000
