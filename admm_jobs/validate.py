@@ -16,7 +16,9 @@ validated against ``expectations/mnist_dataset.json`` with parameters from the m
 per split, pixels per image), so any dataset in the idx-parquet format validates, not only MNIST's.
 Each new batch becomes one row of statistics (shares of blank, saturated and duplicate images, and
 with a published model: class divergence, intensity, the model's accuracy), validated against
-``mnist_batch.json`` and ``mnist_batch_drift.json``; a batch failing them is quarantined.
+``mnist_batch.json`` and ``mnist_batch_drift.json``. With a published model, each new batch's per-class ink counts
+also go through the pixel drift check (:mod:`admm_jobs.scoring.pixel_checks`, trigger patterns) against the
+version's reference pixels. A batch failing any of them is quarantined.
 
 Outputs go to ``<dataset_uri>/validation/``: ``data_docs/`` (GX Data Docs,
 built in a local temporary directory and copied) and ``result.json`` (the
