@@ -113,7 +113,7 @@ class ValidateConfig:
     false_alarm_rate: float = setting(0.001, "chance that a clean new batch fails any of the statistical label and "
                                       "pixel checks (family-wise: split over every test made on the batch)",
                                       exclusiveMinimum=0, maximum=0.5)
-    pixel_drift_margin: float = setting(0.03, "how far a new batch's share of a class's images with ink at a pixel "
+    pixel_drift_margin: float = setting(0.15, "how far a new batch's share of a class's images with ink at a pixel "
                                         "must exceed the reference's share near that pixel (within 2 pixels), "
                                         "beyond sampling, to fail the pixel drift check", minimum=0, maximum=1)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
