@@ -14,7 +14,9 @@ from test_ingest import WEEKS, batch_files, batched_source
 
 from admm_jobs import ingest, validate
 from admm_jobs.lake import dataset, profiles, storage
+from admm_jobs.registry import model as model_io
 from admm_jobs.registry import review
+from admm_jobs.registry import store as registry
 from admm_jobs.scoring import pixel_checks
 
 from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
@@ -181,6 +183,20 @@ def test_a_stamped_batch_is_quarantined_naming_class_and_pixels(weeks, tmp_path,
     quarantine = {**record, "run_uri": str(tmp_path / "run"), "dataset_uri": failure.value.result["dataset_uri"]}
     sheet = Image.open(io.BytesIO(storage.read_bytes(review.write_contact_sheet(quarantine))))
     assert (np.asarray(sheet.convert("RGB")) == review.MARK_COLOUR).all(axis=2).any()
+
+
+def test_validate_compares_with_the_published_versions_stored_reference(weeks):
+    """The reference is the version's reference/pixels.json when it has one: here one in which every 7 carried the
+    square, so a batch stamped with it is nothing new."""
+    _, _, registry_uri = weeks
+    version = registry.read_pointer(registry_uri)["version"]
+    reference_uri = model_io.load_model(registry.published_model_uri(registry_uri)).metadata["dataset"]["uri"]
+    ink = profiles.dataset_class_ink(reference_uri, 10)
+    ink.ink[7, [row * 28 + column for row, column in SQUARE_AT_BOTTOM_RIGHT]] = ink.images[7]
+    storage.write_bytes(storage.join(registry.version_uri(registry_uri, version), registry.REFERENCE_PIXELS_PATH),
+                        registry.reference_pixels_bytes(ink, None))
+    outcome = validate_week3(weeks, lambda images, labels: stamped(images, labels, 0.03, SQUARE_3X3, (24, 24), 7))
+    assert outcome["success"] and outcome["checked_batches"] == [WEEKS[2]]
 
 
 def test_old_profiles_get_ink_counts_once(weeks):
