@@ -26,7 +26,10 @@ An accepted version is stored with its reference confusion (``reference/confusio
 split, which evaluate computed, and its calibration on the same split (``reference/calibration.json``,
 :func:`admm_jobs.registry.store.reference_calibration`: the temperature that turns its scores into
 probabilities, the confident-learning thresholds and confident joint, fitted here), so that the
-label checks compare a new batch with them without scoring history again.
+label checks compare a new batch with them without scoring history again; and with its reference pixel
+statistics (``reference/pixels.json``, :func:`admm_jobs.registry.store.reference_pixels`): per class, how
+many of its training and validation images have ink at each pixel, summed from the profiles of its
+dataset's batches (no pixel is read).
 
 The scores come from ``RUN/evaluation/metrics.json``, where evaluate scored both models on the
 same test split and newest batch. If the pointer has moved since (another model was published
@@ -54,7 +57,8 @@ from typing import Any
 
 from admm_jobs.cli.command import run_command
 from admm_jobs.cli.config import require, setting, validate_fields
-from admm_jobs.lake import storage
+from admm_jobs.lake import profiles, storage
+from admm_jobs.lake.dataset import MANIFEST_FILE
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
 from admm_jobs.registry.gate import GateSettings
@@ -349,12 +353,16 @@ def quality_gate(
 
 
 def version_extras(candidate: Candidate) -> dict[str, bytes]:
-    """What a version keeps besides the run's files: the verified ONNX export and, when evaluate scored
-    held-out rows, the references the batch checks compare new batches with: the confusion evaluate counted
-    and the calibration fitted here on the same rows (read again, chunk by chunk)."""
+    """What a version keeps besides the run's files: the verified ONNX export and what the batch checks compare
+    new batches with: the reference pixel statistics of its dataset (when that is in the lake; else validate sums
+    them from the profiles itself) and, when evaluate scored held-out rows, the confusion evaluate counted and the
+    calibration fitted here on the same rows (read again, chunk by chunk)."""
     model = model_io.load_model(storage.join(candidate.run_uri, registry.MODEL_DIR))
     onnx_bytes, _ = verified_onnx(model)
     extras = {f"{registry.MODEL_DIR}/{registry.ONNX_FILE}": onnx_bytes}
+    if candidate.dataset_uri and storage.exists(storage.join(candidate.dataset_uri, MANIFEST_FILE)):
+        extras[registry.REFERENCE_PIXELS_PATH] = registry.reference_pixels_bytes(
+            profiles.dataset_class_ink(candidate.dataset_uri, model.layer_sizes[-1]), candidate.dataset_version)
     held_out = candidate.evaluation.get(metrics.VALIDATION)
     if held_out:
         extras[registry.REFERENCE_CONFUSION_PATH] = registry.reference_confusion_bytes(

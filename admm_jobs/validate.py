@@ -16,11 +16,13 @@ validated against ``expectations/mnist_dataset.json`` with parameters from the m
 per split, pixels per image), so any dataset in the idx-parquet format validates, not only MNIST's.
 Each new batch becomes one row of statistics (shares of blank, saturated and duplicate images, and
 with a published model: class divergence, intensity, the model's accuracy), validated against
-``mnist_batch.json`` and ``mnist_batch_drift.json``. With a published model whose version stores its label
-reference, each new batch also goes through the per-class label checks (:func:`label_failures`,
-:mod:`admm_jobs.scoring.label_checks`): the model's counts on the batch, kept chunk by chunk, against its
-validation split's, within half of ``false_alarm_rate`` (:func:`family_false_alarm_rate`). A batch failing any
-of them is quarantined; its record and the stage result say whether the label checks ran (``label_checks``).
+``mnist_batch.json`` and ``mnist_batch_drift.json``. With a published model, two statistical families share
+``false_alarm_rate`` (half each, :func:`family_false_alarm_rate`): the per-class label checks
+(:func:`label_failures`, :mod:`admm_jobs.scoring.label_checks`: the model's counts on the batch, kept chunk by
+chunk, against its validation split's, when its version stores its label reference), and the pixel drift check
+(:func:`pixel_drift_failures`, :mod:`admm_jobs.scoring.pixel_checks`, trigger patterns: each new batch's
+per-class ink counts against the version's reference pixels). A batch failing any of them is quarantined; its
+record and the stage result say whether the label checks ran (``label_checks``).
 
 Outputs go to ``<dataset_uri>/validation/``: ``data_docs/`` (GX Data Docs,
 built in a local temporary directory and copied) and ``result.json`` (the
@@ -45,11 +47,12 @@ import pandas as pd
 from admm_jobs.cli.command import FailedWithResult, run_command
 from admm_jobs.cli.config import setting, validate_fields
 from admm_jobs.lake import batches, profiles, storage
-from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks, split_directory
+from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
 from admm_jobs.scoring import label_checks
 from admm_jobs.scoring.metrics import confusion_matrix
+from admm_jobs.scoring import pixel_checks
 
 log = logging.getLogger("admm_jobs.validate")
 
@@ -116,6 +119,9 @@ class ValidateConfig:
     false_alarm_rate: float = setting(0.001, "chance that a clean new batch fails any of the statistical label and "
                                       "pixel checks (family-wise: split over every test made on the batch)",
                                       exclusiveMinimum=0, maximum=0.5)
+    pixel_drift_margin: float = setting(0.15, "how far a new batch's share of a class's images with ink at a pixel "
+                                        "must exceed the reference's share near that pixel (within 2 pixels), "
+                                        "beyond sampling, to fail the pixel drift check", minimum=0, maximum=1)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
                                        "its test accuracy (label sanity)", minimum=0, maximum=1)
     min_cell_excess: float = setting(0.05, "margin of the label checks' confusion cells: a cell's share of its given "
@@ -158,24 +164,15 @@ class PartSplit:
     in_other_split: np.ndarray | None = None
     confusion: np.ndarray | None = None  # given label x predicted class
     confident_joint: np.ndarray | None = None  # given label x confident class (label_checks.confident_joint)
+    ink: pd.DataFrame | None = None  # images with ink at each pixel, by label (profiles.ink_by_label)
 
 
 def dataset_parts(dataset_uri: str, manifest: Mapping[str, Any], reference: Reference | None) -> list[Part]:
     """The parts of a dataset, in manifest order; those the reference was not validated with are new."""
-    shas = {batch["id"]: batch["sha256"] for batch in manifest.get("batches", [])}
-    shas[None] = manifest.get("test_set", {}).get("sha256", manifest["version"])
-    parts: dict[str, Part] = {}
-    for split in SPLITS:
-        for entry in manifest["splits"][split]["files"]:
-            uri = storage.join(dataset_uri, entry["path"])
-            directory, relative = uri.rsplit(f"/{split_directory(split)}/", 1)
-            name = entry.get("batch") or TEST_PART
-            part = parts.setdefault(directory, Part(
-                name, directory, shas.get(entry.get("batch"), manifest["version"]), {},
-                new=reference is None or (name not in reference.batches if name != TEST_PART
-                                          else shas[None] != reference.test_set_sha256)))
-            part.files.setdefault(split, []).append(f"{split_directory(split)}/{relative}")
-    return list(parts.values())
+    return [Part(part.batch or TEST_PART, part.directory, part.sha256, part.files,
+                 new=reference is None or (part.batch not in reference.batches if part.batch
+                                           else part.sha256 != reference.test_set_sha256))
+            for part in profiles.part_directories(dataset_uri, manifest)]
 
 
 def read_part(part: Part, reference: Reference | None, chunk_rows: int) -> dict[str, PartSplit]:
@@ -199,7 +196,7 @@ def read_part(part: Part, reference: Reference | None, chunk_rows: int) -> dict[
         profile = profiler.finish()
         splits[split] = PartSplit(profile.groups, "", profile.keys, profile.labels,
                                   profiles.repeated_rows(profile.keys), np.zeros(len(profile.keys), bool),
-                                  confusion, joint)
+                                  confusion, joint, profile.ink)
     return splits
 
 
@@ -207,7 +204,8 @@ def stored_part(part: Part) -> dict[str, PartSplit]:
     """An old part as its profile describes it (written first if it has none)."""
     profile = profiles.ensure_profile(part.directory, part.sha256, part.files)
     return {split: PartSplit(profiles.groups_frame(entry["groups"]),
-                             storage.join(part.directory, profiles.PROFILE_DIR, entry["ids"]))
+                             storage.join(part.directory, profiles.PROFILE_DIR, entry["ids"]),
+                             ink=profiles.ink_frame(entry["ink"]))
             for split, entry in profile["splits"].items() if split in part.files}
 
 
@@ -452,6 +450,7 @@ class Reference:
     test_accuracy: float
     model: model_io.Model
     labels: label_checks.LabelReference | None  # None: the version was published before calibrations were stored
+    pixels: profiles.ClassInk  # per class, its images with ink at each pixel (the pixel drift check's reference)
 
 
 def intensity_moments(groups: pd.DataFrame) -> tuple[float, float]:
@@ -483,6 +482,9 @@ def load_reference(registry_uri: str | None) -> Reference | None:
     counts = class_counts(groups, model.layer_sizes[-1]) + 1.0  # +1: no class has zero weight
     mean, stdev = intensity_moments(groups)
     images = max(float(groups["images"].sum()), 1.0)
+    # a version published before reference pixels were stored: the same sums, from the profiles
+    pixels = (registry.reference_pixels(registry_uri, pointer["version"])
+              or profiles.dataset_class_ink(reference_uri, model.layer_sizes[-1]))
     return Reference(
         dataset_uri=reference_uri,
         batches=tuple(batch["id"] for batch in manifest.get("batches", [])),
@@ -495,6 +497,7 @@ def load_reference(registry_uri: str | None) -> Reference | None:
         test_accuracy=float(pointer["test_accuracy"]),
         model=model,
         labels=label_reference(registry_uri, pointer["version"]),
+        pixels=pixels,
     )
 
 
@@ -681,6 +684,27 @@ def label_outcome(views: Mapping[str, PartSplit], reference: Reference | None,
     return status, label_failures(confusion, joint, reference.labels, config)
 
 
+def pixel_drift_failures(config: ValidateConfig, image_shape: list[int], views: Mapping[str, PartSplit],
+                         reference: Reference) -> list[dict[str, Any]]:
+    """The pixel drift check of a new batch (all its splits, ``views``) against the reference's images: one
+    failure per class with drifted pixels (:mod:`admm_jobs.scoring.pixel_checks`). It gets half the batch's
+    false-alarm budget (the label checks the other half), split over every class and pixel."""
+    classes, pixels = reference.pixels.ink.shape
+    batch = profiles.class_ink(profiles.merge_groups(view.groups for view in views.values()),
+                               profiles.merge_ink(view.ink for view in views.values()), classes)
+    level = family_false_alarm_rate(config) / pixel_checks.pixel_tests(classes, pixels)
+    return [{"check": "pixel drift", "given": drifted.given, "pixels": [list(pixel) for pixel in drifted.pixels],
+             "drifted_pixels": drifted.drifted, "observed": rounded(drifted.observed),
+             "expected": rounded(drifted.expected), "threshold": rounded(drifted.bound), "bound": "at most"}
+            for drifted in pixel_checks.drifted_classes(batch, reference.pixels, image_shape, level,
+                                                        config.pixel_drift_margin)]
+
+
+def rounded(shares: list[float]) -> list[float]:
+    """Shares to 4 digits: what a reviewer reads, and a short record."""
+    return [round(share, 4) for share in shares]
+
+
 def merged_suite(suites: list[gx.ExpectationSuite]) -> gx.ExpectationSuite:
     """One suite holding the expectations of ``suites`` (named after them), so each batch is one asset."""
     import great_expectations as gx
@@ -737,6 +761,8 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
     new = batches_to_check(config, parts)
     checks.update(new_batch_checks(config, new, views, reference))
     labels = {batch: label_outcome(views[batch], reference, config) for batch in new}
+    pixel_failures = {batch: pixel_drift_failures(config, manifest["image_shape"], views[batch], reference)
+                      for batch in new if reference is not None}
     validation_uri = storage.join(dataset_uri, VALIDATION_DIR)
     result_uri = storage.join(validation_uri, RESULT_FILE)
     data_docs_uri = storage.join(validation_uri, DATA_DOCS_DIR)
@@ -744,15 +770,16 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
         run_name = f"{manifest['dataset']}-{manifest['version']}"
         results = run_suites(checks, data_docs_dir, run_name)
         serialised = {name: result.to_json_dict() for name, result in results.items()}
-        # the label checks' failures go with GX's: they refuse the batch the same way
+        # the statistical checks' failures go with GX's: they refuse the batch the same way
         failed = {name.removeprefix("batch="): check_failures(result["results"])
                   for name, result in serialised.items() if name.startswith("batch=")}
-        refused = {batch: failures + labels[batch][1] for batch, failures in failed.items()
-                   if failures or labels[batch][1]}
+        statistical = {batch: labels[batch][1] + pixel_failures.get(batch, []) for batch in failed}
+        refused = {batch: failures + statistical[batch] for batch, failures in failed.items()
+                   if failures or statistical[batch]}
         success = all(result["success"] for result in serialised.values()) and not refused
         stage_result = {
             "dataset_uri": dataset_uri,
-            "success": success,
+            "success": success and not refused,
             "result_uri": result_uri,
             "data_docs_uri": storage.join(data_docs_uri, "index.html"),
             "statistics": summary_statistics(serialised),

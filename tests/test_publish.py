@@ -592,6 +592,34 @@ def test_a_published_version_keeps_its_validation_confusion_as_the_reference(sma
         registry.reference_confusion(registry_uri, version)
 
 
+def test_a_published_version_keeps_its_training_images_ink_counts_as_the_pixel_reference(small_dataset, tmp_path):
+    from admm_jobs import evaluate
+    from admm_jobs.lake import dataset, profiles
+
+    from run_artifacts import make_trained_run
+
+    dataset_uri, registry_uri, run = small_dataset["dataset_uri"], str(tmp_path / "registry"), tmp_path / "run"
+    make_trained_run(str(run), seed=3)
+    evaluate.evaluate_run(str(run / "model"), dataset_uri, str(run / "metrics.jsonl"), str(run / "evaluation"),
+                          batch_size=50)
+    version = publish.publish_run(str(run), registry_uri, min_accuracy=0.0)["model_version"]
+
+    reference = registry.reference_pixels(registry_uri, version)
+    images, labels = dataset.read_files(dataset.split_file_uris(dataset_uri, "train")
+                                        + dataset.split_file_uris(dataset_uri, "validation"))
+    ink = profiles.ink_by_label(images, labels).reindex(range(10), fill_value=0).to_numpy()
+    np.testing.assert_array_equal(reference.ink, ink)  # summed from the profiles, as counted from the pixels
+    np.testing.assert_array_equal(reference.images, np.bincount(labels, minlength=10))
+    manifest = storage.read_json(storage.join(registry.version_uri(registry_uri, version), "manifest.json"))
+    assert registry.REFERENCE_PIXELS_PATH in [file["path"] for file in manifest["files"]]
+    # A damaged one is an error, not a silent pass.
+    path = Path(registry.version_uri(registry_uri, version)) / registry.REFERENCE_PIXELS_PATH
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**stored, "images": [0] * 10}))
+    with pytest.raises(registry.RegistryError, match="not an admm-reference-pixels/1 reference"):
+        registry.reference_pixels(registry_uri, version)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--logical-date", "last tuesday"], "--logical-date must be an ISO date or timestamp, got 'last tuesday'"),
     (["--max-batch-regression", "-0.1"], "--max-batch-regression: -0.1 is less than the minimum of 0"),

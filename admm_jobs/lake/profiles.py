@@ -4,11 +4,12 @@ Ingest writes one profile per directory of part files (``D/batches/<id>/validati
 ``D/test-sets/<sha>/``), committed by its record, written last::
 
     <directory>/profile/ids-<split>.parquet    the split's image keys with their labels, sorted by key
-    <directory>/profile/profile.json           idx-profile/1, below
+    <directory>/profile/profile.json           idx-profile/2, below
 
 ``profile.json``: ``{"format", "sha256"`` (the content the directory was written from), ``"files"``
 (each part file's signature, :func:`storage.file_signatures`, when the profile was written),
-``"splits": {split: {"rows", "ids", "groups": [group, ...]}}}``, one group per label value of the split::
+``"splits": {split: {"rows", "ids", "groups": [group, ...], "ink": [ink, ...]}}}``, one group per label
+value of the split::
 
     label                      the label (None for rows without one)
     rows, images               rows; rows holding a whole image (PIXELS_PER_IMAGE grey levels)
@@ -18,6 +19,11 @@ Ingest writes one profile per directory of part files (``D/batches/<id>/validati
     repeated_image_ids         rows whose image id occurs in another row of this directory's split
     blank, saturated           images with nothing drawn / more than half their pixels saturated
     intensity_sum, intensity_square_sum   sums of each image's mean grey level / 255 and of its square
+
+and one ``ink`` record per label value, ``{"label", "images"}``: ``images[p]`` is how many of the label's whole
+images have ink (a grey level above :data:`INK_GREY`) at pixel ``p`` (row-major), the statistic of the pixel
+drift check (:mod:`admm_jobs.scoring.pixel_checks`). Format /2 added ``ink``: a /1 profile counts as none,
+so :func:`ensure_profile` writes it again from the part files once (the back-fill of older lakes).
 
 Counts and sums add up and extrema combine, so the statistics of several batches are those of
 their profiles merged (:func:`merge_groups`); ``repeated_image_ids`` counts repeats inside the
@@ -39,9 +45,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from admm_jobs.lake import storage
-from admm_jobs.lake.dataset import PIXELS_PER_IMAGE, DatasetError, read_chunks
+from admm_jobs.lake.dataset import PIXELS_PER_IMAGE, SPLITS, DatasetError, load_manifest, read_chunks, split_directory
 
-PROFILE_FORMAT = "idx-profile/1"
+PROFILE_FORMAT = "idx-profile/2"  # /2 added the per-label ink counts; /1 is profiled again
 PROFILE_DIR = "profile"
 PROFILE_RECORD = "profile.json"
 CHUNK_ROWS = 10_000  # rows read at once: memory holds one chunk of pixels (7.8 MB), whatever the batch size
@@ -49,6 +55,7 @@ ID_ROWS_PER_GROUP = 65_536  # keys per row group of an id file (0.5 MB read at o
 NULL_LABEL = -1  # the label of rows without one, in key arrays
 BLANK_MAX_GREY = 10  # an image with no grey level above this has nothing drawn
 SATURATED_GREY = 250  # an image with more than half its pixels at this level or above is saturated
+INK_GREY = 128  # a pixel above this grey level has ink: half-way, so rescaling grey levels by 10 % moves few pixels
 SUMMED = ("rows", "images", "null_image_ids", "repeated_image_ids", "blank", "saturated", "intensity_sum",
           "intensity_square_sum")
 SMALLEST = ("pixel_count_min", "pixel_min")
@@ -154,6 +161,39 @@ def chunk_groups(table: pa.Table) -> tuple[pd.DataFrame, tuple[np.ndarray, np.nd
     }), (indices, pixels)
 
 
+def ink_by_label(pixels: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    """Per label (index) and pixel (columns 0..P-1): how many of the whole images (rows of uint8 grey levels)
+    with that label have ink at the pixel (grey level above :data:`INK_GREY`)."""
+    present, row_label = np.unique(labels, return_inverse=True)
+    one_hot = np.zeros((len(present), len(labels)), dtype=np.int32)
+    one_hot[row_label, np.arange(len(labels))] = 1
+    counts = one_hot @ (pixels > INK_GREY).astype(np.int32)  # a product of small ints: exact, and one pass
+    return pd.DataFrame(counts.astype(np.int64), index=pd.Index(present.astype(np.int16), name="label"))
+
+
+def merge_ink(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Ink counts (:func:`ink_by_label`) of several chunks or profiles, added per label."""
+    frames = [frame for frame in frames if len(frame)]
+    if not frames:
+        return pd.DataFrame(columns=range(PIXELS_PER_IMAGE), index=pd.Index([], name="label"), dtype=np.int64)
+    return pd.concat(frames).groupby(level=0).sum().rename_axis("label").sort_index()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassInk:
+    """The pixel drift check's statistic of some images, per class 0..K-1: ``images`` (K,) whole images,
+    ``ink`` (K, P) of them with ink at each pixel."""
+
+    images: np.ndarray
+    ink: np.ndarray
+
+
+def class_ink(groups: pd.DataFrame, ink: pd.DataFrame, classes: int) -> ClassInk:
+    """The :class:`ClassInk` of label-indexed group statistics and ink counts (other labels left out)."""
+    return ClassInk(groups["images"].reindex(range(classes), fill_value=0).to_numpy(dtype=np.int64),
+                    ink.reindex(range(classes), fill_value=0).to_numpy(dtype=np.int64))
+
+
 def merge_groups(groups: Iterable[pd.DataFrame]) -> pd.DataFrame:
     """Group statistics of several chunks or profiles, per label: sums added, extrema combined."""
     frames = [frame for frame in groups if len(frame)]
@@ -186,6 +226,7 @@ class SplitProfile:
     groups: pd.DataFrame
     keys: np.ndarray
     labels: np.ndarray
+    ink: pd.DataFrame  # :func:`ink_by_label`
 
 
 class SplitProfiler:
@@ -195,12 +236,14 @@ class SplitProfiler:
         self.groups: list[pd.DataFrame] = []
         self.keys: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.ink: list[pd.DataFrame] = []
 
     def add(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """Take in one chunk of rows (columns image_id, label, pixels); return its whole images, as
         :func:`whole_images` (for callers that score them)."""
         groups, images = chunk_groups(table)
         self.groups.append(groups)
+        self.ink.append(ink_by_label(images[1], labels_of(table)[images[0]]))
         self.keys.append(image_keys(table.column("image_id")))
         self.labels.append(labels_of(table)[table.column("image_id").is_valid().to_numpy(zero_copy_only=False)])
         return images
@@ -213,7 +256,7 @@ class SplitProfiler:
         groups = merge_groups(self.groups)
         repeats = counts_by_label(labels, repeated_rows(keys))
         groups["repeated_image_ids"] = repeats.reindex(groups.index, fill_value=0).astype(int)
-        return SplitProfile(groups, keys, labels)
+        return SplitProfile(groups, keys, labels, merge_ink(self.ink))
 
 
 def profile_files(uris: list[str], chunk_rows: int = CHUNK_ROWS) -> SplitProfile:
@@ -258,6 +301,19 @@ def groups_frame(records: list[Mapping[str, Any]]) -> pd.DataFrame:
     return frame.set_index("label").astype({column: float for column in (*SMALLEST, *LARGEST)})
 
 
+def ink_json(ink: pd.DataFrame) -> list[dict[str, Any]]:
+    """Ink counts as JSON records, one per label (None for rows without one)."""
+    return [{"label": None if label == NULL_LABEL else int(label), "images": [int(count) for count in row]}
+            for label, row in zip(ink.index, ink.to_numpy())]
+
+
+def ink_frame(records: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """The inverse of :func:`ink_json`."""
+    labels = [NULL_LABEL if record["label"] is None else record["label"] for record in records]
+    return merge_ink([pd.DataFrame([record["images"] for record in records],
+                                   index=pd.Index(np.array(labels, dtype=np.int16), name="label"), dtype=np.int64)])
+
+
 def write_profile(directory_uri: str, sha256: str, part_paths: list[str], splits: Mapping[str, SplitProfile]
                   ) -> dict[str, Any]:
     """Write the profile of a directory whose part files (paths relative to it) hold ``splits``; return it."""
@@ -266,7 +322,8 @@ def write_profile(directory_uri: str, sha256: str, part_paths: list[str], splits
         "format": PROFILE_FORMAT, "sha256": sha256,
         "files": {path: signatures.get(storage.join(directory_uri, path)) for path in part_paths},
         "splits": {split: {"rows": int(profile.groups["rows"].sum()), "ids": ids_file(split),
-                           "groups": groups_json(profile.groups)} for split, profile in splits.items()},
+                           "groups": groups_json(profile.groups), "ink": ink_json(profile.ink)}
+                   for split, profile in splits.items()},
     }
     with storage.staged_directory(storage.join(directory_uri, PROFILE_DIR)) as staging:
         for split, profile in splits.items():
@@ -298,6 +355,43 @@ def ensure_profile(directory_uri: str, sha256: str, files_by_split: Mapping[str,
               for split, paths in files_by_split.items()}
     return write_profile(directory_uri, sha256, [path for paths in files_by_split.values() for path in paths],
                          splits)
+
+
+@dataclasses.dataclass
+class PartDirectory:
+    """One directory of part files a dataset is made of: a batch's splits, or the test set."""
+
+    batch: str | None  # the batch id; None for the test set
+    directory: str
+    sha256: str  # the content it was written from, as its profile records
+    files: dict[str, list[str]]  # split -> part files, relative to ``directory``
+
+
+def part_directories(dataset_uri: str, manifest: Mapping[str, Any]) -> list[PartDirectory]:
+    """The directories of part files of a dataset, in manifest order."""
+    shas = {batch["id"]: batch["sha256"] for batch in manifest.get("batches", [])}
+    shas[None] = manifest.get("test_set", {}).get("sha256", manifest["version"])
+    parts: dict[str, PartDirectory] = {}
+    for split in SPLITS:
+        for entry in manifest["splits"][split]["files"]:
+            uri = storage.join(dataset_uri, entry["path"])
+            directory, relative = uri.rsplit(f"/{split_directory(split)}/", 1)
+            part = parts.setdefault(directory, PartDirectory(
+                entry.get("batch"), directory, shas.get(entry.get("batch"), manifest["version"]), {}))
+            part.files.setdefault(split, []).append(f"{split_directory(split)}/{relative}")
+    return list(parts.values())
+
+
+def dataset_class_ink(dataset_uri: str, classes: int) -> ClassInk:
+    """The ink counts of a dataset's training and validation images (not the test set's), summed from the
+    profiles of its parts (written first where missing or older than ink counts)."""
+    groups, ink = [], []
+    for part in part_directories(dataset_uri, load_manifest(dataset_uri)):
+        for split, entry in ensure_profile(part.directory, part.sha256, part.files)["splits"].items():
+            if split != "test":
+                groups.append(groups_frame(entry["groups"]))
+                ink.append(ink_frame(entry["ink"]))
+    return class_ink(merge_groups(groups), merge_ink(ink), classes)
 
 
 def unchanged_files(directory_uri: str, profile: Mapping[str, Any], paths: list[str]) -> bool:

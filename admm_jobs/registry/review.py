@@ -1,7 +1,8 @@
 """Human decisions in the registry history: the review of a quarantined batch, and the approval before publish.
 
 Quarantine review (the DAG ``mnist_quarantine_review``): a reviewer sees each failed check of the batch with its
-observed value and bound, and a contact sheet of its images (:func:`contact_sheet_png`), then releases the batch
+observed value and bound, and a contact sheet of its images (:func:`contact_sheet_png`; a pixel drift failure's
+pixels outlined in red on images of its class that carry ink there), then releases the batch
 or keeps it quarantined; no answer in time keeps it quarantined. :func:`record_review` writes the answer into the
 history (``released``, ``confirmed`` or ``timed_out``, with the reviewer and when they answered), where
 :func:`admm_jobs.registry.store.quarantined_batches` reads it: the history, not a file, says which batches later
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from admm_jobs.lake import storage
+from admm_jobs.lake import profiles, storage
 from admm_jobs.lake.dataset import load_manifest, read_batch
 from admm_jobs.registry import store
 
@@ -31,6 +32,7 @@ CONTACT_SHEET_FILE = "contact-sheet.png"
 SHEET_COLUMNS, SHEET_ROWS = 10, 6
 TILE_SCALE = 3  # a 28-pixel digit drawn 84 pixels wide: a stamped pattern of a few pixels stays visible
 CAPTION_HEIGHT = 12
+MARK_COLOUR = (230, 0, 0)  # the outline of drifted pixels: red stands out on grey digits
 TITLE_HEIGHT = 16
 
 
@@ -44,6 +46,44 @@ def flagged_classes(failures: Sequence[Mapping[str, Any]]) -> list[int]:
                    if failure.get(key) is not None})
 
 
+def marked_pixels(failures: Sequence[Mapping[str, Any]]) -> dict[int, list[tuple[int, int]]]:
+    """The (row, column) pixels that failed pixel drift checks name (``pixels``), by the class they drifted in."""
+    marks: dict[int, list[tuple[int, int]]] = {}
+    for failure in failures:
+        if failure.get("pixels") and failure.get("given") is not None:
+            marks.setdefault(int(failure["given"]), []).extend((int(row), int(column))
+                                                               for row, column in failure["pixels"])
+    return marks
+
+
+def carrying_marks(pixels: np.ndarray, labels: np.ndarray, marks: Mapping[int, Sequence[tuple[int, int]]],
+                   image_width: int) -> np.ndarray:
+    """Which images (rows of grey levels) have ink on a marked pixel of their own class: those that show a
+    stamped pattern."""
+    carrying = np.zeros(len(labels), dtype=bool)
+    for given, cells in marks.items():
+        flat = [row * image_width + column for row, column in cells]
+        carrying |= (labels == given) & (pixels[:, flat] > profiles.INK_GREY).any(axis=1)
+    return carrying
+
+
+def outline(cells: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """The border of a set of (row, column) pixels: each pixel side that no other pixel of the set shares, as
+    (x0, y0, x1, y1) in pixel-corner coordinates (x the column)."""
+    inside = set(cells)
+    edges = []
+    for row, column in inside:
+        if (row - 1, column) not in inside:
+            edges.append((column, row, column + 1, row))
+        if (row + 1, column) not in inside:
+            edges.append((column, row + 1, column + 1, row + 1))
+        if (row, column - 1) not in inside:
+            edges.append((column, row, column, row + 1))
+        if (row, column + 1) not in inside:
+            edges.append((column + 1, row, column + 1, row + 1))
+    return sorted(edges)
+
+
 def sample_indices(labels: np.ndarray, classes: Sequence[int], count: int) -> np.ndarray:
     """Up to ``count`` image indices spread evenly over the batch, only images labelled ``classes`` if any.
 
@@ -55,20 +95,26 @@ def sample_indices(labels: np.ndarray, classes: Sequence[int], count: int) -> np
     return candidates[np.unique(np.linspace(0, len(candidates) - 1, min(count, len(candidates))).round().astype(int))]
 
 
-def contact_sheet_png(pixels: np.ndarray, labels: np.ndarray, image_shape: Sequence[int], title: str) -> bytes:
-    """A grid of the given images (rows of grey levels), each enlarged and captioned with its label, as PNG."""
+def contact_sheet_png(pixels: np.ndarray, labels: np.ndarray, image_shape: Sequence[int], title: str,
+                      marks: Mapping[int, Sequence[tuple[int, int]]] | None = None) -> bytes:
+    """A grid of the given images (rows of grey levels), each enlarged and captioned with its label, as PNG;
+    ``marks`` (class -> pixels, :func:`marked_pixels`) outlined in :data:`MARK_COLOUR` on the images of the class."""
     height, width = (int(size) * TILE_SCALE for size in image_shape)
     rows = max(1, -(-len(pixels) // SHEET_COLUMNS))
-    sheet = Image.new("L", (SHEET_COLUMNS * (width + 2), TITLE_HEIGHT + rows * (height + CAPTION_HEIGHT + 2)), 255)
+    sheet = Image.new("RGB", (SHEET_COLUMNS * (width + 2), TITLE_HEIGHT + rows * (height + CAPTION_HEIGHT + 2)),
+                      (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((2, 2), title, fill=0)
+    draw.text((2, 2), title, fill=(0, 0, 0))
     for index, (image, label) in enumerate(zip(pixels, labels)):
         row, column = divmod(index, SHEET_COLUMNS)
         left, top = column * (width + 2) + 1, TITLE_HEIGHT + row * (height + CAPTION_HEIGHT + 2)
         tile = Image.fromarray(np.asarray(image, dtype=np.uint8).reshape(image_shape)).resize((width, height),
                                                                                               Image.NEAREST)
         sheet.paste(tile, (left, top + CAPTION_HEIGHT))
-        draw.text((left + 1, top), f"label {int(label)}", fill=0)
+        draw.text((left + 1, top), f"label {int(label)}", fill=(0, 0, 0))
+        for x0, y0, x1, y1 in outline((marks or {}).get(int(label), [])):
+            draw.line([(left + x0 * TILE_SCALE, top + CAPTION_HEIGHT + y0 * TILE_SCALE),
+                       (left + x1 * TILE_SCALE, top + CAPTION_HEIGHT + y1 * TILE_SCALE)], fill=MARK_COLOUR)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -80,17 +126,22 @@ def contact_sheet_uri(run_uri: str, batch: str) -> str:
 
 
 def write_contact_sheet(quarantine: Mapping[str, Any]) -> str:
-    """Draw the contact sheet of a quarantined batch (its images of the flagged classes, else a sample of all)
-    from the lake, store it (:func:`contact_sheet_uri`) and return its URI."""
+    """Draw the contact sheet of a quarantined batch from the lake, store it (:func:`contact_sheet_uri`) and return
+    its URI. It shows the batch's images of the flagged classes (else a sample of all); when pixel drift checks
+    failed, those of them that carry ink on the drifted pixels, which are outlined."""
     batch, dataset_uri = quarantine["batch"], quarantine["dataset_uri"]
     pixels, labels = read_batch(dataset_uri, batch)
-    classes = flagged_classes(quarantine["failures"])
-    chosen = sample_indices(labels, classes, SHEET_COLUMNS * SHEET_ROWS)
+    image_shape = load_manifest(dataset_uri)["image_shape"]
+    classes, marks = flagged_classes(quarantine["failures"]), marked_pixels(quarantine["failures"])
+    shown = np.flatnonzero(carrying_marks(pixels, labels, marks, int(image_shape[1])))
+    if not len(shown):
+        shown = np.arange(len(labels))
+    chosen = shown[sample_indices(labels[shown], classes, SHEET_COLUMNS * SHEET_ROWS)]
     which = f"labels {', '.join(map(str, classes))}" if classes else "spread over the batch"
-    title = f"batch {batch}: {len(chosen)} of {len(labels)} images ({which})"
+    title = f"batch {batch}: {len(chosen)} of {len(labels)} images ({which}" + (
+        ", drifted pixels outlined)" if marks else ")")
     uri = contact_sheet_uri(quarantine["run_uri"], batch)
-    storage.write_bytes(uri, contact_sheet_png(pixels[chosen], labels[chosen],
-                                               load_manifest(dataset_uri)["image_shape"], title))
+    storage.write_bytes(uri, contact_sheet_png(pixels[chosen], labels[chosen], image_shape, title, marks))
     return uri
 
 

@@ -7,6 +7,7 @@ Layout (``REG`` = the registry URI, ``NAME`` = the model name, default :data:`DE
     REG/NAME/<model_version>/metrics.jsonl      copy of RUN/metrics.jsonl
     REG/NAME/<model_version>/reference/confusion.json   its confusion on held-out data (:func:`reference_confusion`)
     REG/NAME/<model_version>/reference/calibration.json its calibration on them (:func:`reference_calibration`)
+    REG/NAME/<model_version>/reference/pixels.json      its training images' ink counts (:func:`reference_pixels`)
     REG/NAME/<model_version>/manifest.json      sha256 of every file above; written LAST
     REG/NAME/current.json                       pointer to the published version
     REG/NAME/history.jsonl                      one line per decision, oldest first
@@ -47,7 +48,7 @@ import boto3
 import botocore.exceptions
 import numpy as np
 
-from admm_jobs.lake import storage
+from admm_jobs.lake import profiles, storage
 
 DEFAULT_MODEL_NAME = "mnist-admm"
 POINTER_FILE = "current.json"
@@ -65,6 +66,8 @@ REFERENCE_CONFUSION_PATH = "reference/confusion.json"
 REFERENCE_CONFUSION_FORMAT = "admm-reference-confusion/1"
 REFERENCE_CALIBRATION_PATH = "reference/calibration.json"
 REFERENCE_CALIBRATION_FORMAT = "admm-reference-calibration/1"
+REFERENCE_PIXELS_PATH = "reference/pixels.json"
+REFERENCE_PIXELS_FORMAT = "admm-reference-pixels/1"
 VERSION_HEX_DIGITS = 16
 # Conditional writes that lose a race re-read and retry; this many losses in a row is an error.
 MAX_ATTEMPTS = 10
@@ -536,3 +539,32 @@ def _reference_document(registry_uri: str, version: str, model_name: str, path: 
     if not ok:
         raise RegistryError(f"{uri}: not an {document_format} reference ({holds})")
     return reference
+
+
+def reference_pixels_bytes(ink: profiles.ClassInk, dataset_version: str | None) -> bytes:
+    """The file a version keeps its reference pixel statistics in: per class, the images of the dataset it was
+    trained on (``dataset_version``'s training and validation images) and how many have ink at each pixel."""
+    return _json_bytes({
+        "format": REFERENCE_PIXELS_FORMAT,
+        "dataset_version": dataset_version,
+        "ink_grey": profiles.INK_GREY,
+        "images": ink.images.tolist(),
+        "ink": ink.ink.tolist(),
+    })
+
+
+def reference_pixels(registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME
+                     ) -> profiles.ClassInk | None:
+    """A published version's reference pixel statistics (:func:`reference_pixels_bytes`); None when the version
+    has none (published before they were stored, or measured at another ink threshold); raises
+    :class:`RegistryError` when the file is corrupt."""
+    def valid(reference: dict[str, Any]) -> bool:
+        images, ink = (np.array(reference[key], dtype=np.int64) for key in ("images", "ink"))
+        return (images.ndim == 1 and ink.ndim == 2 and len(ink) == len(images) and (ink >= 0).all()
+                and (ink <= images[:, None]).all())
+
+    reference = _reference_document(registry_uri, version, model_name, REFERENCE_PIXELS_PATH,
+                                    REFERENCE_PIXELS_FORMAT, valid, "per class, images and ink counts")
+    if reference is None or reference.get("ink_grey") != profiles.INK_GREY:
+        return None
+    return profiles.ClassInk(*(np.array(reference[key], dtype=np.int64) for key in ("images", "ink")))
