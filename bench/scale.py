@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, ROOT, WORK, machine
 
-from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
+from admm_jobs.lake.idx import fetch_source_file, read_array, write_idx
 from admm_jobs.lake.landing import BATCHES_DIR, SOURCE_FILES
 
 MNIST = ROOT / "data" / "mnist"
@@ -67,8 +67,8 @@ def synthetic_images(count: int, images: np.ndarray, labels: np.ndarray):
 
 def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
     """Land ``images_total`` synthetic images as weekly batches of ``batch_size`` (plus MNIST's test files)."""
-    images = read_source(str(MNIST), *SOURCE_FILES["train_images"]).array
-    labels = read_source(str(MNIST), *SOURCE_FILES["train_labels"]).array
+    images = read_array(str(MNIST), *SOURCE_FILES["train_images"])
+    labels = read_array(str(MNIST), *SOURCE_FILES["train_labels"])
     landing.mkdir(parents=True, exist_ok=True)
     for role in ("test_images", "test_labels"):
         uri, raw = fetch_source_file(str(MNIST), SOURCE_FILES[role][0])
