@@ -6,9 +6,11 @@ A dataset is made of parts: its batches and its test set, each a directory with 
 (:mod:`admm_jobs.lake.profiles`). A part is *new* when the published model's data did not hold it
 (every part, when nothing is published): new parts are read and profiled again from their Parquet
 files, one chunk of ``chunk_rows`` rows at a time; the others are known by their profiles. Image ids
-held twice are found by merging the new parts' sorted keys with every other part's sorted id file
-(two old parts were compared when the later of them was new). Memory holds one chunk of pixels and
-the new parts' keys (10 bytes per image), whatever the length of the history.
+held twice are found by testing the new parts' sorted keys against every other part's key filter and
+confirming the candidates exactly in the row groups of its sorted id file that may hold them (two old
+parts were compared when the later of them was new): an old part costs its filter (3.5 bytes per image),
+rarely an id file row group. Memory holds one chunk of pixels and the new parts' keys (10 bytes per
+image), whatever the length of the history.
 
 Each split becomes one summary frame, one row per part and label (rows, the label's share of the
 split, per-row pixel count and grey-level extremes, ids missing, repeated or in another split),
@@ -31,7 +33,7 @@ import datetime
 import logging
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +139,8 @@ class PartSplit:
     (read in this run), its sorted keys with their labels, and its whole images' correct predictions."""
 
     groups: pd.DataFrame
-    id_file: str
+    directory: str = ""  # of an old part: where its profile is
+    entry: Mapping[str, Any] | None = None  # of an old part: the split's entry in its profile (id file, key filter)
     keys: np.ndarray | None = None
     labels: np.ndarray | None = None
     repeated: np.ndarray | None = None  # per sorted key: the id occurs in another row of the split
@@ -173,17 +176,28 @@ def read_part(part: Part, model: model_io.Model | None, chunk_rows: int) -> dict
             if model is not None and len(rows):
                 correct += int((model.predict(pixels) == profiles.labels_of(table)[rows]).sum())
         profile = profiler.finish()
-        splits[split] = PartSplit(profile.groups, "", profile.keys, profile.labels,
-                                  profiles.repeated_rows(profile.keys), np.zeros(len(profile.keys), bool), correct)
+        splits[split] = PartSplit(profile.groups, keys=profile.keys, labels=profile.labels,
+                                  repeated=profiles.repeated_rows(profile.keys),
+                                  in_other_split=np.zeros(len(profile.keys), bool), correct=correct)
     return splits
 
 
 def stored_part(part: Part) -> dict[str, PartSplit]:
     """An old part as its profile describes it (written first if it has none)."""
     profile = profiles.ensure_profile(part.directory, part.sha256, part.files)
-    return {split: PartSplit(profiles.groups_frame(entry["groups"]),
-                             storage.join(part.directory, profiles.PROFILE_DIR, entry["ids"]))
+    return {split: PartSplit(profiles.groups_frame(entry["groups"]), part.directory, entry)
             for split, entry in profile["splits"].items() if split in part.files}
+
+
+def old_id_chunks(view: PartSplit, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The row groups of an old split's id file that may hold some of ``keys``: those its key filter does not
+    rule out (nothing is read past the filter when it rules out every key, the usual case)."""
+    if not len(keys):
+        return
+    candidates = keys[profiles.load_filter(view.directory, view.entry).may_contain(keys)]
+    groups = profiles.groups_holding(view.entry["id_groups"], candidates)
+    if groups:
+        yield from profiles.id_chunks(storage.join(view.directory, profiles.PROFILE_DIR, view.entry["ids"]), groups)
 
 
 def match_ids(views: dict[str, dict[str, PartSplit]]) -> dict[tuple[str, str], tuple[pd.Series, pd.Series]]:
@@ -216,7 +230,7 @@ def match_ids(views: dict[str, dict[str, PartSplit]]) -> dict[tuple[str, str], t
             if view.keys is not None:
                 continue
             same, other = pd.Series(dtype=int), pd.Series(dtype=int)
-            for chunk_keys, chunk_labels in profiles.id_chunks(view.id_file):
+            for chunk_keys, chunk_labels in old_id_chunks(view, keys):
                 left, right = np.searchsorted(keys, chunk_keys, "left"), np.searchsorted(keys, chunk_keys, "right")
                 for row in np.flatnonzero(right > left):
                     splits_hit = set()

@@ -196,8 +196,8 @@ def hashes_match(directory_uri: str, record: dict[str, Any]) -> bool:
 
 def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[dict[str, Any] | None, bool]:
     """The record committing ``directory_uri``, written from content ``sha256``, if it and every part file it
-    lists are intact, else None; and whether its profile had to be written or updated (its lacking one, as in
-    lakes from before profiles, or new signatures).
+    lists are intact, else None; and whether its profile had to be written or updated (its lacking one or its key
+    filters, as in lakes from before them, or new signatures).
 
     Part files whose signature (size and ETag or modification time) is the one their profile recorded are
     taken as intact without reading them; otherwise every part file is hashed, and when all match the new
@@ -212,7 +212,10 @@ def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[di
         profile = profiles.load_profile(directory_uri, sha256) if record.get("sha256") == sha256 else None
         listed = [path for split_paths in paths.values() for path in split_paths]
         if profile is not None and profiles.unchanged_files(directory_uri, profile, listed):
-            return record, False
+            if profiles.has_filters(profile):
+                return record, False
+            profiles.add_filters(directory_uri, profile)
+            return record, True
         if record.get("sha256") != sha256 or not hashes_match(directory_uri, record):
             return None, False
     except (storage.StorageError, KeyError, TypeError, AttributeError):
