@@ -96,7 +96,7 @@ with DAG(
                           description="wait for a person before publish: never, when-flagged (the challenger scores "
                                       "below the published model on the test set or the newest batch), always"),
         **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of",
-                                                       "registry_uri")),
+                                                       "registry_uri", "chunk_rows")),
         **airflow_params(validate.ValidateConfig, exclude=("dataset_uri", "suite", "batch_suite", "drift_suite",
                                                            "registry_uri", "logical_date")),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
