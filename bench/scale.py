@@ -1,7 +1,8 @@
 """What each stage costs as the landing grows: seconds, peak memory and bytes read, on synthetic landings.
 
 Landings are weekly batches cut from shifted copies of MNIST's training images (copy k moves every
-image by its own (dx, dy) of up to 4 pixels, so no image repeats another), plus MNIST's test files:
+image by its own (dx, dy) of up to 4 pixels, so no image repeats another), gzip level 1, plus MNIST's test
+files:
 
 * ``sizes``: 150k, 1M and 3M images in weekly batches of 50,000, and one single batch of 1M images;
   each stage (ingest, validate, evaluate's scoring, ...) runs in a child process that reports its
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
 import shutil
@@ -32,13 +34,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from common import RESULTS, ROOT, WORK, machine
 
 from admm_jobs.lake import dataset, storage
-from admm_jobs.lake.idx import fetch_source_file, read_array, write_idx
+from admm_jobs.lake.idx import fetch_source_file, idx_bytes, read_array
 from admm_jobs.lake.landing import BATCHES_DIR, SOURCE_FILES
 from admm_jobs.registry import store
 from admm_jobs.registry.model import save_model
@@ -83,8 +86,11 @@ def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
         nonlocal batch_images, batch_labels, week
         day = (FIRST_WEEK + datetime.timedelta(weeks=week)).isoformat()
         directory = landing / BATCHES_DIR / day
-        write_idx(directory / f"{SOURCE_FILES['train_images'][0]}.gz", np.concatenate(batch_images))
-        write_idx(directory / f"{SOURCE_FILES['train_labels'][0]}.gz", np.concatenate(batch_labels))
+        directory.mkdir(parents=True)
+        for role, arrays in (("train_images", batch_images), ("train_labels", batch_labels)):
+            # gzip level 1: level 9 (write_idx's) would take an hour of the 2 cores for the 3M landing
+            (directory / f"{SOURCE_FILES[role][0]}.gz").write_bytes(
+                gzip.compress(idx_bytes(np.concatenate(arrays)), compresslevel=1, mtime=0))
         dates.append(day)
         batch_images, batch_labels, week = [], [], week + 1
 
@@ -161,8 +167,7 @@ def publish_reference(registry: Path, dataset_uri: str) -> None:
         raise RuntimeError(f"{registry}: a model is published already")
 
 
-def sizes_part(args, work: Path) -> list[dict]:
-    rows = []
+def sizes_part(args, work: Path) -> Iterator[dict]:
     for label, total, batch in [*((f"{n:,} weekly", n, BATCH_SIZE) for n in args.sizes),
                                 ("1,000,000 single batch", 1_000_000, 1_000_000)]:
         landing, lake = work / "landing", work / "lake"
@@ -170,15 +175,12 @@ def sizes_part(args, work: Path) -> list[dict]:
         started = time.perf_counter()
         land(landing, total, batch)
         stages = ingest_and_validate(landing, lake)
-        rows.append({"landing": label, "images": total, "landing_seconds": round(time.perf_counter() - started, 1),
-                     **{stage: stages[stage] for stage in ("ingest", "validate")}})
-        print(json.dumps(rows[-1]), flush=True)
+        yield {"landing": label, "images": total, "landing_seconds": round(time.perf_counter() - started, 1),
+               **{stage: stages[stage] for stage in ("ingest", "validate")}}
     shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
-def increment_part(args, work: Path) -> list[dict]:
-    rows = []
+def increment_part(args, work: Path) -> Iterator[dict]:
     shutil.rmtree(work, ignore_errors=True)
     landing, lake = work / "landing", work / "lake"
     dates = land(landing, (max(args.weeks) + 1) * BATCH_SIZE, BATCH_SIZE)
@@ -188,16 +190,13 @@ def increment_part(args, work: Path) -> list[dict]:
         publish_reference(registry, ingested_uri(["--source", str(landing), "--lake", str(lake),
                                                   "--as-of", dates[weeks - 1]]))
         increment = ingest_and_validate(landing, lake, as_of=dates[weeks], registry=registry)
-        rows.append({"history_weeks": weeks, "ingest": increment["ingest"], "validate": increment["validate"],
-                     "bytes_read": increment["ingest"]["bytes_read"] + increment["validate"]["bytes_read"],
-                     "seconds": round(increment["ingest"]["seconds"] + increment["validate"]["seconds"], 2)})
-        print(json.dumps(rows[-1]), flush=True)
+        yield {"history_weeks": weeks, "ingest": increment["ingest"], "validate": increment["validate"],
+               "bytes_read": increment["ingest"]["bytes_read"] + increment["validate"]["bytes_read"],
+               "seconds": round(increment["ingest"]["seconds"] + increment["validate"]["seconds"], 2)}
     shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
-def train_part(args, work: Path) -> list[dict]:
-    rows = []
+def train_part(args, work: Path) -> Iterator[dict]:
     for total in args.sizes:
         shutil.rmtree(work, ignore_errors=True)
         land(work / "landing", total, BATCH_SIZE)
@@ -210,12 +209,10 @@ def train_part(args, work: Path) -> list[dict]:
              "--init", "random", "--checkpoint-every", "0"],
             capture_output=True, text=True, cwd=ROOT, check=True).stdout
         seconds = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"images": total, "iterations": len(seconds),
-                     "median_seconds_per_iteration": round(statistics.median(seconds[1:]), 2),
-                     "seconds": seconds, "log_tail": output.splitlines()[-1:]})
-        print(json.dumps(rows[-1]), flush=True)
+        yield {"images": total, "iterations": len(seconds),
+               "median_seconds_per_iteration": round(statistics.median(seconds[1:]), 2),
+               "seconds": seconds, "log_tail": output.splitlines()[-1:]}
     shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
 def write(part: str, rows: list[dict], command: str) -> None:
@@ -288,8 +285,11 @@ def main() -> None:
         plot_part()
         return
     part = {"sizes": sizes_part, "increment": increment_part, "train": train_part}[args.part]
-    rows = part(args, Path(args.work))
-    write(args.part, rows, "bench/scale.py " + " ".join(sys.argv[1:]))
+    rows = []
+    for row in part(args, Path(args.work)):  # the results so far are written after each row
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write(args.part, rows, "bench/scale.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
