@@ -204,26 +204,32 @@ def match_ids(views: dict[str, dict[str, PartSplit]]) -> dict[tuple[str, str], t
     """Find image ids held by two parts, where at least one is new (two old parts were compared when the
     later of them was new): marks the new parts' keys (``repeated``: in the same split, ``in_other_split``)
     and returns, per (old part, split), the counts by label of its rows found in a new part (same split,
-    other split). Memory: the new parts' keys and one row group of an old id file."""
+    other split). Memory: the new parts' keys, sorted with their order (24 bytes per image), and one row group
+    of an old id file."""
     new = [(name, split, view) for name, splits in views.items() for split, view in splits.items()
            if view.keys is not None]
     keys = np.concatenate([view.keys for *_, view in new]) if new else np.zeros(0, np.uint64)
-    owner = np.repeat(np.arange(len(new)), [len(view.keys) for *_, view in new])
-    position = np.concatenate([np.arange(len(view.keys)) for *_, view in new]) if new else np.zeros(0, int)
+    starts = np.cumsum([0] + [len(view.keys) for *_, view in new])  # where each new split's keys start in ``keys``
     order = np.argsort(keys, kind="stable")
-    keys, owner, position = keys[order], owner[order], position[order]
+    keys = keys[order]  # 24 bytes per new image with ``order``: whose key each is, is looked up only for matches
+
+    def owner(index: int) -> tuple[int, int]:
+        """(which new split, which of its keys) the sorted key ``index`` is."""
+        number = int(np.searchsorted(starts, order[index], "right")) - 1
+        return number, int(order[index] - starts[number])
 
     def mark(index: int, split: str) -> None:
-        _, own_split, view = new[owner[index]]
+        number, position = owner(index)
+        _, own_split, view = new[number]
         flags = view.repeated if own_split == split else view.in_other_split
-        flags[position[index]] = True
+        flags[position] = True
 
     for key in np.unique(keys[1:][keys[1:] == keys[:-1]]):  # ids held more than once among the new parts
         run = range(int(np.searchsorted(keys, key, "left")), int(np.searchsorted(keys, key, "right")))
         for a in run:
             for b in run:
-                if new[owner[a]][0] != new[owner[b]][0]:
-                    mark(a, new[owner[b]][1])
+                if new[owner(a)[0]][0] != new[owner(b)[0]][0]:
+                    mark(a, new[owner(b)[0]][1])
     old_counts = {}
     for name, splits in views.items():
         for split, view in splits.items():
@@ -236,7 +242,7 @@ def match_ids(views: dict[str, dict[str, PartSplit]]) -> dict[tuple[str, str], t
                     splits_hit = set()
                     for index in range(left[row], right[row]):
                         mark(index, split)
-                        splits_hit.add(new[owner[index]][1])
+                        splits_hit.add(new[owner(index)[0]][1])
                     label = pd.Series([chunk_labels[row]])
                     if split in splits_hit:
                         same = same.add(label.value_counts(), fill_value=0)
