@@ -168,8 +168,8 @@ def publish_reference(registry: Path, dataset_uri: str) -> None:
 
 
 def sizes_part(args, work: Path) -> Iterator[dict]:
-    for label, total, batch in [*((f"{n:,} weekly", n, BATCH_SIZE) for n in args.sizes),
-                                ("1,000,000 single batch", 1_000_000, 1_000_000)]:
+    landings = [*((f"{n:,} weekly", n, BATCH_SIZE) for n in args.sizes), ("1,000,000 single batch", 1_000_000, 1_000_000)]
+    for label, total, batch in sorted(landings, key=lambda landing: landing[1]):  # smallest first
         landing, lake = work / "landing", work / "lake"
         shutil.rmtree(work, ignore_errors=True)
         started = time.perf_counter()
