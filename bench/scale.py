@@ -6,14 +6,14 @@ files:
 
 * ``sizes``: 150k, 1M and 3M images in weekly batches of 50,000, and one single batch of 1M images;
   each stage (ingest, validate, evaluate's scoring, ...) runs in a child process that reports its
-  wall seconds, peak resident memory (``ru_maxrss``) and bytes read (``/proc/self/io`` rchar: every
+  wall seconds, peak resident memory (``VmHWM``) and bytes read (``/proc/self/io`` rchar: every
   read() the process made, module imports included);
 * ``increment``: one new batch of 50,000 on top of 1, 20 and 60 weeks of history (ingested, a model
   published on it): ingest plus validate, seconds and bytes read;
 * ``train``: seconds per training iteration (median of the iterations after the first) on the 1M and
   3M datasets, Spark local[2].
 
-    .venv/bin/python bench/scale.py sizes [--sizes 150000,1000000,3000000] [--work DIR]
+    .venv/bin/python bench/scale.py sizes [--sizes 150000,1000000,3000000] [--single-batch 1000000] [--work DIR]
     .venv/bin/python bench/scale.py increment [--weeks 1,20,60]
     .venv/bin/python bench/scale.py train [--sizes 1000000,3000000] [--epochs 6]
     .venv/bin/python bench/scale.py plot     # bench/results/scale.png from the sizes and increment results
@@ -112,14 +112,17 @@ def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
 
 def measured(module: str, argv: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``python -m module argv`` in a child that reports its seconds, peak RSS and bytes read."""
-    probe = ("import json, resource, runpy, sys, time; started = time.perf_counter(); "
+    # Peak RSS is VmHWM, the high-water mark of the child's own memory: ru_maxrss keeps the parent's across
+    # fork and exec, so it would report the harness's peak (3 GB after landing one batch of 1M images).
+    probe = ("import json, runpy, sys, time; started = time.perf_counter(); "
              f"sys.argv = [{module!r}] + {argv!r}; "
              "exit_code = 0\n"
              f"try:\n    runpy.run_module({module!r}, run_name='__main__')\n"
              "except SystemExit as exc:\n    exit_code = exc.code or 0\n"
              "io = dict(line.split(': ') for line in open('/proc/self/io').read().splitlines())\n"
+             "status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())\n"
              "print('BENCH ' + json.dumps({'seconds': round(time.perf_counter() - started, 2), "
-             "'peak_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "
+             "'peak_rss_mib': round(int(status['VmHWM'].split()[0]) / 1024), "
              "'bytes_read': int(io['rchar']), 'exit_code': exit_code}))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})})
@@ -168,7 +171,9 @@ def publish_reference(registry: Path, dataset_uri: str) -> None:
 
 
 def sizes_part(args, work: Path) -> Iterator[dict]:
-    landings = [*((f"{n:,} weekly", n, BATCH_SIZE) for n in args.sizes), ("1,000,000 single batch", 1_000_000, 1_000_000)]
+    landings = [*((f"{n:,} weekly", n, BATCH_SIZE) for n in args.sizes),
+                *([(f"{args.single_batch:,} single batch", args.single_batch, args.single_batch)] if args.single_batch
+                  else [])]
     for label, total, batch in sorted(landings, key=lambda landing: landing[1]):  # smallest first
         landing, lake = work / "landing", work / "lake"
         shutil.rmtree(work, ignore_errors=True)
@@ -274,6 +279,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("sizes", "increment", "train", "plot"))
     parser.add_argument("--sizes", default=None, help="comma-separated image counts")
+    parser.add_argument("--single-batch", type=int, default=1_000_000, help="sizes: images of the one-batch landing "
+                        "(0: none)")
     parser.add_argument("--weeks", default="1,20,60", help="history lengths of the increment, in weeks")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--work", default=str(WORK / "scale"))
