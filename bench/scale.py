@@ -249,25 +249,24 @@ def plot_part() -> None:
     increment = json.loads((RESULTS / "scale_increment.json").read_text())["rows"]
     figure = Figure(figsize=(13, 4.2))
     memory, read, weekly = figure.subplots(1, 3)
-    for stage, marker in (("ingest", "o"), ("validate", "s")):
+    for stage, marker, color in (("ingest", "o", "tab:blue"), ("validate", "s", "tab:green")):
         weekly_rows = [row for row in sizes if "weekly" in row["landing"]]
         single = [row for row in sizes if "single" in row["landing"]]
         for axes, key, scale in ((memory, "peak_rss_mib", 1), (read, "bytes_read", 2**-20)):
-            axes.plot([row["images"] for row in weekly_rows], [row[stage][key] * scale for row in weekly_rows],
-                      f"{marker}-", label=f"{stage}, weekly batches of 50,000")
-            axes.plot([row["images"] for row in single], [row[stage][key] * scale for row in single], marker,
-                      mfc="none", ms=10, label=f"{stage}, one batch")
+            axes.plot([row["images"] / 1e6 for row in weekly_rows], [row[stage][key] * scale for row in weekly_rows],
+                      f"{marker}-", color=color, label=f"{stage}, weekly batches of 50,000")
+            axes.plot([row["images"] / 1e6 for row in single], [row[stage][key] * scale for row in single], marker,
+                      color=color, mfc="none", ms=12, label=f"{stage}, one batch")
         weekly.plot([row["history_weeks"] for row in increment], [row[stage]["bytes_read"] / 2**20 for row in increment],
-                    f"{marker}-", label=stage)
+                    f"{marker}-", color=color, label=stage)
     weekly.plot([row["history_weeks"] for row in increment], [row["bytes_read"] / 2**20 for row in increment], "k^-",
                 label="ingest + validate")
     memory.axhline(1536, color="grey", ls=":", lw=0.8, label="goal: 1.5 GB")
-    for axes, title, ylabel in ((memory, "peak resident memory", "MiB"), (read, "bytes read (rchar)", "MiB")):
-        axes.set_xscale("log")
-        axes.set_xlabel("images in the dataset")
-        axes.set(title=title, ylabel=ylabel)
+    for axes, title, ylabel in ((memory, "peak resident memory (VmHWM)", "MiB"), (read, "bytes read (rchar)", "MiB")):
+        axes.set(title=title, ylabel=ylabel, xlabel="millions of images in the dataset")
     weekly.set(title="a new batch of 50,000 on top of the history", xlabel="weeks of history", ylabel="MiB read")
-    weekly.set_ylim(bottom=0)
+    for axes in (memory, read, weekly):
+        axes.set_ylim(bottom=0)
     for axes in (memory, read, weekly):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
