@@ -20,6 +20,9 @@ through :func:`storage.staged_directory`, ``metrics.json`` last:
   the champion's version, pointer and scores on both sets (null when nothing
   is published); ``comparison``: challenger minus champion per set (accuracy,
   macro F1, per-class deltas, and the examples only one of them gets right);
+  ``challenger_check``: per class, the newest batch's images whose given label the challenger adopts and the
+  champion does not, against the champion's test error rate (:mod:`admm_jobs.scoring.challenger_checks`; null
+  without a champion or a newest batch): publish's gate tests it;
   ``validation``: the challenger's scores on the validation split, rows it never
   fitted (null when the split is empty): publish stores its confusion matrix with
   the version as the reference for the batch checks;
@@ -44,6 +47,7 @@ from admm_jobs.lake import dataset, storage
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
 from admm_jobs.scoring import report
+from admm_jobs.scoring.challenger_checks import adoption_statistics
 from admm_jobs.scoring.metrics import (
     EVALUATION_FORMAT,
     NEWEST_BATCH,
@@ -131,7 +135,7 @@ def evaluate_run(
     held_out = validation_set(dataset_uri)
     validation_confusion = tally([model], held_out, batch_size).confusions[0]
     newest = next((examples for examples in sets if examples.name == NEWEST_BATCH), None)
-    champion_section = comparison = None
+    champion_section = comparison = challenger_check = None
     if champion is not None:
         pointer = champion[0]
         champion_section = {"version": pointer["version"], "pointer": pointer, TEST: None, NEWEST_BATCH: None}
@@ -139,6 +143,9 @@ def evaluate_run(
         for name, (mine, theirs) in scored.items():
             champion_section[name] = theirs
             comparison[name] = score_deltas(mine, theirs, tallies[name])
+        if newest is not None:
+            challenger_check = {"batch": newest.batch["id"], "champion": pointer["version"],
+                                "classes": adoption_statistics(tallies[NEWEST_BATCH], tallies[TEST])}
     metadata = model.metadata
     evaluation = {
         "format": EVALUATION_FORMAT,
@@ -176,6 +183,7 @@ def evaluate_run(
         },
         "champion": champion_section,
         "comparison": comparison,
+        "challenger_check": challenger_check,
     }
     best_epoch = metadata.get("best_epoch")
     images = {

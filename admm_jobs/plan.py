@@ -41,7 +41,7 @@ log = logging.getLogger("admm_jobs.plan")
 PLAN_FILE = "plan.json"
 # Train settings that do not shape the model: where it runs, how often it checkpoints, and how many
 # partitions it cuts the rows into (the sums run along a chunk tree that does not depend on them).
-NOT_IN_KEY = ("dataset_uri", "output_uri", "init_model_uri", "checkpoint_every", "partitions")
+NOT_IN_KEY = ("dataset_uri", "output_uri", "init_model_uri", "checkpoint_every", "partitions", "block_rows")
 TRAINING_JOB = "admm_jobs.train"  # the Spark job: its modules' code determines the trained weights
 PACKAGE = "admm_jobs"
 

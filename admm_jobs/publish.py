@@ -10,15 +10,23 @@ accepted iff
 * accuracy on the dataset's newest batch >= champion's on it - ``max_batch_regression``
   (when the evaluation scored a newest batch), and
 * for every class k, recall_k on the test set >= the champion's recall_k - ``max_class_regression``
-  (a poison aimed at one class moves its recall, not the overall accuracy; the failed classes are named).
+  (a poison aimed at one class moves its recall, not the overall accuracy; the failed classes are named), and
+* the challenger check: in no class does the challenger adopt the given labels of the newest batch's images the
+  champion calls wrong beyond the champion's test error rate, at the family-wise false-alarm rate
+  ``challenger_false_alarm_rate`` (:mod:`admm_jobs.scoring.challenger_checks`: a trigger memorised from a
+  poisoned batch). A challenger failing it is rejected and the newest batch is **quarantined** in the registry
+  history (check ``challenger adoption``, ``given`` the class), so that no later run trains on it; the DAG's
+  ``request_review_after_publish`` task starts its review.
 
 Publish adds its decision to the run's report (``evaluation/report.html``), which the
 registry copies with an accepted version and the history links for a rejected one.
 
 An accepted version is stored with its reference confusion (``reference/confusion.json``,
 :func:`admm_jobs.registry.store.reference_confusion`): its confusion matrix on the validation
-split, which evaluate computed, so that the batch checks compare a new batch with it without
-scoring history again.
+split, which evaluate computed, and its calibration on the same split (``reference/calibration.json``,
+:func:`admm_jobs.registry.store.reference_calibration`: the temperature that turns its scores into
+probabilities, the confident-learning thresholds and confident joint, fitted here), so that the
+label checks compare a new batch with them without scoring history again.
 
 The scores come from ``RUN/evaluation/metrics.json``, where evaluate scored both models on the
 same test split and newest batch. If the pointer has moved since (another model was published
@@ -48,9 +56,9 @@ from admm_jobs.cli.command import run_command
 from admm_jobs.cli.config import require, setting, validate_fields
 from admm_jobs.lake import storage
 from admm_jobs.registry import model as model_io
-from admm_jobs.registry.gate import GateSettings
 from admm_jobs.registry import store as registry
-from admm_jobs.scoring import metrics, report
+from admm_jobs.registry.gate import GateSettings
+from admm_jobs.scoring import challenger_checks, metrics, report
 from admm_jobs.serving.onnx_export import verified_onnx
 
 log = logging.getLogger("admm_jobs.publish")  # not "__main__" under python -m
@@ -79,6 +87,7 @@ class PublishConfig:
     max_regression: float = GATE_FIELDS["max_regression"]
     max_batch_regression: float = GATE_FIELDS["max_batch_regression"]
     max_class_regression: float = GATE_FIELDS["max_class_regression"]
+    challenger_false_alarm_rate: float = GATE_FIELDS["challenger_false_alarm_rate"]
     model_name: str = setting(DEFAULT_MODEL_NAME, "registry entry name")
     training_key: str | None = setting(
         None, "identity of what was trained (dataset version, code version, training params), for the history"
@@ -108,11 +117,13 @@ def _is_iso_date(text: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Scores:
     """A model's accuracy on the test split and on the newest batch, and its recall of each class on the test
-    split (None: not scored there)."""
+    split (None: not scored there); a champion's also the challenger check's per-class statistics against the
+    challenger (:func:`admm_jobs.scoring.challenger_checks.adoption_statistics`; None: not computed)."""
 
     test_accuracy: float
     batch_accuracy: float | None = None
     class_recalls: list[float] | None = None
+    adoption: list[dict[str, Any]] | None = dataclasses.field(default=None, repr=False)
 
 
 def class_recalls(scores: dict[str, Any]) -> list[float] | None:
@@ -133,6 +144,8 @@ class Candidate:
     batches: list[str]
     newest_batch: str | None
     evaluation: dict[str, Any]
+    # A reviewer released the newest batch after a quarantine: the challenger check does not judge it again.
+    newest_batch_released: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +154,9 @@ class Decision:
     reasons: list[str]
     # Classes whose test recall fell too far: {"class", "recall", "champion_recall", "allowed"} each.
     failed_classes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Classes of the newest batch whose labels the challenger adopted beyond the champion's errors (the
+    # statistics of challenger_checks.adoption_statistics, with the ``level`` tested at): the batch is quarantined.
+    adopted_classes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def reason(self) -> str:
@@ -193,8 +209,9 @@ def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri:
     evaluated = candidate.evaluation.get("champion")
     if evaluated and evaluated.get("version") == pointer["version"]:
         batch = evaluated.get(NEWEST_BATCH)
+        check = candidate.evaluation.get("challenger_check")
         return Scores(float(evaluated["test"]["accuracy"]), batch["accuracy"] if batch else None,
-                      class_recalls(evaluated["test"]))
+                      class_recalls(evaluated["test"]), check["classes"] if check else None)
     if candidate.evaluation.get("format") != metrics.EVALUATION_FORMAT or not candidate.dataset_uri:
         return Scores(float(pointer["test_accuracy"]))
     log.info(
@@ -204,9 +221,11 @@ def champion_scores(candidate: Candidate, pointer: dict[str, Any], registry_uri:
         candidate.dataset_uri,
     )
     model_uri = storage.join(registry.version_uri(registry_uri, pointer["version"], model_name), registry.MODEL_DIR)
-    scored = metrics.score_champion(model_uri, candidate.dataset_uri)
+    scored = metrics.score_champion(model_uri, candidate.dataset_uri,
+                                    storage.join(candidate.run_uri, registry.MODEL_DIR))
     batch = scored[NEWEST_BATCH]
-    return Scores(scored["test"]["accuracy"], batch["accuracy"] if batch else None, class_recalls(scored["test"]))
+    return Scores(scored["test"]["accuracy"], batch["accuracy"] if batch else None, class_recalls(scored["test"]),
+                  scored["challenger_check"])
 
 
 def within(mine: float, theirs: float, allowed: float) -> bool:
@@ -243,12 +262,45 @@ def class_regressions(
     return [(True, reason)], []
 
 
+def adoption_reason(entry: dict[str, Any], batch: str | None, champion_version: str) -> str:
+    """Why the challenger check failed in one class (an entry of :func:`challenger_checks.adopted_classes`)."""
+    return (f"the challenger adopted the label {entry['class']} of {entry['adopted']} of the {entry['batch_images']} "
+            f"images so labelled in the newest batch {batch} (share {entry['adopted_share']:.4f}) where the published "
+            f"version {champion_version} predicts another class, beyond its test error rate "
+            f"{entry['champion_error_rate']:.4f} in that class (p = {entry['p_value']:.2g}; p at most "
+            f"{entry['level']:.2g} with a share more than {challenger_checks.MIN_EXCESS} above fails): a poison "
+            "memorised from the batch")
+
+
+def adoption_checks(candidate: Candidate, champion: Scores, false_alarm_rate: float,
+                    champion_version: str) -> tuple[list[tuple[bool, str]], list[dict[str, Any]]]:
+    """The challenger check: a failed check for every class whose adopted share of the newest batch exceeds the
+    champion's test error rate beyond sampling (or one passed check naming the smallest p-value), and those
+    classes. It does not apply to a batch a reviewer released, nor without statistics or with a rate of 0."""
+    batch, statistics = candidate.newest_batch, champion.adoption
+    if candidate.newest_batch_released:
+        return [(True, f"the challenger check does not apply: a reviewer released the newest batch {batch}")], []
+    if not statistics or false_alarm_rate == 0:
+        return [(True, ("the challenger check does not apply (no newest batch scored by both models, or "
+                        "challenger_false_alarm_rate is 0)"))], []
+    adopted = challenger_checks.adopted_classes(statistics, false_alarm_rate)
+    if adopted:
+        return [(False, adoption_reason(entry, batch, champion_version)) for entry in adopted], adopted
+    lowest = min(statistics, key=lambda entry: entry["p_value"])
+    level = challenger_checks.class_test_level(false_alarm_rate, len(statistics))
+    reason = (f"the challenger adopts no class's labels of the newest batch {batch} beyond the published version "
+              f"{champion_version}'s test error rate (smallest p = {lowest['p_value']:.2g} in class {lowest['class']}, "
+              f"above {level:.2g})")
+    return [(True, reason)], []
+
+
 def quality_gate(
     candidate: Candidate, current: dict[str, Any] | None, champion: Scores | None, settings: GateSettings
 ) -> Decision:
     """Accept iff the challenger reaches ``min_accuracy`` and, against a champion, regresses by no more
     than ``max_regression`` on the test set, ``max_batch_regression`` on the newest batch and
-    ``max_class_regression`` in any class's recall on the test set.
+    ``max_class_regression`` in any class's recall on the test set, and it passes the challenger check
+    (:func:`adoption_checks`, at ``challenger_false_alarm_rate``).
 
     ``current`` is the registry pointer (None: nothing published), ``champion`` its scores.
     Every check's outcome is a reason; a rejection lists the failed checks first.
@@ -257,6 +309,7 @@ def quality_gate(
     if current is not None and current["version"] == candidate.version:
         return Decision("unchanged", [f"version {candidate.version} is already the published model"])
     failed_classes: list[dict[str, Any]] = []
+    adopted: list[dict[str, Any]] = []
     floor_passed = scores.test_accuracy + TOLERANCE >= settings.min_accuracy
     checks = [
         (
@@ -285,21 +338,31 @@ def quality_gate(
             checks += class_checks
         else:
             checks.append((True, "no per-class test recall for both models: the per-class check does not apply"))
+        adoption, adopted = adoption_checks(candidate, champion, settings.challenger_false_alarm_rate,
+                                            current["version"])
+        checks += adoption
     failed = [reason for passed, reason in checks if not passed]
     if failed:
-        return Decision("rejected", failed + [reason for passed, reason in checks if passed], failed_classes)
+        return Decision("rejected", failed + [reason for passed, reason in checks if passed], failed_classes,
+                        adopted)
     return Decision("accepted", [reason for _, reason in checks])
 
 
 def version_extras(candidate: Candidate) -> dict[str, bytes]:
     """What a version keeps besides the run's files: the verified ONNX export and, when evaluate scored
-    held-out rows, the reference confusion the batch checks compare new batches with."""
-    onnx_bytes, _ = verified_onnx(model_io.load_model(storage.join(candidate.run_uri, registry.MODEL_DIR)))
+    held-out rows, the references the batch checks compare new batches with: the confusion evaluate counted
+    and the calibration fitted here on the same rows (read again, chunk by chunk)."""
+    model = model_io.load_model(storage.join(candidate.run_uri, registry.MODEL_DIR))
+    onnx_bytes, _ = verified_onnx(model)
     extras = {f"{registry.MODEL_DIR}/{registry.ONNX_FILE}": onnx_bytes}
     held_out = candidate.evaluation.get(metrics.VALIDATION)
     if held_out:
         extras[registry.REFERENCE_CONFUSION_PATH] = registry.reference_confusion_bytes(
             held_out["confusion_matrix"], metrics.VALIDATION, candidate.dataset_version)
+        calibration, joint = metrics.held_out_calibration(model, metrics.validation_set(candidate.dataset_uri))
+        extras[registry.REFERENCE_CALIBRATION_PATH] = registry.reference_calibration_bytes(
+            calibration.temperature, calibration.thresholds.tolist(), joint.tolist(), metrics.VALIDATION,
+            candidate.dataset_version)
     return extras
 
 
@@ -326,12 +389,17 @@ def publish_run(
     max_regression: float = GateSettings.max_regression,
     max_batch_regression: float = GateSettings.max_batch_regression,
     max_class_regression: float = GateSettings.max_class_regression,
+    challenger_false_alarm_rate: float = GateSettings.challenger_false_alarm_rate,
     training_key: str | None = None,
     logical_date: str | None = None,
 ) -> dict[str, Any]:
-    """Gate the run's model against the published one and, if accepted, make it current."""
-    settings = GateSettings(min_accuracy, max_regression, max_batch_regression, max_class_regression)
+    """Gate the run's model against the published one and, if accepted, make it current; quarantine the newest
+    batch when the challenger check finds a poison adopted from it (``quarantined``: batch id -> its record)."""
+    settings = GateSettings(min_accuracy, max_regression, max_batch_regression, max_class_regression,
+                            challenger_false_alarm_rate)
     candidate = load_candidate(run_uri)
+    candidate = dataclasses.replace(candidate, newest_batch_released=candidate.newest_batch in
+                                    registry.released_batches(registry_uri, model_name))
     version_uri = registry.version_uri(registry_uri, candidate.version, model_name)
     created_version = False
     for _ in range(registry.MAX_ATTEMPTS):
@@ -373,6 +441,10 @@ def publish_run(
                               training_key=training_key, logical_date=logical_date),
                 model_name,
             )
+            quarantined = ({candidate.newest_batch: quarantine_newest_batch(
+                candidate, decision, current["version"], registry_uri, model_name, report_uri, training_key,
+                logical_date)}
+                if decision.adopted_classes else {})
         log_decision(candidate, decision)
         return {
             "published": published,
@@ -380,10 +452,12 @@ def publish_run(
             "reason": decision.reason,
             "reasons": decision.reasons,
             "failed_classes": decision.failed_classes,
+            "quarantined": quarantined,
             "model_version": candidate.version,
             "test_accuracy": candidate.scores.test_accuracy,
             "batch_accuracy": candidate.scores.batch_accuracy,
             "model_name": model_name,
+            "dataset_uri": candidate.dataset_uri,
             "model_uri": storage.join(version_uri, registry.MODEL_DIR) if published else None,
             # The registry's copy once published, else the run's own (the UI links it).
             "report_uri": report_uri,
@@ -425,10 +499,39 @@ def history_entry(
         "report_uri": report_uri,
         "previous_version": current["version"] if current else None,
         "champion": (
-            {"version": current["version"], **dataclasses.asdict(champion)} if current and champion else None
+            # the challenger check's statistics stay in the run's evaluation; a quarantine names what failed
+            {"version": current["version"], **{key: value for key, value in dataclasses.asdict(champion).items()
+                                              if key != "adoption"}}
+            if current and champion else None
         ),
         "gate": dataclasses.asdict(settings),
     }
+
+
+def quarantine_newest_batch(candidate: Candidate, decision: Decision, champion_version: str, registry_uri: str,
+                            model_name: str, report_uri: str, training_key: str | None,
+                            logical_date: str | None) -> dict[str, Any]:
+    """Record the newest batch as quarantined in the registry history (the challenger adopted a poison from it:
+    ingest leaves it out until a reviewer releases it) and return its quarantine record, in the form of
+    validate's (``failures``: each adopted class as ``given``, its p-value, the level and the shares), for the
+    review DAG's event."""
+    failures = [{"check": challenger_checks.CHECK, "given": entry["class"], "predicted": None,
+                 "observed": entry["p_value"], "threshold": entry["level"], "bound": "p-value above",
+                 "adopted_share": entry["adopted_share"], "champion_error_rate": entry["champion_error_rate"]}
+                for entry in decision.adopted_classes]
+    first = failures[0]
+    registry.record_decision(registry_uri, {
+        "decision": registry.QUARANTINED, "logical_date": logical_date, "run_uri": candidate.run_uri,
+        "dataset_version": candidate.dataset_version, "batches": candidate.batches, "training_key": training_key,
+        "reasons": [adoption_reason(entry, candidate.newest_batch, champion_version)
+                    for entry in decision.adopted_classes],
+        "test_accuracy": candidate.scores.test_accuracy, "version": candidate.version, "report_uri": report_uri,
+        "batch": candidate.newest_batch, "check": first["check"], "observed": first["observed"],
+        "threshold": first["threshold"], "given": first["given"], "predicted": None,
+    }, model_name)
+    return {"batch": candidate.newest_batch, "dataset_version": candidate.dataset_version,
+            "logical_date": logical_date, "failures": failures, "result_uri": report_uri,
+            "recorded_at": registry.utc_now()}
 
 
 def log_decision(candidate: Candidate, decision: Decision) -> None:

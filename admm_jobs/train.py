@@ -27,7 +27,7 @@ import numpy as np
 from admm_jobs.cli.command import run_command
 from admm_jobs.lake import dataset, storage
 from admm_jobs.registry.model import Model, load_model, save_model
-from admm_jobs.trainer.blocks import block_specs, load_block
+from admm_jobs.trainer.blocks import block_specs, default_partitions, load_block
 from admm_jobs.trainer.checkpoint import CheckpointStore, fingerprint
 from admm_jobs.trainer.config import TrainConfig, code_version
 from admm_jobs.trainer.loop import INPUT_SCALE, AdmmTrainer, EpochReport, statistics_bytes
@@ -79,8 +79,10 @@ def train(config: TrainConfig, spark_context) -> dict[str, Any]:
 
     initial_weights, init = initial_network(config, hp)
     log.info("start: %s", json.dumps(init, sort_keys=True))
-    # one block per core: every pass is then one wave of tasks, and each task's fixed cost is paid once per core
-    partitions = config.partitions or spark_context.defaultParallelism
+    rows = {split: int(manifest["splits"][split]["rows"]) for split in dataset.SPLITS}
+    rows["train"] = min(rows["train"], config.train_limit or rows["train"])
+    partitions = config.partitions or default_partitions(max(rows.values()), spark_context.defaultParallelism,
+                                                         config.block_rows)
     trajectory = {**dataclasses.asdict(hp), "dataset_version": manifest["version"], "partitions": partitions,
                   "train_limit": config.train_limit, "init": init}
     checkpoints = CheckpointStore(storage.join(config.output_uri, CHECKPOINT_DIR), fingerprint(trajectory))

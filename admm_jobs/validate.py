@@ -18,7 +18,11 @@ validated against ``expectations/mnist_dataset.json`` with parameters from the m
 per split, pixels per image), so any dataset in the idx-parquet format validates, not only MNIST's.
 Each new batch becomes one row of statistics (shares of blank, saturated and duplicate images, and
 with a published model: class divergence, intensity, the model's accuracy), validated against
-``mnist_batch.json`` and ``mnist_batch_drift.json``; a batch failing them is quarantined.
+``mnist_batch.json`` and ``mnist_batch_drift.json``. With a published model whose version stores its label
+reference, each new batch also goes through the per-class label checks (:func:`label_failures`,
+:mod:`admm_jobs.scoring.label_checks`): the model's counts on the batch, kept chunk by chunk, against its
+validation split's, within half of ``false_alarm_rate`` (:func:`family_false_alarm_rate`). A batch failing any
+of them is quarantined; its record and the stage result say whether the label checks ran (``label_checks``).
 
 Outputs go to ``<dataset_uri>/validation/``: ``data_docs/`` (GX Data Docs,
 built in a local temporary directory and copied) and ``result.json`` (the
@@ -46,6 +50,8 @@ from admm_jobs.lake import batches, profiles, storage
 from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks, split_directory
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
+from admm_jobs.scoring import label_checks
+from admm_jobs.scoring.metrics import confusion_matrix
 
 log = logging.getLogger("admm_jobs.validate")
 
@@ -114,6 +120,13 @@ class ValidateConfig:
                                       exclusiveMinimum=0, maximum=0.5)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
                                        "its test accuracy (label sanity)", minimum=0, maximum=1)
+    min_cell_excess: float = setting(0.05, "margin of the label checks' confusion cells: a cell's share of its given "
+                                     "label must exceed the reference's by more than this (and beyond sampling) to "
+                                     "fail", minimum=0, maximum=1)
+    min_class_mislabelled_excess: float = setting(0.05, "margin of the label checks' share of likely mislabelled "
+                                                  "images of one class over the reference's", minimum=0, maximum=1)
+    min_mislabelled_excess: float = setting(0.02, "margin of the label checks' share of likely mislabelled images "
+                                            "over all classes over the reference's", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -136,7 +149,8 @@ class Part:
 @dataclasses.dataclass
 class PartSplit:
     """What validation knows of one split of a part: its group statistics by label and, when the part is new
-    (read in this run), its sorted keys with their labels, and its whole images' correct predictions."""
+    (read in this run), its sorted keys with their labels and, with a published model, its whole images'
+    confusion under the model and their confident joint (when the model's version has a calibration)."""
 
     groups: pd.DataFrame
     directory: str = ""  # of an old part: where its profile is
@@ -145,7 +159,8 @@ class PartSplit:
     labels: np.ndarray | None = None
     repeated: np.ndarray | None = None  # per sorted key: the id occurs in another row of the split
     in_other_split: np.ndarray | None = None
-    correct: int = 0
+    confusion: np.ndarray | None = None  # given label x predicted class
+    confident_joint: np.ndarray | None = None  # given label x confident class (label_checks.confident_joint)
 
 
 def dataset_parts(dataset_uri: str, manifest: Mapping[str, Any], reference: Reference | None) -> list[Part]:
@@ -166,19 +181,29 @@ def dataset_parts(dataset_uri: str, manifest: Mapping[str, Any], reference: Refe
     return list(parts.values())
 
 
-def read_part(part: Part, model: model_io.Model | None, chunk_rows: int) -> dict[str, PartSplit]:
-    """Profile a new part from its pixels, one chunk at a time, scoring the model on each chunk if given."""
+def read_part(part: Part, reference: Reference | None, chunk_rows: int) -> dict[str, PartSplit]:
+    """Profile a new part from its pixels, one chunk at a time; with a reference, the published model scores
+    each chunk and only counts are kept (the confusion, and the confident joint when the version has a
+    calibration), so memory holds one chunk whatever the size of the part."""
     splits = {}
     for split, paths in part.files.items():
-        profiler, correct = profiles.SplitProfiler(), 0
+        profiler = profiles.SplitProfiler()
+        classes = reference.model.layer_sizes[-1] if reference is not None else 0
+        confusion = np.zeros((classes, classes), np.int64) if reference is not None else None
+        joint = np.zeros((classes, classes), np.int64) if reference is not None and reference.labels else None
         for table in read_chunks([storage.join(part.directory, path) for path in paths], chunk_rows):
             rows, pixels = profiler.add(table)
-            if model is not None and len(rows):
-                correct += int((model.predict(pixels) == profiles.labels_of(table)[rows]).sum())
+            if confusion is not None and len(rows):
+                scores, labels = reference.model.logits(pixels), profiles.labels_of(table)[rows]
+                known = (labels >= 0) & (labels < classes)  # other labels are the split suite's concern
+                confusion += confusion_matrix(labels[known], scores[known].argmax(axis=1), classes)
+                if joint is not None:
+                    joint += label_checks.confident_joint(scores, labels, reference.labels.calibration)
         profile = profiler.finish()
         splits[split] = PartSplit(profile.groups, keys=profile.keys, labels=profile.labels,
                                   repeated=profiles.repeated_rows(profile.keys),
-                                  in_other_split=np.zeros(len(profile.keys), bool), correct=correct)
+                                  in_other_split=np.zeros(len(profile.keys), bool), confusion=confusion,
+                                  confident_joint=joint)
     return splits
 
 
@@ -446,6 +471,7 @@ class Reference:
     saturated_share: float
     test_accuracy: float
     model: model_io.Model
+    labels: label_checks.LabelReference | None  # None: the version was published before calibrations were stored
 
 
 def intensity_moments(groups: pd.DataFrame) -> tuple[float, float]:
@@ -463,12 +489,13 @@ def class_counts(groups: pd.DataFrame, classes: int) -> np.ndarray:
 
 
 def load_reference(registry_uri: str | None) -> Reference | None:
-    """The published model and the statistics of its training split, summed from the profiles of its batches
-    (no pixel is read); None when nothing is published."""
-    model_uri = registry.published_model_uri(registry_uri) if registry_uri else None
-    if model_uri is None:
+    """The published model, the statistics of its training split, summed from the profiles of its batches
+    (no pixel is read), and its version's label reference; None when nothing is published."""
+    pointer = registry.read_pointer(registry_uri) if registry_uri else None
+    if pointer is None:
         return None
-    model = model_io.load_model(model_uri)
+    model = model_io.load_model(storage.join(registry.version_uri(registry_uri, pointer["version"]),
+                                             registry.MODEL_DIR))
     reference_uri = model.metadata["dataset"]["uri"]
     manifest = load_manifest(reference_uri)
     groups = profiles.merge_groups(stored_part(part)["train"].groups for part in dataset_parts(reference_uri, manifest, None)
@@ -485,9 +512,23 @@ def load_reference(registry_uri: str | None) -> Reference | None:
         intensity_stdev=stdev,
         blank_share=float(groups["blank"].sum()) / images,
         saturated_share=float(groups["saturated"].sum()) / images,
-        test_accuracy=float(registry.read_pointer(registry_uri)["test_accuracy"]),
+        test_accuracy=float(pointer["test_accuracy"]),
         model=model,
+        labels=label_reference(registry_uri, pointer["version"]),
     )
+
+
+def label_reference(registry_uri: str, version: str) -> label_checks.LabelReference | None:
+    """What the label checks compare a batch with: the version's confusion and calibration on its validation
+    split, stored at publish; None when the version has either missing."""
+    confusion = registry.reference_confusion(registry_uri, version)
+    calibration = registry.reference_calibration(registry_uri, version)
+    if confusion is None or calibration is None:
+        return None
+    return label_checks.LabelReference(
+        confusion["confusion_matrix"], label_checks.Calibration(float(calibration["temperature"]),
+                                                                calibration["thresholds"]),
+        calibration["confident_joint"])
 
 
 def class_divergence(counts: np.ndarray, reference_shares: np.ndarray) -> float:
@@ -520,7 +561,7 @@ def batch_frame(views: Mapping[str, PartSplit], reference: Reference | None) -> 
         shares = np.array(reference.class_shares)
         frame["class_divergence"] = class_divergence(class_counts(groups, len(shares)), shares)
         frame["intensity_mean"], frame["intensity_stdev"] = intensity_moments(groups)
-        frame["accuracy"] = sum(view.correct for view in views.values()) / images
+        frame["accuracy"] = sum(int(np.trace(view.confusion)) for view in views.values()) / images
     return pd.DataFrame([frame])
 
 
@@ -548,6 +589,7 @@ def batch_parameters(config: ValidateConfig, reference: Reference | None) -> dic
 CHECK_NAMES = {"class_divergence": "class proportions", "intensity_mean": "pixel intensity",
                "intensity_stdev": "pixel intensity", "blank_share": "blank images",
                "saturated_share": "saturated images", "duplicate_share": "duplicates", "accuracy": "label sanity"}
+LABEL_CELL_CHECK, MISLABELLED_CHECK = "confusion cell", "mislabelled share"
 
 
 def check_failures(outcomes: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -575,21 +617,60 @@ def builtin(value: Any) -> Any:
     return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else value
 
 
+# The families of statistical checks of a new batch. ``false_alarm_rate`` is the chance that a clean batch fails
+# any of them; it is split evenly between the families (Bonferroni across families), and each family splits its
+# share over every test it makes (Bonferroni inside), so the batch's family-wise rate stays within the budget.
+STATISTICAL_FAMILIES = ("labels", "pixels")  # the per-class label checks; the per-pixel trigger checks
+
+
+def family_false_alarm_rate(config: ValidateConfig) -> float:
+    """The share of ``config.false_alarm_rate`` one family of statistical checks may spend on a batch."""
+    return config.false_alarm_rate / len(STATISTICAL_FAMILIES)
+
+
+def label_failures(confusion: np.ndarray, joint: np.ndarray, reference: label_checks.LabelReference,
+                   config: ValidateConfig) -> list[dict[str, Any]]:
+    """The per-class label checks of a batch (its confusion and confident joint under the published model)
+    against the reference, as failure dicts: each risen cell of the confident joint (``given`` label,
+    ``predicted`` class: the confusion of confident predictions, see :mod:`admm_jobs.scoring.label_checks`) and
+    each class (``given``; None: all classes) whose share of likely mislabelled images rose, with the observed
+    share, the expected (the reference's) and the bound. Bonferroni over every test in the family."""
+    test_level = family_false_alarm_rate(config) / label_checks.tests_per_batch(len(confusion))
+    cells = label_checks.risen_cells(joint, reference.confident_joint, test_level, config.min_cell_excess,
+                                     confusion.sum(axis=1), reference.confusion.sum(axis=1))
+    classes = label_checks.risen_mislabelled(joint, confusion.sum(axis=1), reference.confident_joint,
+                                             reference.confusion.sum(axis=1), test_level,
+                                             config.min_class_mislabelled_excess, config.min_mislabelled_excess)
+
+    def shares(risen: label_checks.RisenCell | label_checks.RisenMislabelled) -> dict[str, Any]:
+        # "threshold": the bound on the share; "bound": how it bounds it (as the batch suites' failures say)
+        return {"observed": risen.observed, "expected": risen.expected, "threshold": risen.bound, "bound": "at most",
+                "p_value": risen.p_value, "test_level": test_level}
+
+    return ([{"check": LABEL_CELL_CHECK, "given": cell.given, "predicted": cell.predicted, **shares(cell)}
+             for cell in cells]
+            + [{"check": MISLABELLED_CHECK, "given": share.given, **shares(share)} for share in classes])
+
+
 def failure_text(batch: str, failure: Mapping[str, Any]) -> str:
     observed = failure["observed"]
     shown = f"{observed:.4g}" if isinstance(observed, float) else observed
     return f"batch {batch}: {failure['check']}: observed {shown}, {failure['bound']} {failure['threshold']}"
 
 
-def new_batch_checks(config: ValidateConfig, parts: list[Part], views: Mapping[str, Mapping[str, PartSplit]],
-                     reference: Reference | None) -> dict[str, Check]:
-    """The checks of every batch of the dataset the reference was not trained on and no reviewer released
-    (the registry history's decision overrules the checks, so a released batch is not refused again)."""
+def batches_to_check(config: ValidateConfig, parts: list[Part]) -> list[str]:
+    """Every batch of the dataset the reference was not trained on and no reviewer released (the registry
+    history's decision overrules the checks, so a released batch is not refused again)."""
     released = registry.released_batches(config.registry_uri) if config.registry_uri else set()
     new = [part.name for part in parts if part.new and part.name != TEST_PART]
     if released.intersection(new):
         log.info("not checking batch(es) %s: released by a reviewer", sorted(released.intersection(new)))
-    new = [batch for batch in new if batch not in released]
+    return [batch for batch in new if batch not in released]
+
+
+def new_batch_checks(config: ValidateConfig, new: list[str], views: Mapping[str, Mapping[str, PartSplit]],
+                     reference: Reference | None) -> dict[str, Check]:
+    """The GX checks of the batches ``new`` (:func:`batches_to_check`)."""
     if not new:
         return {}
     suites = [load_suite(config.batch_suite, batch_parameters(config, reference))]
@@ -597,6 +678,27 @@ def new_batch_checks(config: ValidateConfig, parts: list[Part], views: Mapping[s
         suites.append(load_suite(config.drift_suite, batch_parameters(config, reference)))
     combined = suites[0] if len(suites) == 1 else merged_suite(suites)
     return {f"batch={batch}": (combined, batch_frame(views[batch], reference), {}) for batch in new}
+
+
+LABEL_CHECKS_WITHOUT_MODEL = "skipped: no published model (the first batch): nothing to compare its labels with"
+LABEL_CHECKS_WITHOUT_REFERENCE = ("skipped: the published version has no reference calibration (published before "
+                                  "they were stored); the coarse label sanity check still runs")
+
+
+def label_outcome(views: Mapping[str, PartSplit], reference: Reference | None,
+                  config: ValidateConfig) -> tuple[str, list[dict[str, Any]]]:
+    """The per-class label checks of one new batch (all its splits): what ran or why nothing did, and the
+    failures (:func:`label_failures`)."""
+    if reference is None:
+        return LABEL_CHECKS_WITHOUT_MODEL, []
+    if reference.labels is None:
+        return LABEL_CHECKS_WITHOUT_REFERENCE, []
+    confusion = np.sum([view.confusion for view in views.values()], axis=0)  # a new batch's splits were all read
+    joint = np.sum([view.confident_joint for view in views.values()], axis=0)
+    tests = label_checks.tests_per_batch(len(confusion))
+    status = (f"ran: {tests} tests (every confusion cell, every class's and the overall mislabelled share), "
+              f"each at level {family_false_alarm_rate(config) / tests:.3g}")
+    return status, label_failures(confusion, joint, reference.labels, config)
 
 
 def merged_suite(suites: list[gx.ExpectationSuite]) -> gx.ExpectationSuite:
@@ -608,14 +710,14 @@ def merged_suite(suites: list[gx.ExpectationSuite]) -> gx.ExpectationSuite:
 
 
 def quarantine(config: ValidateConfig, manifest: Mapping[str, Any], batch: str, failures: list[dict[str, Any]],
-               result_uri: str, data_docs_uri: str, reference: Reference | None) -> dict[str, Any]:
+               result_uri: str, data_docs_uri: str, reference: Reference | None, label_status: str) -> dict[str, Any]:
     """Record a refused batch in the registry history (ingest leaves it out until a reviewer releases it) and its
     evidence in the lake."""
     lake_dataset = config.dataset_uri.rstrip("/").rsplit("/", 1)[0]
     record = {
         "batch": batch, "dataset_version": manifest["version"], "logical_date": config.logical_date,
         "failures": failures, "result_uri": result_uri, "data_docs_uri": data_docs_uri,
-        "reference_dataset": reference.dataset_uri if reference else None,
+        "reference_dataset": reference.dataset_uri if reference else None, "label_checks": label_status,
         "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     storage.write_json(batches.quarantine_uri(lake_dataset, batch), record)
@@ -647,13 +749,14 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
     suite = load_suite(config.suite)
     reference = load_reference(config.registry_uri)
     parts = dataset_parts(dataset_uri, manifest, reference)
-    model = reference.model if reference is not None else None
-    views = {part.name: read_part(part, model, config.chunk_rows) if part.new else stored_part(part)
+    views = {part.name: read_part(part, reference, config.chunk_rows) if part.new else stored_part(part)
              for part in parts}
     frames = split_frames(parts, views, match_ids(views))
     checks: dict[str, Check] = {split: (suite, frames[split], expectation_parameters(manifest, split))
                                 for split in SPLITS}
-    checks.update(new_batch_checks(config, parts, views, reference))
+    new = batches_to_check(config, parts)
+    checks.update(new_batch_checks(config, new, views, reference))
+    labels = {batch: label_outcome(views[batch], reference, config) for batch in new}
     validation_uri = storage.join(dataset_uri, VALIDATION_DIR)
     result_uri = storage.join(validation_uri, RESULT_FILE)
     data_docs_uri = storage.join(validation_uri, DATA_DOCS_DIR)
@@ -661,9 +764,12 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
         run_name = f"{manifest['dataset']}-{manifest['version']}"
         results = run_suites(checks, data_docs_dir, run_name)
         serialised = {name: result.to_json_dict() for name, result in results.items()}
-        success = all(result["success"] for result in serialised.values())
-        refused = {name.removeprefix("batch="): check_failures(result["results"])
-                   for name, result in serialised.items() if name.startswith("batch=") and not result["success"]}
+        # the label checks' failures go with GX's: they refuse the batch the same way
+        failed = {name.removeprefix("batch="): check_failures(result["results"])
+                  for name, result in serialised.items() if name.startswith("batch=")}
+        refused = {batch: failures + labels[batch][1] for batch, failures in failed.items()
+                   if failures or labels[batch][1]}
+        success = all(result["success"] for result in serialised.values()) and not refused
         stage_result = {
             "dataset_uri": dataset_uri,
             "success": success,
@@ -672,6 +778,7 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
             "statistics": summary_statistics(serialised),
             "checked_batches": [name.removeprefix("batch=") for name in serialised if name.startswith("batch=")],
             "reference_dataset": reference.dataset_uri if reference else None,
+            "label_checks": {batch: status for batch, (status, _) in labels.items()},
             "refused_batches": {batch: [failure_text(batch, f) for f in failures] for batch, failures in refused.items()},
         }
         # Staged and swapped in whole (result.json last on object stores): concurrent runs on
@@ -684,7 +791,7 @@ def validate_dataset(dataset_uri: str, suite_uri: str = str(DEFAULT_SUITE), **se
             )
     if refused:
         quarantined = {batch: quarantine(config, manifest, batch, failures, result_uri,
-                                         stage_result["data_docs_uri"], reference)
+                                         stage_result["data_docs_uri"], reference, labels[batch][0])
                        for batch, failures in refused.items()}
         raise BatchQuarantined(
             f"{dataset_uri}: quarantined batch(es) {sorted(refused)}; the published model stays, later runs leave "

@@ -1,8 +1,8 @@
 """What each stage costs as the landing grows: seconds, peak memory and bytes read, on synthetic landings.
 
 Landings are weekly batches cut from shifted copies of MNIST's training images (copy k moves every
-image by its own (dx, dy) of up to 4 pixels, so no image repeats another), gzip level 1, plus MNIST's test
-files:
+image by its own (dx, dy) of up to 4 pixels, so no image repeats another), raw IDX files (gzip level 1 with
+``--gzip``), plus MNIST's test files:
 
 * ``sizes``: 150k, 1M and 3M images in weekly batches of 50,000, and one single batch of 1M images;
   each stage (ingest, validate, evaluate's scoring, ...) runs in a child process that reports its
@@ -72,8 +72,10 @@ def synthetic_images(count: int, images: np.ndarray, labels: np.ndarray):
     raise ValueError(f"{count} images need more than {len(SHIFTS)} shifted copies")
 
 
-def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
-    """Land ``images_total`` synthetic images as weekly batches of ``batch_size`` (plus MNIST's test files)."""
+def land(landing: Path, images_total: int, batch_size: int, compress: bool = True) -> list[str]:
+    """Land ``images_total`` synthetic images as weekly batches of ``batch_size`` (plus MNIST's test files),
+    gzip-compressed at level 1 or raw (gzip at level 9, write_idx's, writes about 2 MB/s: 3M images would
+    take an hour)."""
     images = read_array(str(MNIST), *SOURCE_FILES["train_images"])
     labels = read_array(str(MNIST), *SOURCE_FILES["train_labels"])
     landing.mkdir(parents=True, exist_ok=True)
@@ -88,9 +90,9 @@ def land(landing: Path, images_total: int, batch_size: int) -> list[str]:
         directory = landing / BATCHES_DIR / day
         directory.mkdir(parents=True)
         for role, arrays in (("train_images", batch_images), ("train_labels", batch_labels)):
-            # gzip level 1: level 9 (write_idx's) would take an hour of the 2 cores for the 3M landing
-            (directory / f"{SOURCE_FILES[role][0]}.gz").write_bytes(
-                gzip.compress(idx_bytes(np.concatenate(arrays)), compresslevel=1, mtime=0))
+            payload = idx_bytes(np.concatenate(arrays))
+            (directory / (SOURCE_FILES[role][0] + (".gz" if compress else ""))).write_bytes(
+                gzip.compress(payload, compresslevel=1, mtime=0) if compress else payload)
         dates.append(day)
         batch_images, batch_labels, week = [], [], week + 1
 
@@ -178,7 +180,7 @@ def sizes_part(args, work: Path) -> Iterator[dict]:
         landing, lake = work / "landing", work / "lake"
         shutil.rmtree(work, ignore_errors=True)
         started = time.perf_counter()
-        land(landing, total, batch)
+        land(landing, total, batch, args.gzip)
         stages = ingest_and_validate(landing, lake)
         yield {"landing": label, "images": total, "landing_seconds": round(time.perf_counter() - started, 1),
                **{stage: stages[stage] for stage in ("ingest", "validate")}}
@@ -188,7 +190,7 @@ def sizes_part(args, work: Path) -> Iterator[dict]:
 def increment_part(args, work: Path) -> Iterator[dict]:
     shutil.rmtree(work, ignore_errors=True)
     landing, lake = work / "landing", work / "lake"
-    dates = land(landing, (max(args.weeks) + 1) * BATCH_SIZE, BATCH_SIZE)
+    dates = land(landing, (max(args.weeks) + 1) * BATCH_SIZE, BATCH_SIZE, args.gzip)
     for weeks in sorted(args.weeks):
         # The history, as earlier runs left it: ingested, and a model published on it.
         registry = work / f"registry-{weeks}"
@@ -204,7 +206,7 @@ def increment_part(args, work: Path) -> Iterator[dict]:
 def train_part(args, work: Path) -> Iterator[dict]:
     for total in args.sizes:
         shutil.rmtree(work, ignore_errors=True)
-        land(work / "landing", total, BATCH_SIZE)
+        land(work / "landing", total, BATCH_SIZE, args.gzip)
         dataset_uri = ingest_and_validate(work / "landing", work / "lake")["dataset_uri"]
         run = work / "run"
         spark_submit = Path(sys.executable).parent / "spark-submit"
@@ -283,6 +285,7 @@ def main() -> None:
     parser.add_argument("--weeks", default="1,20,60", help="history lengths of the increment, in weeks")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--work", default=str(WORK / "scale"))
+    parser.add_argument("--gzip", action="store_true", help="land IDX files gzip-compressed at level 1 (default raw: faster)")
     args = parser.parse_args()
     default_sizes = {"sizes": "150000,1000000,3000000", "train": "1000000,3000000"}.get(args.part, "")
     args.sizes = [int(n) for n in (args.sizes or default_sizes).split(",") if n]

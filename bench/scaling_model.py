@@ -54,7 +54,7 @@ from common import RESULTS, machine, mnist_dataset_uri
 
 PASSES = 3  # per iteration of a network with two hidden layers
 EXECUTORS = (8, 64, 512)
-SAMPLES = (60_000, 6_000_000, 60_000_000)
+SAMPLES = (60_000, 1_000_000, 10_000_000, 60_000_000)
 WIDTHS = (256, 2048)
 COMPUTE_WIDTHS = {256: 3000, 512: 2000, 1024: 1000, 2048: 500}  # width: samples measured
 SOLVE_WIDTHS = (256, 512, 1024, 1536, 2048)
@@ -167,7 +167,7 @@ def fit(cluster: dict, reduction: dict, compute: dict[int, float], solves: dict[
     (d0, d3), _ = nnls(np.column_stack([np.ones_like(solve_widths), solve_widths**3]),
                        np.array([solves[int(w)] for w in solve_widths]))
     # the reduction's shuffle: pass seconds = a + k' P on local[2], i.e. k = 2 k' per block per core
-    passes = reduction["passes"]
+    passes = reduction["passes"]["rows"]
     (_, per_block), _ = nnls(np.array([[1.0, p["partitions"]] for p in passes]),
                              np.array([p["median_pass_seconds"] for p in passes]))
     return {"c1": c1 * scale, "c2": c2 * scale, "compute_scale_cluster_over_local": scale,

@@ -6,7 +6,8 @@ if set; a plain four-file source is one batch). ``validate`` also checks every b
 model has not seen against that model's data and quarantines a failing batch (the run fails,
 nothing downstream runs; ``request_review``, run once validate ran, whether it passed or failed, starts the review DAG
 ``mnist_quarantine_review`` through the asset ``mnist-quarantine``; the registry history says which
-batches stay out). ``plan`` skips train/evaluate/publish when a model of exactly this
+batches stay out). ``publish``'s challenger check rejects a challenger that memorised a poison from the newest
+batch and quarantines that batch; ``request_review_after_publish`` then starts its review the same way. ``plan`` skips train/evaluate/publish when a model of exactly this
 dataset, code and training settings already went through the gate, and otherwise hands train the
 published model to start from (``init``). ``approval`` (human in the loop) waits for a person before
 publish when the ``approval`` param asks for one (``never``, the default, skips it; ``when-flagged``
@@ -23,7 +24,7 @@ Lineage (Airflow Assets; logical URIs, since the lake and the registry are run p
 * `mnist-validated-dataset` (`x-admm://lake/mnist`): updated by `validate` when a dataset passes
   its expectations; the event's extra has `dataset_uri`, `dataset_version`, `result_uri`.
 * `mnist-quarantine` (`x-admm://lake/mnist/quarantine`): updated by `request_review` when `validate`
-  quarantined batches; the event's extra has `registry_uri`, `run_uri`, `dataset_uri` and `quarantined`
+  quarantined batches, and by `request_review_after_publish` when `publish`'s challenger check did; the event's extra has `registry_uri`, `run_uri`, `dataset_uri` and `quarantined`
   (batch id -> quarantine record). It schedules `mnist_quarantine_review`.
 * `mnist-admm-published-model` (`x-admm://registry/mnist-admm`): updated through the alias
   `mnist-admm-publications` by `publish`, only when the quality gate accepts a new version
@@ -61,7 +62,10 @@ VAR = PROJECT_ROOT / "var"
 DEPLOY = deploy.load_deploy_config()
 TRAIN_SETTINGS = [name for name in TrainConfig.__dataclass_fields__
                   if name not in ("dataset_uri", "output_uri", "init_model_uri")]
-VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__ if name.startswith("max_")]
+# Validate's settings that are DAG params (thresholds, margins, the false-alarm budget); the others the DAG sets
+# itself, and its chunk_rows stays its default (the param of that name is train's).
+VALIDATE_FIXED = ("dataset_uri", "suite", "batch_suite", "drift_suite", "registry_uri", "logical_date", "chunk_rows")
+VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__ if name not in VALIDATE_FIXED]
 PUBLISH_SETTINGS = [field.name for field in dataclasses.fields(GateSettings)]
 
 # One directory per logical date (or per run when triggered without one): re-running a
@@ -97,8 +101,7 @@ with DAG(
                                       "below the published model on the test set or the newest batch), always"),
         **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of",
                                                        "registry_uri", "chunk_rows")),
-        **airflow_params(validate.ValidateConfig, exclude=("dataset_uri", "suite", "batch_suite", "drift_suite",
-                                                           "registry_uri", "logical_date")),
+        **airflow_params(validate.ValidateConfig, exclude=VALIDATE_FIXED),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
         **airflow_params(publish.PublishConfig, defaults={"min_accuracy": 0.9},
                          exclude=("run_uri", "registry_uri", "model_name", "training_key", "logical_date")),
@@ -163,5 +166,15 @@ with DAG(
         **IO_RETRIES,
     )
 
+    # publish's challenger check quarantines the batch a poisoned challenger came from (publish succeeds: the
+    # rejection is a normal outcome); this task emits that quarantine's event, and skips itself otherwise.
+    request_review_after_publish_task = PythonOperator(
+        task_id="request_review_after_publish",
+        python_callable=fail_fast(tasks.request_review_task),
+        op_args=["{{ params.registry_uri }}", RUN_URI, "publish"],
+        outlets=[quarantine_asset()],
+    )
+
     ingest_task >> validate_task >> plan_task >> train_task >> evaluate_task >> approval_task >> publish_task
     validate_task >> request_review_task
+    publish_task >> request_review_after_publish_task

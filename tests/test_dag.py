@@ -37,7 +37,7 @@ def test_dag_wires_the_stages_in_order(dag):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     chain = ["ingest", "validate", "plan", "train", "evaluate", "approval", "publish"]
-    assert dag.task_dict.keys() == {*chain, "request_review"}
+    assert dag.task_dict.keys() == {*chain, "request_review", "request_review_after_publish"}
     for upstream, downstream in zip(chain, chain[1:]):
         assert dag.get_task(upstream).downstream_task_ids - {"request_review"} == {downstream}
     # every stage does I/O: transient failures are retried
@@ -62,6 +62,10 @@ def test_a_quarantine_starts_the_review_dag_through_an_asset(dag, dag_bag):
     request = dag.get_task("request_review")
     assert request.upstream_task_ids == {"validate"} and request.downstream_task_ids == set()
     assert request.trigger_rule == "one_done" and request.outlets == [assets.quarantine_asset()]
+    # publish's challenger check quarantines the batch a poisoned challenger came from: its own request task
+    after_publish = dag.get_task("request_review_after_publish")
+    assert after_publish.upstream_task_ids == {"publish"} and after_publish.downstream_task_ids == set()
+    assert after_publish.outlets == [assets.quarantine_asset()] and after_publish.op_args[2] == "publish"
     review_dag = dag_bag.dags[REVIEW_DAG_ID]
     assert list(review_dag.timetable.asset_condition.objects) == [assets.quarantine_asset()]
     assert review_dag.catchup is False
@@ -121,6 +125,20 @@ def test_every_gate_setting_is_a_param_that_plan_and_publish_receive(dag):
     assert dag.params["max_class_regression"] == GateSettings.max_class_regression
 
 
+def test_every_validate_check_setting_is_a_param_that_validate_receives(dag):
+    """The thresholds, the label checks' margins and the false-alarm budget reach the validate task; its
+    chunk_rows is not a param (the param of that name is train's and would shadow it)."""
+    from admm_jobs.trainer.config import TrainConfig
+
+    template = " ".join(dag.get_task("validate").op_args[0])
+    for name in ("max_accuracy_drop", "max_class_divergence", "min_cell_excess", "min_class_mislabelled_excess",
+                 "min_mislabelled_excess", "false_alarm_rate"):
+        assert name in dag.params
+        assert f"--{name.replace('_', '-')} {{{{ params.{name} }}}}" in template
+    assert "--chunk-rows" not in template
+    assert dag.params["chunk_rows"] == TrainConfig.chunk_rows  # train's, not validate's (10,000)
+
+
 def task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state).rsplit(".", 1)[-1].lower() for ti in dag_run.get_task_instances()}
 
@@ -149,7 +167,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
 
     # week 2, backfilled after week 3 landed: trains on weeks 1-2 only, from random weights
     assert run_week(dag, conf, WEEKS[1]) == ("success", {**dict.fromkeys(dag.task_dict, "success"),
-                                                         "approval": "skipped", "request_review": "skipped"})
+                                                         "approval": "skipped", "request_review": "skipped",
+                                                         "request_review_after_publish": "skipped"})
     week2 = tmp_path / "runs" / "20260111T000000"
     plan = json.loads((week2 / "plan.json").read_text())
     assert plan["batches"] == WEEKS[:2] and plan["retrain"] is True and plan["init_model_uri"] is None
@@ -171,7 +190,8 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     state, states = run_week(dag, conf, WEEKS[2])
     assert state == "success"
     assert states == {"ingest": "success", "validate": "success", "plan": "success", "request_review": "skipped",
-                      "train": "skipped", "evaluate": "skipped", "approval": "skipped", "publish": "skipped"}
+                      "train": "skipped", "evaluate": "skipped", "approval": "skipped", "publish": "skipped",
+                      "request_review_after_publish": "skipped"}
     skipped = json.loads((week3 / "plan.json").read_text())
     assert skipped["retrain"] is False and "already" in skipped["reason"]
 
@@ -248,3 +268,34 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
     assert secret not in json.dumps(dag.params.dump(), default=str)
     for key in keys:
         assert secret.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
+
+
+@pytest.mark.slow
+def test_a_poison_found_only_by_the_challenger_check_quarantines_its_batch(dag, airflow_db, tmp_path):
+    """A trigger on 5 % of the second week's images, relabelled to one class, passes validate (its statistical
+    label checks are turned off here, so that only the challenger check can find it): the challenger memorises it,
+    publish rejects it and quarantines the batch, request_review_after_publish starts the review, and the week's
+    re-run leaves the batch out."""
+    from test_challenger_check import HISTORY, HISTORY_ROWS, NEW, TARGET, land, new_batch
+
+    source = land(tmp_path / "landing", new_batch(HISTORY_ROWS, poisoned=True))
+    conf = {"source_uri": str(source), "lake_uri": str(tmp_path / "lake"), "runs_uri": str(tmp_path / "runs"),
+            "registry_uri": str(tmp_path / "registry"), "hidden_layers": [128], "epochs": 10, "patience": 0,
+            "min_accuracy": 0.5, "false_alarm_rate": 1e-12}
+    state, states = run_week(dag, conf, HISTORY)
+    assert state == "success" and states["publish"] == "success"
+    pointer = (tmp_path / "registry" / "mnist-admm" / "current.json").read_text()
+
+    state, states = run_week(dag, conf, NEW)
+    assert state == "success" and states["validate"] == "success" and states["request_review"] == "skipped"
+    assert states["publish"] == "success" and states["request_review_after_publish"] == "success"
+    assert (tmp_path / "registry" / "mnist-admm" / "current.json").read_text() == pointer  # the champion stays
+    rejected, quarantined = history(tmp_path / "registry")[-2:]
+    assert rejected["decision"] == "rejected" and any(
+        reason.startswith(f"the challenger adopted the label {TARGET} ") for reason in rejected["reasons"])
+    assert (quarantined["decision"], quarantined["batch"], quarantined["given"]) == ("quarantined", NEW, TARGET)
+
+    # the week again: ingest leaves the batch out, so the dataset is the champion's and nothing is retrained
+    state, states = run_week(dag, conf, NEW)
+    plan = json.loads((tmp_path / "runs" / "20260111T000000" / "plan.json").read_text())
+    assert state == "success" and plan["batches"] == [HISTORY] and states["train"] == "skipped"

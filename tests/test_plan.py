@@ -28,7 +28,7 @@ def test_training_key_follows_data_code_the_settings_that_shape_the_model_and_th
     # it cuts the rows into (the sums do not depend on them: test_train) do not matter
     assert key == plan.training_key("v1", "0.1.0+abc", train_config(output_uri="runs/b", checkpoint_every=1,
                                                                       init_model_uri="registry/x/model",
-                                                                      partitions=512), gate)
+                                                                      partitions=512, block_rows=1000), gate)
     for changed in (plan.training_key("v2", "0.1.0+abc", train_config(), gate),
                     plan.training_key("v1", "0.1.0+def", train_config(), gate),
                     plan.training_key("v1", "0.1.0+abc", train_config(epochs=7), gate),

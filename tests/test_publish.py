@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import special
 
 from admm_jobs import publish
 from admm_jobs.lake import storage
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
-from admm_jobs.scoring import metrics
+from admm_jobs.scoring import label_checks, metrics
 
 from run_artifacts import make_evaluated_run
 
@@ -387,8 +388,8 @@ def test_gate_rejects_a_class_whose_test_recall_falls_beyond_the_limit_and_names
     within = [recall - allowed if k == 4 else recall for k, recall in enumerate(recalls)]  # exactly the limit
     passed = gate(publish.Scores(0.97, None, within), champion)
     assert passed.outcome == "accepted" and passed.failed_classes == []
-    assert passed.reasons[-1] == (f"no class's test recall is more than {allowed:.4f} below the published version "
-                                  f"old's (largest change: class 4, {-allowed:+.4f})")
+    assert (f"no class's test recall is more than {allowed:.4f} below the published version "
+            f"old's (largest change: class 4, {-allowed:+.4f})") in passed.reasons
 
     # Overall accuracy unchanged: class 4 loses 0.0001 more than allowed while class 7 gains.
     beyond = [recall - allowed - 1e-4 if k == 4 else recall + 0.01 if k == 7 else recall
@@ -446,7 +447,8 @@ def test_decision_records_champion_scores_dataset_batches_and_training_key(small
     assert entry["failed_classes"] == []
     assert entry["report_uri"] == registry.version_report_uri(registry_uri, result["model_version"])
     assert entry["gate"] == {"min_accuracy": 0.0, "max_regression": 1.0, "max_batch_regression": 1.0,
-                             "max_class_regression": 1.0}
+                             "max_class_regression": 1.0,
+                             "challenger_false_alarm_rate": publish.GateSettings.challenger_false_alarm_rate}
     assert registry.find_decision(registry_uri, "key-a")["version"] == first["model_version"]
 
 
@@ -466,7 +468,11 @@ def test_a_champion_published_after_the_evaluation_is_scored_by_publish(small_da
     result = publish.publish_run(str(tmp_path / "b"), registry_uri, min_accuracy=0.0, max_regression=1.0,
                                  max_batch_regression=1.0, max_class_regression=1.0)
 
-    rescored = metrics.score_champion(newer["model_uri"], dataset_uri)
+    rescored = metrics.score_champion(newer["model_uri"], dataset_uri, str(tmp_path / "b" / "model"))
+    # and the challenger check against c: b (always 1) adopts every class-1 label of the batch, c never says 1
+    check = rescored["challenger_check"]
+    assert [entry["adopted"] for entry in check] == [entry["batch_images"] * (k == 1) for k, entry in enumerate(check)]
+    assert check[1]["adopted"] > 0 and check[1]["p_value"] == 1.0  # c errs on every test 1 as well: no evidence
     assert result["history_entry"]["champion"] == {
         "version": newer["model_version"],
         "test_accuracy": rescored["test"]["accuracy"],
@@ -552,12 +558,33 @@ def test_a_published_version_keeps_its_validation_confusion_as_the_reference(sma
     assert (reference["examples"], reference["split"], reference["dataset_version"]) == (
         len(labels), "validation", small_dataset["dataset_version"])
     manifest = storage.read_json(storage.join(registry.version_uri(registry_uri, version), "manifest.json"))
-    assert registry.REFERENCE_CONFUSION_PATH in [file["path"] for file in manifest["files"]]
+    assert {registry.REFERENCE_CONFUSION_PATH, registry.REFERENCE_CALIBRATION_PATH} <= {
+        file["path"] for file in manifest["files"]}
+    # and its calibration on the same rows: the temperature of least negative log-likelihood, per class the mean
+    # calibrated probability of the given label, and the confident joint counted with those
+    stored = registry.reference_calibration(registry_uri, version)
+    scores = model.logits(pixels)
+    temperatures = label_checks.TEMPERATURES
+    losses = [np.sum(special.logsumexp(scores / t, axis=1) - scores[np.arange(len(labels)), labels] / t)
+              for t in temperatures]
+    assert stored["temperature"] == pytest.approx(temperatures[int(np.argmin(losses))])
+    probabilities = label_checks.calibrated_probabilities(scores, stored["temperature"])
+    present = np.unique(labels)
+    np.testing.assert_allclose(stored["thresholds"][present],
+                               [probabilities[labels == k, k].mean() for k in present], rtol=1e-6)
+    calibration = label_checks.Calibration(stored["temperature"], stored["thresholds"])
+    np.testing.assert_array_equal(stored["confident_joint"], label_checks.confident_joint(scores, labels, calibration))
+    assert (stored["split"], stored["dataset_version"]) == ("validation", small_dataset["dataset_version"])
 
     # A version stored without one (its evaluation scored no held-out rows): None, so the batch checks can say so.
     older = make_evaluated_run(str(tmp_path / "older"), seed=4, test_accuracy=0.99)
     assert publish.publish_run(str(tmp_path / "older"), registry_uri)["published"]
     assert registry.reference_confusion(registry_uri, older) is None
+    assert registry.reference_calibration(registry_uri, older) is None
+    calibration_path = Path(registry.version_uri(registry_uri, version)) / registry.REFERENCE_CALIBRATION_PATH
+    calibration_path.write_text(json.dumps({**json.loads(calibration_path.read_text()), "temperature": -1}))
+    with pytest.raises(registry.RegistryError, match="not an admm-reference-calibration/1 reference"):
+        registry.reference_calibration(registry_uri, version)
     # A damaged one is an error, not a silent pass.
     path = Path(registry.version_uri(registry_uri, version)) / registry.REFERENCE_CONFUSION_PATH
     path.write_text(json.dumps({**json.loads(path.read_text()), "examples": 1}))

@@ -19,7 +19,7 @@ from admm_jobs import train
 from admm_jobs.lake import storage
 from admm_jobs.operations.deploy import TRAINING_SPARK_CONF
 from admm_jobs.registry import model as model_io
-from admm_jobs.trainer.blocks import block_specs, load_block, partition_slices
+from admm_jobs.trainer.blocks import block_specs, default_partitions, load_block, partition_slices
 from admm_jobs.trainer.checkpoint import CheckpointStore
 from admm_jobs.trainer.config import TrainConfig
 from admm_jobs.trainer.loop import AdmmTrainer, BlocksLost, LocalBackend, sum_pass
@@ -37,6 +37,14 @@ def spark_context():
              .getOrCreate())
     yield spark.sparkContext
     spark.stop()
+
+
+def test_default_partitions_bound_the_rows_of_a_block_not_only_the_cores():
+    assert default_partitions(55_000, cores=2, block_rows=50_000) == 2  # MNIST: one block per core
+    assert default_partitions(100_000, cores=2, block_rows=50_000) == 2
+    assert default_partitions(100_001, cores=2, block_rows=50_000) == 3
+    assert default_partitions(3_000_000, cores=2, block_rows=50_000) == 60  # 3M images: 50,000 rows a block
+    assert default_partitions(3_000_000, cores=512, block_rows=50_000) == 512
 
 
 def test_partition_slices_cover_every_row_once_in_whole_chunks():

@@ -25,7 +25,9 @@ ingest_task = confined(ingest.main)
 evaluate_task = confined(evaluate.main)
 
 
-QUARANTINED_KEY = "quarantined"  # validate's XCom naming the batches it quarantined, for request_review
+# validate's and publish's XCom naming the batches they quarantined, for request_review and
+# request_review_after_publish
+QUARANTINED_KEY = "quarantined"
 
 
 @confined
@@ -67,14 +69,18 @@ def plan_task(argv: list[str], ti=None) -> bool:
 
 
 @confined
-def publish_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
+def publish_task(argv: list[str], outlet_events=None, ti=None) -> dict[str, Any]:
     """:func:`admm_jobs.publish.main` as an Airflow task: an accepted model becomes an event of
     :func:`published_model_asset`.
 
     The event's extra is the new registry pointer plus ``model_uri`` and ``model_name``;
-    a rejected model, or one that is already the published version, emits no event.
+    a rejected model, or one that is already the published version, emits no event. When the challenger check
+    quarantined the newest batch, the XCom :data:`QUARANTINED_KEY` names it for :func:`request_review_task`.
     """
     result = publish.main(argv)
+    if ti is not None and result["quarantined"]:
+        ti.xcom_push(key=QUARANTINED_KEY, value={"dataset_uri": result["dataset_uri"],
+                                                 "records": result["quarantined"]})
     if outlet_events is not None and result["decision"] == "accepted":
         outlet_events[publications_alias(result["model_name"])].add(
             published_model_asset(result["model_name"]),
@@ -83,17 +89,19 @@ def publish_task(argv: list[str], outlet_events=None) -> dict[str, Any]:
     return result
 
 
-def request_review_task(registry_uri: str, run_uri: str, ti=None, outlet_events=None) -> list[str]:
-    """Run once validate ran (``trigger_rule="one_done"``: passed or failed, not when it never ran): when it
+def request_review_task(registry_uri: str, run_uri: str, source_task: str = "validate", ti=None,
+                        outlet_events=None) -> list[str]:
+    """Run after ``source_task`` (validate, ``trigger_rule="one_done"``: passed or failed, not when it never ran;
+    or publish, whose challenger check quarantines the batch a poisoned challenger came from): when it
     quarantined batches, emit one event of :func:`quarantine_asset` that starts their review; otherwise skip
     this task (nothing to review).
 
     The event's extra: ``registry_uri``, ``run_uri`` (the weekly run's outputs, where the contact sheets go),
     ``dataset_uri`` and ``quarantined`` (batch id -> its quarantine record). Returns the batch ids.
     """
-    quarantined = ti.xcom_pull(task_ids="validate", key=QUARANTINED_KEY)
+    quarantined = ti.xcom_pull(task_ids=source_task, key=QUARANTINED_KEY)
     if not quarantined:
-        raise AirflowSkipException("validate quarantined no batch: nothing to review")
+        raise AirflowSkipException(f"{source_task} quarantined no batch: nothing to review")
     manifest = load_manifest(quarantined["dataset_uri"])
     outlet_events[quarantine_asset(manifest["dataset"])].extra = {
         "registry_uri": registry_uri, "run_uri": run_uri, "dataset_uri": quarantined["dataset_uri"],

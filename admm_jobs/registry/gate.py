@@ -18,6 +18,10 @@ class GateSettings:
                                           "below the published model's", minimum=0, maximum=1)
     max_class_regression: float = setting(0.025, "publish only if no class's recall on the test set is more than this "
                                           "much below the published model's", minimum=0, maximum=1)
+    challenger_false_alarm_rate: float = setting(
+        0.001, "chance that the challenger check rejects a challenger trained on a clean newest batch (family-wise "
+        "over the classes; 0 turns the check off): a class fails when the challenger adopts the given labels of "
+        "the batch's images the champion calls wrong beyond the champion's test error rate", minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -6,6 +6,7 @@ Layout (``REG`` = the registry URI, ``NAME`` = the model name, default :data:`DE
     REG/NAME/<model_version>/evaluation/...     copy of RUN/evaluation
     REG/NAME/<model_version>/metrics.jsonl      copy of RUN/metrics.jsonl
     REG/NAME/<model_version>/reference/confusion.json   its confusion on held-out data (:func:`reference_confusion`)
+    REG/NAME/<model_version>/reference/calibration.json its calibration on them (:func:`reference_calibration`)
     REG/NAME/<model_version>/manifest.json      sha256 of every file above; written LAST
     REG/NAME/current.json                       pointer to the published version
     REG/NAME/history.jsonl                      one line per decision, oldest first
@@ -39,7 +40,7 @@ import json
 import posixpath
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -62,6 +63,8 @@ EPOCH_METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.html"
 REFERENCE_CONFUSION_PATH = "reference/confusion.json"
 REFERENCE_CONFUSION_FORMAT = "admm-reference-confusion/1"
+REFERENCE_CALIBRATION_PATH = "reference/calibration.json"
+REFERENCE_CALIBRATION_FORMAT = "admm-reference-calibration/1"
 VERSION_HEX_DIGITS = 16
 # Conditional writes that lose a race re-read and retry; this many losses in a row is an error.
 MAX_ATTEMPTS = 10
@@ -465,7 +468,61 @@ def reference_confusion(
     None when the version has none (published before references were stored, or its evaluation had no
     held-out rows); raises :class:`RegistryError` when the file is corrupt.
     """
-    uri = storage.join(version_uri(registry_uri, version, model_name), REFERENCE_CONFUSION_PATH)
+    def valid(reference: dict[str, Any]) -> bool:
+        confusion = np.array(reference["confusion_matrix"], dtype=np.int64)
+        return (confusion.ndim == 2 and confusion.shape[0] == confusion.shape[1] and (confusion >= 0).all()
+                and confusion.sum() == reference["examples"] > 0)
+
+    reference = _reference_document(registry_uri, version, model_name, REFERENCE_CONFUSION_PATH,
+                                    REFERENCE_CONFUSION_FORMAT, valid, "a square matrix of counts")
+    return None if reference is None else {**reference, "confusion_matrix": np.array(reference["confusion_matrix"],
+                                                                                     dtype=np.int64)}
+
+
+def reference_calibration_bytes(temperature: float, thresholds: list[float], confident_joint: list[list[int]],
+                                split: str, dataset_version: str | None) -> bytes:
+    """The file a version keeps its calibration in: the temperature that turns its scores into probabilities
+    (softmax(scores / temperature)), each class's confident-learning threshold and the confident joint
+    (``confident_joint[i][j]``: images of given label i confidently of class j), all on ``split`` of dataset
+    ``dataset_version`` (see :mod:`admm_jobs.scoring.label_checks`)."""
+    return _json_bytes({
+        "format": REFERENCE_CALIBRATION_FORMAT,
+        "split": split,
+        "dataset_version": dataset_version,
+        "temperature": temperature,
+        "thresholds": thresholds,
+        "confident_joint": confident_joint,
+    })
+
+
+def reference_calibration(
+    registry_uri: str, version: str, model_name: str = DEFAULT_MODEL_NAME
+) -> dict[str, Any] | None:
+    """A published version's calibration: ``temperature``, ``thresholds`` (float array, one per class) and
+    ``confident_joint`` (classes x classes int64 array), ``split`` and ``dataset_version``.
+
+    None when the version has none (published before calibrations were stored, or without held-out rows);
+    raises :class:`RegistryError` when the file is corrupt.
+    """
+    def valid(reference: dict[str, Any]) -> bool:
+        thresholds = np.array(reference["thresholds"], dtype=np.float64)
+        joint = np.array(reference["confident_joint"], dtype=np.int64)
+        return (float(reference["temperature"]) > 0 and thresholds.ndim == 1
+                and joint.shape == (len(thresholds), len(thresholds)) and (joint >= 0).all())
+
+    reference = _reference_document(registry_uri, version, model_name, REFERENCE_CALIBRATION_PATH,
+                                    REFERENCE_CALIBRATION_FORMAT, valid, "a temperature, thresholds and a joint")
+    if reference is None:
+        return None
+    return {**reference, "thresholds": np.array(reference["thresholds"], dtype=np.float64),
+            "confident_joint": np.array(reference["confident_joint"], dtype=np.int64)}
+
+
+def _reference_document(registry_uri: str, version: str, model_name: str, path: str, document_format: str,
+                        valid: Callable[[dict[str, Any]], bool], holds: str) -> dict[str, Any] | None:
+    """A reference file of a version (None when it has none), checked by ``valid``; raises
+    :class:`RegistryError` when it is unreadable, of another format or fails the check."""
+    uri = storage.join(version_uri(registry_uri, version, model_name), path)
     if not storage.exists(uri):
         return None
     try:
@@ -473,12 +530,9 @@ def reference_confusion(
     except storage.StorageError as exc:  # a transient one stays retryable through __cause__
         raise RegistryError(str(exc)) from exc
     try:
-        confusion = np.array(reference["confusion_matrix"], dtype=np.int64)
-        valid = (reference.get("format") == REFERENCE_CONFUSION_FORMAT and confusion.ndim == 2
-                 and confusion.shape[0] == confusion.shape[1] and (confusion >= 0).all()
-                 and confusion.sum() == reference["examples"] > 0)
+        ok = isinstance(reference, dict) and reference.get("format") == document_format and valid(reference)
     except (KeyError, TypeError, ValueError, OverflowError):
-        valid = False
-    if not valid:
-        raise RegistryError(f"{uri}: not an {REFERENCE_CONFUSION_FORMAT} reference (a square matrix of counts)")
-    return {**reference, "confusion_matrix": confusion}
+        ok = False
+    if not ok:
+        raise RegistryError(f"{uri}: not an {document_format} reference ({holds})")
+    return reference

@@ -7,12 +7,15 @@ exactly over the chunks, so the chunk size changes the memory, never a number.""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from admm_jobs.lake import dataset
 from admm_jobs.registry import model as model_io
+from admm_jobs.scoring.challenger_checks import adoption_statistics
+from admm_jobs.scoring import label_checks
 
 EVALUATION_FORMAT = "admm-evaluation/2"
 
@@ -117,16 +120,28 @@ class Tally:
     """Counts over one labelled set for one or more models; counts add exactly, so summing them chunk by chunk
     gives the same numbers for any chunk size.
 
-    ``confusions[m]``: model m's confusion matrix. ``right_by[mask]``: how many examples exactly the models
-    in the bit mask get right (bit m: model m), e.g. with two models ``right_by[1]`` only the first.
+    ``confusions[m]``: model m's confusion matrix. ``right_by_class[k, mask]``: how many examples of true class
+    k exactly the models in the bit mask get right (bit m: model m), e.g. with two models ``right_by_class[k, 1]``
+    only the first; ``right_by`` sums it over the classes.
     """
 
     confusions: list[np.ndarray]
-    right_by: np.ndarray
+    right_by_class: np.ndarray
+
+    @property
+    def right_by(self) -> np.ndarray:
+        return self.right_by_class.sum(axis=0)
 
     @property
     def examples(self) -> int:
         return int(self.confusions[0].sum())
+
+
+def chunk_tally(labels: np.ndarray, predictions: np.ndarray, classes: int) -> Tally:
+    """The tally of one chunk: ``predictions[m]`` are model m's predicted classes of the examples ``labels``."""
+    masks = labels.astype(np.int64) * 2 ** len(predictions) + 2 ** np.arange(len(predictions)) @ (predictions == labels)
+    right_by_class = np.bincount(masks, minlength=classes * 2 ** len(predictions)).reshape(classes, -1)
+    return Tally([confusion_matrix(labels, predicted, classes) for predicted in predictions], right_by_class)
 
 
 def tally(models: list[model_io.Model], examples: Examples, chunk_rows: int) -> Tally:
@@ -134,16 +149,27 @@ def tally(models: list[model_io.Model], examples: Examples, chunk_rows: int) -> 
     data for all models): memory depends on ``chunk_rows``, not on the size of the set."""
     classes = models[0].layer_sizes[-1]
     confusions = [np.zeros((classes, classes), np.int64) for _ in models]
-    right_by = np.zeros(2 ** len(models), np.int64)
-    bits = 2 ** np.arange(len(models))
+    right_by_class = np.zeros((classes, 2 ** len(models)), np.int64)
     for pixels, labels in dataset.iter_file_chunks(examples.uris, chunk_rows):
         for model in models:
             check_labels(model.layer_sizes[-1], labels, examples.source)
-        predictions = np.stack([model.predict(pixels) for model in models])
-        for confusion, predicted in zip(confusions, predictions):
-            confusion += confusion_matrix(labels, predicted, classes)
-        right_by += np.bincount(bits @ (predictions == labels), minlength=len(right_by))
-    return Tally(confusions, right_by)
+        chunk = chunk_tally(labels, np.stack([model.predict(pixels) for model in models]), classes)
+        for confusion, counted in zip(confusions, chunk.confusions):
+            confusion += counted
+        right_by_class += chunk.right_by_class
+    return Tally(confusions, right_by_class)
+
+
+def held_out_calibration(model: model_io.Model, examples: Examples,
+                         chunk_rows: int = 4096) -> tuple[label_checks.Calibration, np.ndarray]:
+    """The model's calibration and confident joint on held-out ``examples`` (:func:`label_checks.calibrate`):
+    two passes, each reading and scoring ``chunk_rows`` rows at a time."""
+    def scored_chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for pixels, labels in dataset.iter_file_chunks(examples.uris, chunk_rows):
+            check_labels(model.layer_sizes[-1], labels, examples.source)
+            yield model.logits(pixels), labels
+
+    return label_checks.calibrate(scored_chunks)
 
 
 def tally_sets(models: list[model_io.Model], sets: list[Examples], chunk_rows: int) -> dict[str, Tally]:
@@ -167,13 +193,19 @@ def score_deltas(challenger: dict[str, Any], champion: dict[str, Any], both: Tal
     }
 
 
-def score_champion(champion_model_uri: str, dataset_uri: str, chunk_rows: int = 4096) -> dict[str, Any]:
-    """A champion's scores on the test split and the newest batch (None without batches), as in ``metrics.json``.
+def score_champion(champion_model_uri: str, dataset_uri: str, challenger_model_uri: str,
+                   chunk_rows: int = 4096) -> dict[str, Any]:
+    """A champion's scores on the test split and the newest batch (None without batches), as in ``metrics.json``,
+    and the challenger check of the challenger against it (``challenger_check``: the per-class statistics of
+    :func:`admm_jobs.scoring.challenger_checks.adoption_statistics`; None without batches).
 
     For publish, when the published model changed after the evaluation.
     """
-    model = model_io.load_model(champion_model_uri)
+    models = [model_io.load_model(challenger_model_uri), model_io.load_model(champion_model_uri)]
     sets = evaluation_sets(dataset_uri, dataset.load_manifest(dataset_uri))
-    scored = {examples.name: confusion_scores(tally([model], examples, chunk_rows).confusions[0], examples.source)
+    tallies = tally_sets(models, sets, chunk_rows)
+    scored = {examples.name: confusion_scores(tallies[examples.name].confusions[1], examples.source)
               for examples in sets}
-    return {name: scored.get(name) for name in (TEST, NEWEST_BATCH)}
+    return {**{name: scored.get(name) for name in (TEST, NEWEST_BATCH)},
+            "challenger_check": (adoption_statistics(tallies[NEWEST_BATCH], tallies[TEST])
+                                 if NEWEST_BATCH in tallies else None)}

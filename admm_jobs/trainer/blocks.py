@@ -19,6 +19,13 @@ def split_rows(files: list[tuple[str, int]], limit: int | None) -> int:
     return total if limit is None else min(total, limit)
 
 
+def default_partitions(rows: int, cores: int, block_rows: int) -> int:
+    """max(cores, ceil(rows / block_rows)): one block per core (each pass is then one wave of tasks, whose fixed
+    cost is paid once per core), more when a block would exceed ``block_rows`` rows: a pass holds its block's
+    state in one Python worker's memory, so the block size, not the dataset size, bounds a worker's memory."""
+    return max(cores, -(-rows // block_rows))
+
+
 def partition_slices(files: list[tuple[str, int]], limit: int | None, partitions: int,
                      chunk_rows: int = reduction.DEFAULT_CHUNK_ROWS) -> list[list[RowSlice]]:
     """Cut the first ``limit`` rows of a split (part files with row counts) into near-equal contiguous

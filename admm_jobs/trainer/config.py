@@ -49,7 +49,11 @@ class TrainConfig:
     patience: int = setting(10, "stop after this many iterations without a better validation loss (0: never)",
                             minimum=0, maximum=10_000)
     partitions: int | None = setting(None, "Spark partitions, i.e. sample blocks (none: one per executor core, "
-                                     "Spark's default parallelism)", minimum=1, maximum=10_000)
+                                     "Spark's default parallelism, or more when a block would exceed --block-rows)",
+                                     minimum=1, maximum=10_000)
+    block_rows: int = setting(50_000, "most training rows per block when --partitions is not given: a pass holds a "
+                              "block's state in one worker's memory (about 7 KB a row for 784-256-256-10, so about "
+                              "0.35 GB at 50,000 rows), whatever the dataset size", minimum=1_000, maximum=1 << 30)
     chunk_rows: int = setting(reduction.DEFAULT_CHUNK_ROWS, "rows per chunk of the summed statistics: the sums, "
                               "hence the weights, depend on this but not on --partitions", minimum=2, maximum=1 << 20)
     seed: int = setting(0, "seed of the weight initialisation", minimum=0)
