@@ -1,10 +1,11 @@
 """Ingest stage: MNIST-format IDX files, landed in dated batches, -> versioned Parquet datasets in the lake.
 
     python -m admm_jobs.ingest --source SRC --lake LAKE [--dataset mnist] [--as-of YYYY-MM-DD]
-        [--window N] [--validation-fraction 0.0833] [--checksums URI]
+        [--window N] [--validation-fraction 0.0833] [--chunk-rows 10000] [--checksums URI]
 
 Reads the landing directory ``SRC`` (its contract: :mod:`admm_jobs.lake.landing`; each file raw or
-gzip, every structural defect an :class:`IngestError` naming the file) and writes the lake
+gzip, every structural defect an :class:`IngestError` naming the file), streamed ``chunk_rows`` images at a
+time so that memory does not depend on a batch's size, and writes the lake
 (:mod:`admm_jobs.lake.batches`): each batch once, reused afterwards, and refused when its content
 changed under the same date. The run for logical date ``as_of`` uses every batch dated on or before
 it that the registry history does not hold in quarantine (the newest ``window`` of them if set); the dataset version is a hash of
@@ -22,9 +23,9 @@ from typing import Any
 
 from admm_jobs.cli.command import run_command
 from admm_jobs.cli.config import require, setting, validate_fields
-from admm_jobs.lake import batches, landing, storage
+from admm_jobs.lake import batches, landing, profiles, storage
 from admm_jobs.lake.dataset import MANIFEST_FILE, dataset_uri
-from admm_jobs.lake.idx import IngestError, SourceFile, read_source
+from admm_jobs.lake.idx import IngestError, SourceFile, scan_source
 from admm_jobs.lake.landing import CHECKSUMS_FILE, LandedBatch, parse_date
 from admm_jobs.registry import store as registry
 
@@ -45,6 +46,8 @@ class IngestConfig:
                                          "drawn per image from a hash of its pixels", exclusiveMinimum=0, maximum=0.5)
     registry_uri: str | None = setting(None, "model registry root: the batches its history holds in quarantine "
                                        "(quarantined, not released by a reviewer) are left out (none: none are)")
+    chunk_rows: int = setting(profiles.CHUNK_ROWS, "images decoded and written at once (memory holds one chunk, "
+                              "whatever the batch size)", minimum=1, maximum=1_000_000)
     checksums: str | None = setting(
         None, f"checksum manifest URI for a four-file source (default: SOURCE/{CHECKSUMS_FILE} if present; "
         "required for https)")
@@ -94,25 +97,16 @@ def checked_batch(config: IngestConfig, lake_dataset: str, batch: LandedBatch, t
     differs from the one recorded at ingest, and refused when their content changed."""
     pinned = batches.pinned_batch(lake_dataset, batch.date) if batch.date else None
     if pinned is not None:
-        read = {role: read_source(batch.uri, *landing.SOURCE_FILES[role])
+        read = {role: scan_source(batch.uri, *landing.SOURCE_FILES[role], config.chunk_rows)
                 for role in batches.changed_roles(pinned, batch)}
         for role, source in read.items():
             batches.check_unchanged(pinned, source, role)
         return pinned["sha256"], pinned, {role: source.summary() for role, source in read.items()}
-    pair = read_batch_pair(config, batch)
-    landing.check_distinct({**pair, **test_pair})
-    return batches.pair_sha256(pair), None, {role: source.summary() for role, source in pair.items()}
-
-
-def read_batch_pair(config: IngestConfig, batch: LandedBatch, sha: str | None = None) -> dict[str, SourceFile]:
-    """The images and labels of a landed batch, read and checked (checksums, shapes, labels; content ``sha``
-    if given)."""
     checksums = landing.load_checksums(config.source, config.checksums) if batch.date is None \
         else landing.load_checksums(batch.uri)
-    pair = landing.read_pair(batch.uri, landing.TRAIN_ROLES, checksums)
-    if sha is not None and batches.pair_sha256(pair) != sha:
-        raise IngestError(f"{pair['train_images'].uri}: batch changed while it was being ingested; run again")
-    return pair
+    pair = landing.scan_pair(batch.uri, landing.TRAIN_ROLES, checksums, config.chunk_rows)
+    landing.check_distinct({**pair, **test_pair})
+    return batches.pair_sha256(pair), None, {role: source.summary() for role, source in pair.items()}
 
 
 def ingest(config: IngestConfig) -> dict[str, Any]:
@@ -121,16 +115,20 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
     landed, quarantined = selected_batches(config)
     fraction = config.validation_fraction
     four_file_source = landed[0].date is None
-    test_pair = landing.read_pair(config.source, landing.TEST_ROLES,
-                                  landing.load_checksums(config.source, config.checksums if four_file_source else None))
-    # Every input is checked before anything is written, one batch in memory at a time: a new batch is read
-    # again to be written, a batch ingested before only where its files' signatures changed.
+    test_pair = landing.scan_pair(config.source, landing.TEST_ROLES, landing.load_checksums(
+        config.source, config.checksums if four_file_source else None), config.chunk_rows)
+    # Every input is checked before anything is written, streamed one chunk at a time: a new batch is read
+    # again to be written (and must hash the same), a batch ingested before only where its files' signatures
+    # changed.
     checked = [checked_batch(config, lake_dataset, batch, test_pair) for batch in landed]
-    test_uri, test_record, test_reused = batches.ingest_test_set(lake_dataset, test_pair)
+    test_uri, test_record, test_reused = batches.ingest_test_set(
+        lake_dataset, test_pair, functools.partial(landing.PairStream, config.source, landing.TEST_ROLES),
+        config.chunk_rows)
     parts, reused_parts = [], [test_reused]
     for batch, (sha, pinned, read) in zip(landed, checked):
         splits_uri, record, reused = batches.ingest_batch(
-            lake_dataset, batch, sha, fraction, functools.partial(read_batch_pair, config, batch, sha))
+            lake_dataset, batch, sha, fraction, functools.partial(landing.PairStream, batch.uri, landing.TRAIN_ROLES),
+            config.chunk_rows)
         written = batches.pin_batch(lake_dataset, batch, sha, pinned, read)
         parts.append((splits_uri, record))
         reused_parts.append(reused and not written)

@@ -6,9 +6,11 @@ A dataset is made of parts: its batches and its test set, each a directory with 
 (:mod:`admm_jobs.lake.profiles`). A part is *new* when the published model's data did not hold it
 (every part, when nothing is published): new parts are read and profiled again from their Parquet
 files, one chunk of ``chunk_rows`` rows at a time; the others are known by their profiles. Image ids
-held twice are found by merging the new parts' sorted keys with every other part's sorted id file
-(two old parts were compared when the later of them was new). Memory holds one chunk of pixels and
-the new parts' keys (10 bytes per image), whatever the length of the history.
+held twice are found by testing the new parts' sorted keys against every other part's key filter and
+confirming the candidates exactly in the row groups of its sorted id file that may hold them (two old
+parts were compared when the later of them was new): an old part costs its filter (3.5 bytes per image),
+rarely an id file row group. Memory holds one chunk of pixels and the new parts' keys (10 bytes per
+image), whatever the length of the history.
 
 Each split becomes one summary frame, one row per part and label (rows, the label's share of the
 split, per-row pixel count and grey-level extremes, ids missing, repeated or in another split),
@@ -37,7 +39,7 @@ import datetime
 import logging
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,7 +159,8 @@ class PartSplit:
     confusion under the model and their confident joint (when the model's version has a calibration)."""
 
     groups: pd.DataFrame
-    id_file: str
+    directory: str = ""  # of an old part: where its profile is
+    entry: Mapping[str, Any] | None = None  # of an old part: the split's entry in its profile (id file, key filter)
     keys: np.ndarray | None = None
     labels: np.ndarray | None = None
     repeated: np.ndarray | None = None  # per sorted key: the id occurs in another row of the split
@@ -194,58 +197,75 @@ def read_part(part: Part, reference: Reference | None, chunk_rows: int) -> dict[
                 if joint is not None:
                     joint += label_checks.confident_joint(scores, labels, reference.labels.calibration)
         profile = profiler.finish()
-        splits[split] = PartSplit(profile.groups, "", profile.keys, profile.labels,
-                                  profiles.repeated_rows(profile.keys), np.zeros(len(profile.keys), bool),
-                                  confusion, joint, profile.ink)
+        splits[split] = PartSplit(profile.groups, keys=profile.keys, labels=profile.labels,
+                                  repeated=profiles.repeated_rows(profile.keys),
+                                  in_other_split=np.zeros(len(profile.keys), bool), confusion=confusion,
+                                  confident_joint=joint, ink=profile.ink)
     return splits
 
 
 def stored_part(part: Part) -> dict[str, PartSplit]:
     """An old part as its profile describes it (written first if it has none)."""
     profile = profiles.ensure_profile(part.directory, part.sha256, part.files)
-    return {split: PartSplit(profiles.groups_frame(entry["groups"]),
-                             storage.join(part.directory, profiles.PROFILE_DIR, entry["ids"]),
+    return {split: PartSplit(profiles.groups_frame(entry["groups"]), part.directory, entry,
                              ink=profiles.ink_frame(entry["ink"]))
             for split, entry in profile["splits"].items() if split in part.files}
+
+
+def old_id_chunks(view: PartSplit, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The row groups of an old split's id file that may hold some of ``keys``: those its key filter does not
+    rule out (nothing is read past the filter when it rules out every key, the usual case)."""
+    if not len(keys):
+        return
+    candidates = keys[profiles.load_filter(view.directory, view.entry).may_contain(keys)]
+    groups = profiles.groups_holding(view.entry["id_groups"], candidates)
+    if groups:
+        yield from profiles.id_chunks(storage.join(view.directory, profiles.PROFILE_DIR, view.entry["ids"]), groups)
 
 
 def match_ids(views: dict[str, dict[str, PartSplit]]) -> dict[tuple[str, str], tuple[pd.Series, pd.Series]]:
     """Find image ids held by two parts, where at least one is new (two old parts were compared when the
     later of them was new): marks the new parts' keys (``repeated``: in the same split, ``in_other_split``)
     and returns, per (old part, split), the counts by label of its rows found in a new part (same split,
-    other split). Memory: the new parts' keys and one row group of an old id file."""
+    other split). Memory: the new parts' keys, sorted with their order (24 bytes per image), and one row group
+    of an old id file."""
     new = [(name, split, view) for name, splits in views.items() for split, view in splits.items()
            if view.keys is not None]
     keys = np.concatenate([view.keys for *_, view in new]) if new else np.zeros(0, np.uint64)
-    owner = np.repeat(np.arange(len(new)), [len(view.keys) for *_, view in new])
-    position = np.concatenate([np.arange(len(view.keys)) for *_, view in new]) if new else np.zeros(0, int)
+    starts = np.cumsum([0] + [len(view.keys) for *_, view in new])  # where each new split's keys start in ``keys``
     order = np.argsort(keys, kind="stable")
-    keys, owner, position = keys[order], owner[order], position[order]
+    keys = keys[order]  # 24 bytes per new image with ``order``: whose key each is, is looked up only for matches
+
+    def owner(index: int) -> tuple[int, int]:
+        """(which new split, which of its keys) the sorted key ``index`` is."""
+        number = int(np.searchsorted(starts, order[index], "right")) - 1
+        return number, int(order[index] - starts[number])
 
     def mark(index: int, split: str) -> None:
-        _, own_split, view = new[owner[index]]
+        number, position = owner(index)
+        _, own_split, view = new[number]
         flags = view.repeated if own_split == split else view.in_other_split
-        flags[position[index]] = True
+        flags[position] = True
 
     for key in np.unique(keys[1:][keys[1:] == keys[:-1]]):  # ids held more than once among the new parts
         run = range(int(np.searchsorted(keys, key, "left")), int(np.searchsorted(keys, key, "right")))
         for a in run:
             for b in run:
-                if new[owner[a]][0] != new[owner[b]][0]:
-                    mark(a, new[owner[b]][1])
+                if new[owner(a)[0]][0] != new[owner(b)[0]][0]:
+                    mark(a, new[owner(b)[0]][1])
     old_counts = {}
     for name, splits in views.items():
         for split, view in splits.items():
             if view.keys is not None:
                 continue
             same, other = pd.Series(dtype=int), pd.Series(dtype=int)
-            for chunk_keys, chunk_labels in profiles.id_chunks(view.id_file):
+            for chunk_keys, chunk_labels in old_id_chunks(view, keys):
                 left, right = np.searchsorted(keys, chunk_keys, "left"), np.searchsorted(keys, chunk_keys, "right")
                 for row in np.flatnonzero(right > left):
                     splits_hit = set()
                     for index in range(left[row], right[row]):
                         mark(index, split)
-                        splits_hit.add(new[owner[index]][1])
+                        splits_hit.add(new[owner(index)[0]][1])
                     label = pd.Series([chunk_labels[row]])
                     if split in splits_hit:
                         same = same.add(label.value_counts(), fill_value=0)

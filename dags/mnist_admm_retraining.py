@@ -100,7 +100,7 @@ with DAG(
                           description="wait for a person before publish: never, when-flagged (the challenger scores "
                                       "below the published model on the test set or the newest batch), always"),
         **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of",
-                                                       "registry_uri")),
+                                                       "registry_uri", "chunk_rows")),
         **airflow_params(validate.ValidateConfig, exclude=VALIDATE_FIXED),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
         **airflow_params(publish.PublishConfig, defaults={"min_accuracy": 0.9},

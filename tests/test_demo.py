@@ -36,11 +36,10 @@ def test_cut_batches_lands_consecutive_slices_as_dated_idx_batches(landing):
     images, labels = read_vendored(TRAIN_IMAGES), read_vendored(TRAIN_LABELS)
     for index, day in enumerate(SUNDAYS):
         batch_dir = str(root / "batches" / day.isoformat())
-        landed_images = idx.read_source(batch_dir, TRAIN_IMAGES, 3)
-        landed_labels = idx.read_source(batch_dir, TRAIN_LABELS, 1)
+        landed_images = idx.open_source(batch_dir, TRAIN_IMAGES, 3)
         assert landed_images.uri.endswith(".gz")
-        np.testing.assert_array_equal(landed_images.array, images[index * 300:(index + 1) * 300])
-        np.testing.assert_array_equal(landed_labels.array, labels[index * 300:(index + 1) * 300])
+        np.testing.assert_array_equal(idx.whole_array(landed_images), images[index * 300:(index + 1) * 300])
+        np.testing.assert_array_equal(idx.read_array(batch_dir, TRAIN_LABELS, 1), labels[index * 300:(index + 1) * 300])
     for name in (TEST_IMAGES, TEST_LABELS):  # the fixed test set, byte for byte
         assert (root / f"{name}.gz").read_bytes() == (VENDORED_MNIST / f"{name}.gz").read_bytes()
     assert sorted(path.name for path in (root / "batches").iterdir()) == [day.isoformat() for day in SUNDAYS]

@@ -19,7 +19,7 @@ import pytest
 
 from admm_jobs import ingest
 from admm_jobs.cli.config import ConfigError
-from admm_jobs.lake import batches, dataset, landing, profiles, storage
+from admm_jobs.lake import batches, dataset, idx, landing, profiles, storage
 from admm_jobs.registry import store as registry
 
 from idx_files import (
@@ -343,6 +343,86 @@ def test_failure_while_writing_leaves_nothing_visible(small_idx_source, tmp_path
     assert not list((tmp_path / "mnist").glob("batches/*/" + batches.BATCH_RECORD))  # the batch is not ingested
     monkeypatch.setattr(batches, "parquet_bytes", real_parquet_bytes)
     assert ingest.ingest_dataset(str(small_idx_source), str(tmp_path))["rows"]["test"] == 400
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_streaming_in_chunks_gives_the_dataset_of_one_chunk(small_idx_source, tmp_path, monkeypatch):
+    """Chunks of 250 images (not a divisor of the 1,200 images, nor of the 300-row part files) write the same
+    ids, rows, splits, part files and profiles as one chunk holding the whole batch."""
+    monkeypatch.setattr(batches, "ROWS_PER_FILE", 300)
+    whole = ingest.ingest_dataset(str(small_idx_source), str(tmp_path / "whole"), chunk_rows=1_000_000)
+    chunked = ingest.ingest_dataset(str(small_idx_source), str(tmp_path / "chunked"), chunk_rows=250)
+    assert chunked["dataset_version"] == whole["dataset_version"] and chunked["rows"] == whole["rows"]
+    manifests = [dataset.load_manifest(result["dataset_uri"]) for result in (whole, chunked)]
+    assert manifests[0]["splits"] == manifests[1]["splits"]  # every part file's rows and sha256, the class counts
+    assert len(manifests[0]["splits"]["train"]["files"]) > 2
+    states = [file_state(tmp_path / lake / "mnist") for lake in ("whole", "chunked")]
+    assert {path: sha for path, (sha, _) in states[0].items() if "profile/ids-" in path} == \
+        {path: sha for path, (sha, _) in states[1].items() if "profile/ids-" in path}
+    profile_records = [json.loads(path.read_text()) for lake in ("whole", "chunked")
+                       for path in sorted((tmp_path / lake).glob("mnist/batches/*/*/profile/profile.json"))]
+    assert profile_records[0]["splits"] == profile_records[1]["splits"]
+
+
+def test_idx_blocks_of_any_size_and_several_gzip_members_decode_the_same(tmp_path):
+    images = small_arrays()[TEST_IMAGES][:50]
+    content = idx_bytes(images)
+    members = gzip.compress(content[:1000], mtime=0) + gzip.compress(content[1000:], mtime=0)
+    for stored in (content, gzip.compress(content, mtime=0), members):
+        for block in (1, 7, 4096):
+            blocks = iter([stored[at:at + block] for at in range(0, len(stored), block)])
+            assert b"".join(idx.decoded_blocks("x", blocks)) == content
+    (tmp_path / "images.gz").write_bytes(members)
+    stream = idx.open_source(str(tmp_path), "images", 3)
+    chunks = list(stream.chunks(16))
+    assert [len(chunk) for chunk in chunks] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(np.concatenate(chunks), images)
+    assert stream.finish().sha256 == hashlib.sha256(content).hexdigest()
+
+
+def swapped_before_writing(batch_dir, change):
+    """An ``open_pair`` for :func:`batches.ingest_batch` that applies ``change`` to the batch's images file
+    (its uncompressed bytes) just before streaming it: a file that changes between the checking and the
+    writing pass."""
+
+    def open_pair():
+        path = batch_dir / f"{TRAIN_IMAGES}.gz"
+        path.write_bytes(change(gzip.decompress(path.read_bytes())))
+        return landing.PairStream(str(batch_dir), landing.TRAIN_ROLES)
+
+    return open_pair
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda data: data[:-784 * 30], r"truncated data: header \(300, 28, 28\) needs 235200 bytes, file has 211680"),
+    (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "changed while it was being ingested; run again"),
+    (lambda data: data + b"\0", "1 trailing bytes"),
+])
+def test_a_defect_found_at_the_end_of_the_writing_stream_leaves_nothing_visible(change, problem, tmp_path):
+    """The batch is streamed in chunks of 64 images; the defect shows only after its last chunk was written to
+    the staged directory: the batch is refused, naming its file, and nothing of it is visible."""
+    source, lake = batched_source(tmp_path / "landing", WEEKS[:1]), tmp_path / "lake" / "mnist"
+    [batch] = landing.landed_batches(str(source))
+    pair = landing.scan_pair(batch.uri, landing.TRAIN_ROLES, None, 64)
+    batch_dir = source / "batches" / WEEKS[0]
+    with pytest.raises(ingest.IngestError, match=problem) as info:
+        batches.ingest_batch(str(lake), batch, batches.pair_sha256(pair), 1 / 6,
+                             swapped_before_writing(batch_dir, change), 64)
+    assert str(batch_dir / f"{TRAIN_IMAGES}.gz") in str(info.value)
+    assert lake_files(tmp_path / "lake") == []
+
+
+def test_a_batch_truncated_after_several_chunks_is_refused_naming_it(tmp_path):
+    source, lake = batched_source(tmp_path / "landing", WEEKS[:2]), tmp_path / "lake"
+    path = source / "batches" / WEEKS[1] / f"{TRAIN_IMAGES}.gz"
+    compressed = path.read_bytes()
+    path.write_bytes(compressed[:-50])  # the gzip stream ends early: found after the last chunk was decoded
+    with pytest.raises(ingest.IngestError, match="truncated gzip stream") as info:
+        ingest.ingest_dataset(str(source), str(lake), chunk_rows=32)
+    assert str(path) in str(info.value)
+    assert lake_files(lake) == []
 
 
 # ---------------------------------------------------------------- bad inputs

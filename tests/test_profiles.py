@@ -1,5 +1,6 @@
 """Batch profiles: written by ingest, back-filled for older lakes, the same whatever the chunk size; a changed
-batch found by its files' signatures; duplicates across batches found through the sorted id files."""
+batch found by its files' signatures; duplicates across batches found through the key filters, confirmed in the
+sorted id files."""
 
 from __future__ import annotations
 
@@ -76,6 +77,43 @@ def test_a_lake_without_profiles_gets_them_once(tmp_path):
     assert file_state(lake) == before
 
 
+def test_a_lake_without_key_filters_gets_them_once(tmp_path):
+    source, lake = batched_source(tmp_path / "landing", WEEKS[:2]), tmp_path / "lake"
+    ingest.ingest_dataset(str(source), str(lake))
+    written = stored_profiles(lake)
+    for directory in profile_directories(lake):  # profiles from before key filters existed
+        record_path = directory / profiles.PROFILE_DIR / profiles.PROFILE_RECORD
+        record = storage.read_json(str(record_path))
+        for entry in record["splits"].values():
+            (directory / profiles.PROFILE_DIR / entry.pop("filter")["file"]).unlink()
+            del entry["id_groups"]
+        storage.write_json(str(record_path), record)
+
+    again = ingest.ingest_dataset(str(source), str(lake))
+    assert not again["reused"] and stored_profiles(lake) == written  # back-filled from the id files
+    assert all((directory / profiles.PROFILE_DIR / profiles.filter_file(split)).is_file()
+               for directory in profile_directories(lake) for split in ("train", "validation")
+               if "batches" in directory.parts)
+    before = file_state(lake)
+    assert ingest.ingest_dataset(str(source), str(lake))["reused"]
+    assert file_state(lake) == before
+
+
+def test_key_filter_never_misses_a_key_and_its_false_positive_rate_is_as_designed():
+    keys, others = np.random.default_rng(0).integers(0, 2**64, (2, 20_000), dtype=np.uint64)
+    for bits_per_key, hashes in ((4, 3), (profiles.FILTER_BITS_PER_KEY, profiles.FILTER_HASHES)):
+        key_filter = profiles.KeyFilter.of(keys, bits_per_key, hashes)
+        assert key_filter.may_contain(keys).all()
+        designed = (1 - np.exp(-hashes / bits_per_key)) ** hashes
+        false_positives = key_filter.may_contain(others).sum()
+        # within 5 standard deviations of the binomial count (at most 1 for the real filter's 1.5e-6)
+        assert abs(false_positives - designed * len(others)) <= 5 * np.sqrt(designed * len(others)) + 1
+    assert profiles.KeyFilter.of(keys[:0]).may_contain(keys[:5]).tolist() == [False] * 5
+    first_keys = [10, 20, 30]  # row groups [10, 20), [20, 30), [30, ...)
+    assert profiles.groups_holding(first_keys, np.array([5, 12, 25, 29, 99], np.uint64)) == [0, 1, 2]
+    assert profiles.groups_holding(first_keys, np.array([21], np.uint64)) == [1]
+
+
 def test_profiles_do_not_depend_on_the_chunk_size(small_dataset):
     uris = dataset.split_file_uris(small_dataset["dataset_uri"], "train")
     whole, chunked = profiles.profile_files(uris, chunk_rows=100_000), profiles.profile_files(uris, chunk_rows=37)
@@ -125,6 +163,28 @@ def test_duplicates_of_an_old_batch_are_found_through_its_id_file(landed):  # no
     repeated = sum(values[split][-2] for split in ("train", "validation"))
     assert repeated == 2 * copied
     assert "expect_column_sum_to_be_between(repeated_image_ids) failed" in str(failure.value)
+
+
+def test_false_candidates_of_the_key_filters_are_confirmed_away(landed):  # noqa: F811
+    """Old batches whose filters say yes to every key (all bits set) give the results of their true filters:
+    the candidates are confirmed in the id files; and the 7 true duplicates are found either way."""
+    source, lake, registry_uri = landed
+    images, labels = read_vendored(TRAIN_IMAGES), read_vendored(TRAIN_LABELS)
+    copied = 7
+    batch_files(source, WEEKS[2], np.r_[images[:copied], images[2 * ROWS:3 * ROWS - copied]],
+                np.r_[labels[:copied], labels[2 * ROWS:3 * ROWS - copied]])
+    result = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
+    outcomes = []
+    for saturate in (False, True):
+        if saturate:
+            for path in (lake / "mnist" / "batches").glob(f"{WEEKS[0]}/*/{profiles.PROFILE_DIR}/*.filter"):
+                path.write_bytes(b"\xff" * path.stat().st_size)
+        with pytest.raises(validate.ValidationFailed) as failure:
+            validate.validate_dataset(result["dataset_uri"], registry_uri=registry_uri, max_duplicate_share=0.5)
+        outcomes.append(observed_values(failure.value.result))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][f"batch={WEEKS[2]}"][2] == pytest.approx(copied / ROWS)
+    assert sum(outcomes[1][split][-2] for split in ("train", "validation")) == 2 * copied
 
 
 # ---------------------------------------------------------------- a changed batch under the same date

@@ -21,6 +21,7 @@ validation fraction, so the split of a batch never depends on the other batches.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from admm_jobs.lake import profiles, storage
+from admm_jobs.lake import landing, profiles, storage
 from admm_jobs.lake.dataset import (
     DATASET_FORMAT,
     IMAGE_SHAPE,
@@ -102,16 +103,35 @@ def validation_mask(ids: list[str], fraction: float) -> np.ndarray:
     return np.array([int(image_id[:8], 16) < fraction * 16**8 for image_id in ids], dtype=bool)
 
 
-def split_table(images: SourceFile, labels: SourceFile, rows: np.ndarray, ids: list[str]) -> pa.Table:
-    """Records ``rows`` (indices) of a source pair as a table with :data:`PARQUET_SCHEMA`."""
-    pixels = np.ascontiguousarray(images.array[rows].reshape(-1, PIXELS_PER_IMAGE))
+@dataclasses.dataclass(frozen=True)
+class SplitRule:
+    """Which split each record goes to, from its image id: all to ``splits[0]``, or with a validation fraction
+    to train or validation (:func:`validation_mask`)."""
+
+    splits: tuple[str, ...]
+    validation_fraction: float | None = None
+
+    def split_of(self, ids: list[str]) -> np.ndarray:
+        if self.validation_fraction is None:
+            return np.full(len(ids), self.splits[0])
+        return np.where(validation_mask(ids, self.validation_fraction), "validation", "train")
+
+
+TEST_RULE = SplitRule(("test",))
+
+
+def split_table(name: str, first: int, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, ids: list[str]
+                ) -> pa.Table:
+    """Records ``rows`` (indices into a chunk of the source file ``name`` that starts at record ``first``) as a
+    table with :data:`PARQUET_SCHEMA`."""
+    pixels = np.ascontiguousarray(images[rows].reshape(-1, PIXELS_PER_IMAGE))
     offsets = pa.array(np.arange(len(rows) + 1, dtype=np.int32) * PIXELS_PER_IMAGE)
     columns = [
         pa.array([ids[row] for row in rows], pa.string()),
-        pa.array(labels.array[rows].astype(np.int8)),
+        pa.array(labels[rows].astype(np.int8)),
         pa.ListArray.from_arrays(offsets, pa.array(pixels.reshape(-1))),
-        pa.array([images.name] * len(rows), pa.string()),
-        pa.array(rows.astype(np.int32)),
+        pa.array([name] * len(rows), pa.string()),
+        pa.array((first + rows).astype(np.int32)),
     ]
     return pa.Table.from_arrays(columns, schema=PARQUET_SCHEMA)
 
@@ -123,22 +143,43 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_split(directory_uri: str, split: str, pair: dict[str, SourceFile], rows: np.ndarray, ids: list[str],
-                profiler: profiles.SplitProfiler) -> dict[str, Any]:
-    """Write records ``rows`` of a pair as part files of at most ROWS_PER_FILE rows, each profiled as it is
-    written; return the split's entry."""
-    images, labels = pair.values()
-    files = []
-    for part, first in enumerate(range(0, len(rows), ROWS_PER_FILE)):
-        chunk = rows[first:first + ROWS_PER_FILE]
-        table = split_table(images, labels, chunk, ids)
-        profiler.add(table)
+class SplitWriter:
+    """Writes the rows of one split, as they arrive, as part files of ROWS_PER_FILE rows (the last one shorter),
+    each profiled as it is written. Memory: less than two part files' rows."""
+
+    def __init__(self, directory_uri: str, split: str):
+        self.directory_uri, self.split = directory_uri, split
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.files: list[dict[str, Any]] = []
+        self.class_counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+        self.profiler = profiles.SplitProfiler()
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += len(table)
+        while self.pending_rows >= ROWS_PER_FILE:
+            self.write_part(ROWS_PER_FILE)
+
+    def write_part(self, rows: int) -> None:
+        """Write the first ``rows`` pending rows as the next part file."""
+        pending = pa.concat_tables(self.pending).combine_chunks()
+        table, rest = pending.slice(0, rows), pending.slice(rows)
+        self.pending, self.pending_rows = [rest] if len(rest) else [], len(rest)
+        self.profiler.add(table)
+        self.class_counts += np.bincount(table.column("label").to_numpy(), minlength=NUM_CLASSES)
         payload = parquet_bytes(table)
-        relative = f"{split_directory(split)}/part-{part:05d}.parquet"
-        storage.write_bytes(storage.join(directory_uri, relative), payload)
-        files.append({"path": relative, "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(chunk)})
-    class_counts = np.bincount(labels.array[rows], minlength=NUM_CLASSES)
-    return {"rows": len(rows), "class_counts": [int(c) for c in class_counts], "files": files}
+        relative = f"{split_directory(self.split)}/part-{len(self.files):05d}.parquet"
+        storage.write_bytes(storage.join(self.directory_uri, relative), payload)
+        self.files.append({"path": relative, "sha256": hashlib.sha256(payload).hexdigest(), "rows": len(table)})
+
+    def finish(self) -> tuple[dict[str, Any], profiles.SplitProfile]:
+        """The split's entry of its directory's record, and its profile."""
+        if self.pending_rows:
+            self.write_part(self.pending_rows)
+        entry = {"rows": sum(file["rows"] for file in self.files),
+                 "class_counts": [int(count) for count in self.class_counts], "files": self.files}
+        return entry, self.profiler.finish()
 
 
 def part_paths(record: dict[str, Any]) -> dict[str, list[str]]:
@@ -155,8 +196,8 @@ def hashes_match(directory_uri: str, record: dict[str, Any]) -> bool:
 
 def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[dict[str, Any] | None, bool]:
     """The record committing ``directory_uri``, written from content ``sha256``, if it and every part file it
-    lists are intact, else None; and whether its profile had to be written or updated (its lacking one, as in
-    lakes from before profiles, or new signatures).
+    lists are intact, else None; and whether its profile had to be written or updated (its lacking one or its key
+    filters, as in lakes from before them, or new signatures).
 
     Part files whose signature (size and ETag or modification time) is the one their profile recorded are
     taken as intact without reading them; otherwise every part file is hashed, and when all match the new
@@ -171,7 +212,10 @@ def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[di
         profile = profiles.load_profile(directory_uri, sha256) if record.get("sha256") == sha256 else None
         listed = [path for split_paths in paths.values() for path in split_paths]
         if profile is not None and profiles.unchanged_files(directory_uri, profile, listed):
-            return record, False
+            if profiles.has_filters(profile):
+                return record, False
+            profiles.add_filters(directory_uri, profile)
+            return record, True
         if record.get("sha256") != sha256 or not hashes_match(directory_uri, record):
             return None, False
     except (storage.StorageError, KeyError, TypeError, AttributeError):
@@ -183,19 +227,29 @@ def intact_record(directory_uri: str, record_file: str, sha256: str) -> tuple[di
     return record, True
 
 
-def write_splits(directory_uri: str, record_file: str, record: dict[str, Any], pair: dict[str, SourceFile],
-                 rows_by_split: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Write the splits of a pair under ``directory_uri`` (staged, record last), then their profile; return the
-    record."""
-    ids = image_ids(pair[next(iter(pair))].array.reshape(-1, PIXELS_PER_IMAGE))
-    profilers = {split: profiles.SplitProfiler() for split in rows_by_split}
+def write_splits(directory_uri: str, record_file: str, record: dict[str, Any], pair: landing.PairStream,
+                 rule: SplitRule, chunk_rows: int) -> dict[str, Any]:
+    """Write a pair streamed ``chunk_rows`` records at a time under ``directory_uri``, each record to the split
+    ``rule`` names for its image id (staged, record last), then their profile; return the record. The pair
+    must have the content ``record["sha256"]``, checked once it was read to its end, before anything is
+    committed."""
     with storage.staged_directory(directory_uri) as staging:
-        record = dict(record, splits={split: write_split(staging, split, pair, rows, ids, profilers[split])
-                                      for split, rows in rows_by_split.items()})
+        writers = {split: SplitWriter(staging, split) for split in rule.splits}
+        for first, images, labels in pair.chunks(chunk_rows):
+            ids = image_ids(images.reshape(-1, PIXELS_PER_IMAGE))
+            splits = rule.split_of(ids)
+            for split, writer in writers.items():
+                rows = np.flatnonzero(splits == split)
+                if len(rows):
+                    writer.add(split_table(pair.images.name, first, images, labels, rows, ids))
+        if pair_sha256(pair.finish()) != record["sha256"]:
+            raise IngestError(f"{pair.images.uri}, {pair.labels.uri}: changed while it was being ingested; run again")
+        finished = {split: writer.finish() for split, writer in writers.items()}
+        record = dict(record, splits={split: entry for split, (entry, _) in finished.items()})
         storage.write_json(storage.join(staging, record_file), record)
     paths = part_paths(record)
     profiles.write_profile(directory_uri, record["sha256"], [path for split in paths.values() for path in split],
-                           {split: profiler.finish() for split, profiler in profilers.items()})
+                           {split: profile for split, (_, profile) in finished.items()})
     return record
 
 
@@ -248,35 +302,32 @@ def pin_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, pinned: dict[
 
 
 def ingest_batch(lake_dataset_uri: str, batch: LandedBatch, sha: str, fraction: float,
-                 load_pair: Callable[[], dict[str, SourceFile]]) -> tuple[str, dict[str, Any], bool]:
-    """The splits of a batch of content ``sha`` in the lake, written from ``load_pair()`` unless an intact copy
+                 open_pair: Callable[[], landing.PairStream], chunk_rows: int) -> tuple[str, dict[str, Any], bool]:
+    """The splits of a batch of content ``sha`` in the lake, streamed from ``open_pair()`` unless an intact copy
     exists: (their directory, their record, whether an intact copy was reused with nothing written)."""
     identity = batch_id(batch, sha)
     splits_uri = storage.join(lake_dataset_uri, BATCHES_DIR, identity, fraction_tag(fraction))
     record, profiled = intact_record(splits_uri, SPLITS_RECORD, sha)
     if record is not None:
         return splits_uri, record, not profiled
-    pair = load_pair()
-    images = pair["train_images"].array
-    ids = image_ids(images.reshape(-1, PIXELS_PER_IMAGE))
-    held_out = validation_mask(ids, fraction)
+    pair = open_pair()
     record = write_splits(splits_uri, SPLITS_RECORD, {"id": identity, "sha256": sha, "validation_fraction": fraction},
-                          pair, {"train": np.flatnonzero(~held_out), "validation": np.flatnonzero(held_out)})
-    log.info("batch %s: ingested %d images from %s", identity, images.shape[0], batch.uri)
+                          pair, SplitRule(("train", "validation"), fraction), chunk_rows)
+    log.info("batch %s: ingested %d images from %s", identity, pair.images.shape[0], batch.uri)
     return splits_uri, record, False
 
 
-def ingest_test_set(lake_dataset_uri: str, pair: dict[str, SourceFile]) -> tuple[str, dict[str, Any], bool]:
-    """The fixed test set, stored once per content: (its lake directory, its record, whether it was reused with
-    nothing written)."""
+def ingest_test_set(lake_dataset_uri: str, pair: dict[str, SourceFile], open_pair: Callable[[], landing.PairStream],
+                    chunk_rows: int) -> tuple[str, dict[str, Any], bool]:
+    """The fixed test set (``pair``: its checked files), stored once per content, streamed from ``open_pair()``:
+    (its lake directory, its record, whether it was reused with nothing written)."""
     sha = pair_sha256(pair)
     test_uri = storage.join(lake_dataset_uri, TEST_SETS_DIR, sha[:16])
     summary = {"sha256": sha, "sources": {role: source.summary() for role, source in pair.items()}}
     record, profiled = intact_record(test_uri, TEST_SET_RECORD, sha)
     if record is not None:
         return test_uri, record, not profiled
-    rows = np.arange(pair["test_images"].array.shape[0])
-    return test_uri, write_splits(test_uri, TEST_SET_RECORD, summary, pair, {"test": rows}), False
+    return test_uri, write_splits(test_uri, TEST_SET_RECORD, summary, open_pair(), TEST_RULE, chunk_rows), False
 
 
 def relative_to(file_uri: str, dataset_directory: str) -> str:

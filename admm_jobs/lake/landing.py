@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from admm_jobs.lake import storage
 from admm_jobs.lake.dataset import IMAGE_SHAPE, NUM_CLASSES
-from admm_jobs.lake.idx import IngestError, SourceFile, read_source
+from admm_jobs.lake.idx import IdxStream, IngestError, SourceFile, open_source
 
 CHECKSUMS_FORMAT = "idx-checksums/1"
 
@@ -57,20 +57,43 @@ def parse_date(text: str) -> datetime.date | None:
         return None
 
 
-def check_pair(images: SourceFile, labels: SourceFile) -> None:
-    """Images are 28 x 28, one label per image, labels within 0..9."""
-    if images.array.shape[1:] != IMAGE_SHAPE:
-        raise IngestError(f"{images.uri}: images are {images.array.shape[1:]} pixels, expected {IMAGE_SHAPE}")
-    if images.array.shape[0] != labels.array.shape[0]:
-        raise IngestError(
-            f"{labels.uri}: {labels.array.shape[0]} labels but {images.uri} has {images.array.shape[0]} images"
-        )
-    bad = np.flatnonzero(labels.array >= NUM_CLASSES)
-    if bad.size:
-        raise IngestError(
-            f"{labels.uri}: {bad.size} label(s) outside 0..{NUM_CLASSES - 1}, "
-            f"first at record {bad[0]} (value {labels.array[bad[0]]})"
-        )
+def check_shapes(images: IdxStream, labels: IdxStream) -> None:
+    """Images are 28 x 28, one label per image (from the headers, before any record is read)."""
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise IngestError(f"{images.uri}: images are {images.shape[1:]} pixels, expected {IMAGE_SHAPE}")
+    if images.shape[0] != labels.shape[0]:
+        raise IngestError(f"{labels.uri}: {labels.shape[0]} labels but {images.uri} has {images.shape[0]} images")
+
+
+class PairStream:
+    """An images/labels pair of a directory read in lockstep, a chunk of records at a time (memory: one chunk,
+    whatever the files' size); :meth:`finish` checks what only the whole files tell (their ends, labels within
+    0..9) and returns them."""
+
+    def __init__(self, directory_uri: str, roles: tuple[str, str]):
+        self.roles = roles
+        self.images, self.labels = (open_source(directory_uri, *SOURCE_FILES[role]) for role in roles)
+        check_shapes(self.images, self.labels)
+        self.bad_labels = 0
+        self.first_bad: tuple[int, int] | None = None  # (record, label)
+
+    def chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(index of the first record, images, labels) of each chunk of at most ``rows`` records."""
+        for images, labels in zip(self.images.chunks(rows), self.labels.chunks(rows)):
+            first = self.images.records_read - len(images)
+            bad = np.flatnonzero(labels >= NUM_CLASSES)
+            if bad.size and self.first_bad is None:
+                self.first_bad = (first + int(bad[0]), int(labels[bad[0]]))
+            self.bad_labels += bad.size
+            yield first, images, labels
+
+    def finish(self) -> dict[str, SourceFile]:
+        pair = {role: stream.finish() for role, stream in zip(self.roles, (self.images, self.labels))}
+        if self.first_bad is not None:
+            record, value = self.first_bad
+            raise IngestError(f"{self.labels.uri}: {self.bad_labels} label(s) outside 0..{NUM_CLASSES - 1}, "
+                              f"first at record {record} (value {value})")
+        return pair
 
 
 def check_distinct(sources: dict[str, SourceFile]) -> None:
@@ -113,19 +136,22 @@ def verify_checksums(sources: dict[str, SourceFile], checksums: tuple[str, dict[
                 f"{source.uri}: checksum mismatch: uncompressed sha256 {source.sha256}, "
                 f"{manifest_uri} expects {entry.get('sha256')}"
             )
-        if entry.get("records") != source.array.shape[0]:
+        if entry.get("records") != source.shape[0]:
             raise IngestError(
-                f"{source.uri}: {source.array.shape[0]} records, {manifest_uri} expects {entry.get('records')}"
+                f"{source.uri}: {source.shape[0]} records, {manifest_uri} expects {entry.get('records')}"
             )
 
 
-def read_pair(directory_uri: str, roles: tuple[str, str], checksums: tuple[str, dict[str, Any]] | None
-              ) -> dict[str, SourceFile]:
-    """Read, decode and check one images/labels pair of a directory."""
-    pair = {role: read_source(directory_uri, *SOURCE_FILES[role]) for role in roles}
+def scan_pair(directory_uri: str, roles: tuple[str, str], checksums: tuple[str, dict[str, Any]] | None,
+              chunk_rows: int) -> dict[str, SourceFile]:
+    """Read one images/labels pair of a directory to its end, ``chunk_rows`` records at a time, and check it
+    (structure, shapes, labels, checksums); nothing is kept but its :class:`SourceFile` records."""
+    stream = PairStream(directory_uri, roles)
+    for _ in stream.chunks(chunk_rows):
+        pass
+    pair = stream.finish()
     verify_checksums(pair, checksums)
     check_distinct(pair)
-    check_pair(*pair.values())
     return pair
 
 

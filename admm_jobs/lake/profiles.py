@@ -4,11 +4,13 @@ Ingest writes one profile per directory of part files (``D/batches/<id>/validati
 ``D/test-sets/<sha>/``), committed by its record, written last::
 
     <directory>/profile/ids-<split>.parquet    the split's image keys with their labels, sorted by key
+    <directory>/profile/ids-<split>.filter     a Bloom filter of those keys (:class:`KeyFilter`)
     <directory>/profile/profile.json           idx-profile/2, below
 
 ``profile.json``: ``{"format", "sha256"`` (the content the directory was written from), ``"files"``
 (each part file's signature, :func:`storage.file_signatures`, when the profile was written),
-``"splits": {split: {"rows", "ids", "groups": [group, ...], "ink": [ink, ...]}}}``, one group per label
+``"splits": {split: {"rows", "ids", "filter": {"file", "bits", "hashes"}, "id_groups"`` (the first key
+of each row group of the id file), ``"groups": [group, ...], "ink": [ink, ...]}}}``, one group per label
 value of the split::
 
     label                      the label (None for rows without one)
@@ -27,7 +29,9 @@ so :func:`ensure_profile` writes it again from the part files once (the back-fil
 
 Counts and sums add up and extrema combine, so the statistics of several batches are those of
 their profiles merged (:func:`merge_groups`); ``repeated_image_ids`` counts repeats inside the
-directory only, repeats across directories are found by merging their sorted id files.
+directory only, repeats across directories are found by testing one's keys against the other's key
+filter and confirming the candidates in the row groups of its id file that may hold them. Profiles
+written before key filters existed get theirs from their id files, once (:func:`add_filters`).
 An image key is the image id (16 hex digits of sha256 of its bytes) read as an unsigned integer.
 """
 
@@ -52,6 +56,12 @@ PROFILE_DIR = "profile"
 PROFILE_RECORD = "profile.json"
 CHUNK_ROWS = 10_000  # rows read at once: memory holds one chunk of pixels (7.8 MB), whatever the batch size
 ID_ROWS_PER_GROUP = 65_536  # keys per row group of an id file (0.5 MB read at once)
+# The key filter of a split: a Bloom filter of 28 bits per key with 19 hash functions, false positive rate
+# 1.5e-6, so a new batch of 50,000 images meets one false candidate in about 13 old batches, whose id file
+# row group is then read to confirm it. 3.5 bytes per key, against the id file's 10.
+FILTER_BITS_PER_KEY = 28
+FILTER_HASHES = 19
+FILTER_KEYS_AT_ONCE = 65_536  # keys hashed at once (memory: 8 bytes per hash per key)
 NULL_LABEL = -1  # the label of rows without one, in key arrays
 BLANK_MAX_GREY = 10  # an image with no grey level above this has nothing drawn
 SATURATED_GREY = 250  # an image with more than half its pixels at this level or above is saturated
@@ -267,11 +277,82 @@ def profile_files(uris: list[str], chunk_rows: int = CHUNK_ROWS) -> SplitProfile
     return profiler.finish()
 
 
+# ---------------------------------------------------------------- key filters
+
+
+def filter_positions(keys: np.ndarray, size: int, hashes: int) -> np.ndarray:
+    """The ``hashes`` bit positions of each key in a filter of ``size`` bits, (len(keys), hashes): double hashing
+    (Kirsch and Mitzenmacher) on the key's two 32-bit halves, which are uniform (a key is a sha256 prefix)."""
+    low, high = keys & np.uint64(0xFFFF_FFFF), (keys >> np.uint64(32)) | np.uint64(1)
+    return (low[:, None] + np.arange(hashes, dtype=np.uint64) * high[:, None]) % np.uint64(size)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyFilter:
+    """A Bloom filter of image keys: :meth:`may_contain` never misses a key it was built from, and says yes
+    to another key with probability about (1 - e^(-hashes * keys / size))^hashes."""
+
+    bits: np.ndarray  # ``size`` bits, packed little-endian into uint8
+    size: int
+    hashes: int
+
+    @classmethod
+    def of(cls, keys: np.ndarray, bits_per_key: int = FILTER_BITS_PER_KEY, hashes: int = FILTER_HASHES
+           ) -> KeyFilter:
+        size = max(64, -(-len(keys) * bits_per_key // 64) * 64)
+        bits = np.zeros(size // 8, dtype=np.uint8)
+        for first in range(0, len(keys), FILTER_KEYS_AT_ONCE):
+            positions = filter_positions(keys[first:first + FILTER_KEYS_AT_ONCE], size, hashes).ravel()
+            np.bitwise_or.at(bits, positions >> np.uint64(3), np.left_shift(1, positions & np.uint64(7)).astype(np.uint8))
+        return cls(bits, size, hashes)
+
+    def may_contain(self, keys: np.ndarray) -> np.ndarray:
+        """For each key, whether it may be one the filter was built from (never False for one)."""
+        found = np.zeros(len(keys), dtype=bool)
+        for first in range(0, len(keys), FILTER_KEYS_AT_ONCE):
+            positions = filter_positions(keys[first:first + FILTER_KEYS_AT_ONCE], self.size, self.hashes)
+            set_bits = (self.bits[positions >> np.uint64(3)] >> (positions & np.uint64(7)).astype(np.uint8)) & 1
+            found[first:first + FILTER_KEYS_AT_ONCE] = set_bits.all(axis=1)
+        return found
+
+
+def groups_holding(group_first_keys: list[int], keys: np.ndarray) -> list[int]:
+    """The row groups of a sorted id file (``group_first_keys``: the first key of each) that may hold ``keys``."""
+    if not group_first_keys or not len(keys):
+        return []
+    groups = np.searchsorted(np.array(group_first_keys, dtype=np.uint64), keys, "right") - 1
+    return sorted({int(group) for group in groups if group >= 0})
+
+
 # ---------------------------------------------------------------- stored profiles
 
 
 def ids_file(split: str) -> str:
     return f"ids-{split}.parquet"
+
+
+def filter_file(split: str) -> str:
+    return f"ids-{split}.filter"
+
+
+def write_filter(profile_dir: str, split: str, sorted_keys: np.ndarray) -> dict[str, Any]:
+    """Write the key filter of a split's sorted keys into ``profile_dir``; return the profile's entries for it:
+    ``filter`` (its file, size in bits and hash count) and ``id_groups`` (the first key of each row group of
+    the id file, so a confirmation reads only the groups it needs)."""
+    key_filter = KeyFilter.of(sorted_keys)
+    storage.write_bytes(storage.join(profile_dir, filter_file(split)), key_filter.bits.tobytes())
+    return {"filter": {"file": filter_file(split), "bits": key_filter.size, "hashes": key_filter.hashes},
+            "id_groups": [int(key) for key in sorted_keys[::ID_ROWS_PER_GROUP]]}
+
+
+def load_filter(directory_uri: str, entry: Mapping[str, Any]) -> KeyFilter:
+    """The key filter of a split of a directory's profile (``entry``: the split's entry)."""
+    spec = entry["filter"]
+    bits = np.frombuffer(storage.read_bytes(storage.join(directory_uri, PROFILE_DIR, spec["file"])), dtype=np.uint8)
+    if bits.size * 8 != spec["bits"]:
+        raise DatasetError(f"{storage.join(directory_uri, PROFILE_DIR, spec['file'])}: {bits.size * 8} bits, "
+                           f"its profile says {spec['bits']}")
+    return KeyFilter(bits, spec["bits"], spec["hashes"])
 
 
 def id_file_bytes(profile: SplitProfile) -> bytes:
@@ -328,8 +409,28 @@ def write_profile(directory_uri: str, sha256: str, part_paths: list[str], splits
     with storage.staged_directory(storage.join(directory_uri, PROFILE_DIR)) as staging:
         for split, profile in splits.items():
             storage.write_bytes(storage.join(staging, ids_file(split)), id_file_bytes(profile))
+            record["splits"][split].update(write_filter(staging, split, profile.keys))
         storage.write_json(storage.join(staging, PROFILE_RECORD), record)
     return record
+
+
+def has_filters(profile: Mapping[str, Any]) -> bool:
+    return all("filter" in entry for entry in profile["splits"].values())
+
+
+def add_filters(directory_uri: str, profile: dict[str, Any]) -> dict[str, Any]:
+    """Write the key filters a profile lacks (profiles written before filters existed get theirs once, from
+    their id files), then the profile naming them; return it."""
+    profile_dir = storage.join(directory_uri, PROFILE_DIR)
+    splits = dict(profile["splits"])
+    for split, entry in splits.items():
+        if "filter" not in entry:
+            keys = [keys for keys, _ in id_chunks(storage.join(profile_dir, entry["ids"]))]
+            sorted_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+            splits[split] = {**entry, **write_filter(profile_dir, split, sorted_keys)}
+    profile = {**profile, "splits": splits}
+    storage.write_json(storage.join(profile_dir, PROFILE_RECORD), profile)
+    return profile
 
 
 def load_profile(directory_uri: str, sha256: str) -> dict[str, Any] | None:
@@ -347,10 +448,10 @@ def load_profile(directory_uri: str, sha256: str) -> dict[str, Any] | None:
 
 def ensure_profile(directory_uri: str, sha256: str, files_by_split: Mapping[str, list[str]]) -> dict[str, Any]:
     """The profile of a directory, written from its part files (paths relative to it) if it has none yet:
-    lakes written before profiles existed get theirs once, on first need."""
+    lakes written before profiles (or their key filters) existed get theirs once, on first need."""
     profile = load_profile(directory_uri, sha256)
     if profile is not None:
-        return profile
+        return profile if has_filters(profile) else add_filters(directory_uri, profile)
     splits = {split: profile_files([storage.join(directory_uri, path) for path in paths])
               for split, paths in files_by_split.items()}
     return write_profile(directory_uri, sha256, [path for paths in files_by_split.values() for path in paths],
@@ -409,12 +510,12 @@ def record_signatures(directory_uri: str, profile: dict[str, Any], paths: list[s
     storage.write_json(storage.join(directory_uri, PROFILE_DIR, PROFILE_RECORD), profile)
 
 
-def id_chunks(uri: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The (sorted keys, labels) of an id file, one row group at a time."""
+def id_chunks(uri: str, groups: Iterable[int] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The (sorted keys, labels) of an id file, one row group at a time: the row groups ``groups`` (all if None)."""
     try:
         with storage.open_binary(uri) as handle:
             parquet_file = pq.ParquetFile(handle)
-            for index in range(parquet_file.num_row_groups):
+            for index in range(parquet_file.num_row_groups) if groups is None else groups:
                 table = parquet_file.read_row_group(index)
                 yield (table.column("image_key").to_numpy().astype(np.uint64, copy=False),
                        table.column("label").to_numpy().astype(np.int16, copy=False))

@@ -55,6 +55,7 @@ TRANSIENT_CODES = frozenset({
 })
 # How pyarrow words an S3 failure: "AWS Error SLOW_DOWN during ...", "AWS Error UNKNOWN (HTTP status 503) during ...".
 ARROW_AWS_ERROR = re.compile(r"AWS Error (?P<code>\w+)(?: \(HTTP status (?P<status>\d+)\))?")
+READ_BLOCK_BYTES = 1 << 20  # what a streamed read holds at once
 
 
 class StorageError(RuntimeError):
@@ -204,6 +205,23 @@ def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with storage_errors(uri, "read"), fs.open_input_stream(path, compression=None) as stream:
         return stream.read()
+
+
+def read_blocks(uri: str, block_bytes: int = READ_BLOCK_BYTES) -> Iterator[bytes]:
+    """The stored bytes of ``uri`` front to back, in blocks of at most ``block_bytes`` (never decompressed):
+    memory holds one block whatever the object's size. Opens on the first ``next``."""
+    if scheme(uri) in HTTP_SCHEMES:
+        try:
+            with urllib.request.urlopen(uri, timeout=120) as response:
+                while block := response.read(block_bytes):
+                    yield block
+        except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: the connection broke mid-body
+            raise failure(uri, "download", exc) from exc
+        return
+    fs, path = filesystem(uri)
+    with storage_errors(uri, "read"), fs.open_input_stream(path, compression=None) as stream:
+        while block := stream.read(block_bytes):
+            yield block
 
 
 def write_bytes(uri: str, data: bytes) -> None:

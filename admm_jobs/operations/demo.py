@@ -42,7 +42,7 @@ import numpy as np
 
 from admm_jobs.cli.config import ConfigError, configure_logging, parse_config, require, setting, validate_fields
 from admm_jobs.lake import dataset, storage
-from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
+from admm_jobs.lake.idx import fetch_source_file, read_array, write_idx
 from admm_jobs.operations.ports import free_port
 from admm_jobs.operations.run_pipeline import run_key
 from admm_jobs.registry import store as registry
@@ -114,8 +114,8 @@ def cut_batches(mnist_dir: str, landing_dir: str, dates: list[datetime.date], ba
     Batch k (k = 0, 1, ...) holds training records ``k * batch_size`` to ``(k + 1) * batch_size``;
     the test files are copied unchanged. Returns ``[{"id", "date", "records", "first_record"}]``.
     """
-    images = read_source(mnist_dir, TRAIN_FILES["images"], 3).array
-    labels = read_source(mnist_dir, TRAIN_FILES["labels"], 1).array
+    images = read_array(mnist_dir, TRAIN_FILES["images"], 3)
+    labels = read_array(mnist_dir, TRAIN_FILES["labels"], 1)
     if len(dates) * batch_size > images.shape[0]:
         raise ConfigError(f"{len(dates)} batches of {batch_size} images need {len(dates) * batch_size} "
                           f"training images; {mnist_dir} has {images.shape[0]}")

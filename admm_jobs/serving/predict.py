@@ -185,7 +185,7 @@ def relative_name(file_uri: str, directory_uri: str) -> str:
 
 def read_idx_images(uri: str) -> Images:
     """The images of an IDX file (raw or gzip), checked to be 28 x 28."""
-    array = idx.parse_idx(uri, idx.decompress(uri, storage.read_bytes(uri)), expected_ndim=3)
+    array = idx.read_idx(uri, expected_ndim=3)
     if array.shape[1:] != dataset.IMAGE_SHAPE:
         raise PredictError(
             f"{uri}: images are {array.shape[1]} x {array.shape[2]} pixels, expected "
