@@ -229,7 +229,8 @@ def battery(half: str, seed: int = SPLIT_SEED) -> dict[str, list[Attack]]:
     triggers = [[Attack("trigger", share, seed_of(), (
         ("shape", shape), ("size", int(TRIGGER_SIZES[(i + j) % len(TRIGGER_SIZES)])),
         ("position", positions[(i + j) % len(positions)]), ("target", int(classes[(i + 2 * j) % len(classes)]))))
-        for j, shape in enumerate(shapes)] for i, share in enumerate(TRIGGER_SHARES)]
+        for j, shape in enumerate(shapes[i % len(shapes):] + shapes[:i % len(shapes)])]
+        for i, share in enumerate(TRIGGER_SHARES)]
     flips = [[Attack("flip", share, seed_of(), (("source", int(a)), ("target", int(b)))) for a, b in pair_order[:4]]
              for share in FLIP_SHARES]
     swaps = [[Attack("swap", share, seed_of(), (("first", int(a)), ("second", int(b)))) for a, b in pair_order[4:6]]
