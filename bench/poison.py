@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,7 @@ def run_batch(base: Path, day: str, images: np.ndarray, labels: np.ndarray, args
 # ---------------------------------------------------------------- the batteries
 
 
-def attacks_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+def attacks_part(args: argparse.Namespace, record: Callable[[dict[str, Any]], None]) -> None:
     arrays = source_arrays("mnist")
     base = build_base("mnist", args, arrays)
     champion, _ = load_image_model(roots(base)["registry_uri"])
@@ -248,7 +249,6 @@ def attacks_part(args: argparse.Namespace) -> list[dict[str, Any]]:
     fresh = slice(args.history * args.weekly, (args.history + 1) * args.weekly)
     clean = (arrays["train_images"][fresh], arrays["train_labels"][fresh])
     earlier = (arrays["train_images"][:args.weekly], arrays["train_labels"][:args.weekly])  # history week 1
-    rows = []
     for kind, attacks in poisons.battery(args.half).items():
         for attack in attacks[:limit_of(args.limit, kind)] if kind in args.kinds else []:
             images, labels = attack.apply(*clean, earlier=earlier)
@@ -257,10 +257,9 @@ def attacks_part(args: argparse.Namespace) -> list[dict[str, Any]]:
                    "champion": harm(champion, attack, *test)}
             if row["published"]:
                 row["published_model"] = harm(load_image_model(roots(LIVE)["registry_uri"])[0], attack, *test)
-            rows.append(row)
+            record(row)
             print(json.dumps({key: row[key] for key in ("attack", "quarantined", "checks", "published", "seconds")}),
                   flush=True)
-    return rows
 
 
 def limit_of(text: str | None, kind: str) -> int | None:
@@ -271,20 +270,18 @@ def limit_of(text: str | None, kind: str) -> int | None:
     return int(limits[kind]) if kind in limits else None
 
 
-def clean_part(args: argparse.Namespace) -> list[dict[str, Any]]:
+def clean_part(args: argparse.Namespace, record: Callable[[dict[str, Any]], None]) -> None:
     sources = {source: source_arrays(source) for source in SOURCES}
     bases = {source: build_base(source, args, arrays) for source, arrays in sources.items()}
     history_images = args.history * args.weekly
-    rows = []
     for batch in poisons.clean_battery(history_images, len(sources["mnist"]["train_images"]), args.other_weekly)[
             :limit_of(args.limit, "clean")]:
         arrays = sources[batch.source]
         images, labels = batch.apply(arrays["train_images"], arrays["train_labels"])
-        rows.append({"batch": batch.name, "source": batch.source, "images": batch.count, "shift": batch.shift,
-                     "grey": batch.grey, **run_batch(bases[batch.source], week(args.history), images, labels, args,
-                                                     batch.name)})
-        print(json.dumps({key: rows[-1][key] for key in ("batch", "quarantined", "checks", "seconds")}), flush=True)
-    return rows
+        row = {"batch": batch.name, "source": batch.source, "images": batch.count, "shift": batch.shift,
+               "grey": batch.grey, **run_batch(bases[batch.source], week(args.history), images, labels, args, batch.name)}
+        record(row)
+        print(json.dumps({key: row[key] for key in ("batch", "quarantined", "checks", "seconds")}), flush=True)
 
 
 # ---------------------------------------------------------------- results
@@ -329,6 +326,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"Command: `{result['command']}`  ", f"Date: {result['date']}  ",
             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores  ",
             f"Load before: `{result['uptime_before']}`  ", f"Load after: `{result['uptime_after']}`  ",
+            *([] if result.get("finished", True) else ["**Unfinished (still running or interrupted): the rows below are the batches measured so far.**  "]),
             (f"Base: {result['history']} weekly batches of {result['weekly']} images, champion published by the "
              f"DAG with params {json.dumps(result['base_params'])}; each batch's run: params "
              f"{json.dumps(result['dag_params'])}; mode: "
@@ -371,16 +369,27 @@ def main() -> None:
         args.stages = True  # false alarms are decided at validate; a clean batch that passes trains like any other
     prepare_airflow()
     before = uptime()
-    rows = attacks_part(args) if args.part == "attacks" else clean_part(args)
-    result = {"part": args.part, "half": args.half if args.part == "attacks" else None,
-              "command": "bench/poison.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uptime_before": before,
-              "uptime_after": uptime(), "stages": args.stages, "history": args.history, "weekly": args.weekly,
-              "base_params": args.base_params, "dag_params": args.dag_params, "split": poisons.battery_split(), "rows": rows}
-    name = result_name(args.part, args.half)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    rows: list[dict[str, Any]] = []
+
+    def write(finished: bool) -> str:
+        """The results so far (rewritten after every batch, so an interrupted run keeps what it measured)."""
+        result = {"part": args.part, "half": args.half if args.part == "attacks" else None,
+                  "command": "bench/poison.py " + " ".join(sys.argv[1:]), "machine": machine(),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uptime_before": before,
+                  "uptime_after": uptime(), "finished": finished, "stages": args.stages, "history": args.history,
+                  "weekly": args.weekly, "base_params": args.base_params, "dag_params": args.dag_params,
+                  "split": poisons.battery_split(), "rows": rows}
+        name = result_name(args.part, args.half)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(markdown(result))
+        return markdown(result)
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        write(finished=False)
+
+    (attacks_part if args.part == "attacks" else clean_part)(args, record)
+    print(write(finished=True))
 
 
 if __name__ == "__main__":
