@@ -43,6 +43,7 @@ from common import RESULTS, ROOT, WORK, machine, uptime
 
 from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
 from admm_jobs.lake.landing import BATCHES_DIR, SOURCE_FILES
+from admm_jobs.operations.run_pipeline import parse_logical_date, run_key
 from admm_jobs.registry import store as registry
 from admm_jobs.serving.predict import load_image_model
 
@@ -257,6 +258,9 @@ def attacks_part(args: argparse.Namespace, record: Callable[[dict[str, Any]], No
                    "champion": harm(champion, attack, *test)}
             if row["published"]:
                 row["published_model"] = harm(load_image_model(roots(LIVE)["registry_uri"])[0], attack, *test)
+            challenger = LIVE / "runs" / run_key(parse_logical_date(week(args.history))) / "model"
+            if challenger.exists():  # trained, whether the gate published it or not: did it learn the poison?
+                row["challenger"] = harm(load_image_model(str(challenger))[0], attack, *test)
             record(row)
             print(json.dumps({key: row[key] for key in ("attack", "quarantined", "checks", "published", "seconds")}),
                   flush=True)
@@ -292,12 +296,15 @@ def percent(value: float | None) -> str:
 
 
 def harm_cell(row: dict[str, Any], key: str) -> str:
-    """``champion -> published model`` of one harm measure (the champion's alone when nothing was published)."""
+    """``champion -> published model`` of one harm measure (the champion's alone when nothing was published), and
+    the challenger's in brackets when the run trained one that was not published."""
     before = row["champion"].get(key)
     if before is None:
         return ""
     after = row.get("published_model", {}).get(key)
-    return percent(before) if after is None else f"{percent(before)} → {percent(after)}"
+    challenger = None if after is not None else row.get("challenger", {}).get(key)
+    return ((percent(before) if after is None else f"{percent(before)} → {percent(after)}")
+            + ("" if challenger is None else f" (challenger {percent(challenger)})"))
 
 
 def attack_table(result: dict[str, Any]) -> list[str]:
