@@ -41,6 +41,7 @@ import numpy as np
 import poisons
 from common import RESULTS, ROOT, WORK, machine, uptime
 
+from admm_jobs.cli.command import FailedWithResult
 from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
 from admm_jobs.lake.landing import BATCHES_DIR, SOURCE_FILES
 from admm_jobs.operations.run_pipeline import parse_logical_date, run_key
@@ -179,10 +180,13 @@ def run_stages(day: str) -> dict[str, Any]:
     try:
         dataset = ingest.ingest_dataset(where["source_uri"], where["lake_uri"], as_of=day,
                                         registry_uri=where["registry_uri"])
-        validate.validate_dataset(dataset["dataset_uri"], registry_uri=where["registry_uri"], logical_date=day)
-    except ValueError as exc:  # the stages' deterministic refusals (IngestError, ValidationFailed, ...)
+        result = validate.validate_dataset(dataset["dataset_uri"], registry_uri=where["registry_uri"],
+                                           logical_date=day)
+    except FailedWithResult as exc:  # validation failed or quarantined: its result says what it checked
+        return {"failed": [str(exc).splitlines()[0]], "checked_batches": exc.result["checked_batches"]}
+    except ValueError as exc:  # ingest's deterministic refusals (IngestError, ConfigError, ...)
         return {"failed": [f"{type(exc).__name__}: {str(exc).splitlines()[0]}"]}
-    return {"retrained": False}
+    return {"checked_batches": result["checked_batches"]}
 
 
 # ---------------------------------------------------------------- outcomes and harm
@@ -200,6 +204,7 @@ def outcome(history_before: int, batch: str, run: dict[str, Any], champion_versi
         "decisions": [{"decision": entry["decision"], "reasons": entry["reasons"]} for entry in added],
         "published": pointer["version"] != champion_version,
         "run_failed": run.get("failed"),
+        **({"checked_batches": run["checked_batches"]} if "checked_batches" in run else {}),  # --stages only
     }
 
 
