@@ -20,7 +20,8 @@ Batches quarantined at validate never train, so they are cheap. ``--stages`` run
     .venv/bin/python bench/poison.py clean [--limit 10]          # always --stages: false alarms at validate
     .venv/bin/python bench/poison.py table --half held_out       # the markdown table for bench/README.md
 
-Writes bench/results/poison_<half>.{json,md} (attacks) and bench/results/poison_clean.{json,md}, with the
+Writes bench/results/poison_<half>.{json,md} (attacks; poison_<half>_stages with --stages) and
+bench/results/poison_clean.{json,md}, with the
 machine, the command, the date, ``uptime`` before and after, the battery's split and the DAG params.
 """
 
@@ -349,8 +350,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(head + table) + "\n"
 
 
-def result_name(part: str, half: str | None) -> str:
-    return f"poison_{half}" if part == "attacks" else "poison_clean"
+def result_name(part: str, half: str | None, stages: bool = False) -> str:
+    """poison_<half> (the whole DAG), poison_<half>_stages (ingest and validate only) or poison_clean."""
+    return (f"poison_{half}" + ("_stages" if stages else "")) if part == "attacks" else "poison_clean"
 
 
 def main() -> None:
@@ -373,7 +375,8 @@ def main() -> None:
     args.kinds = args.kinds.split(",")
     args.base_params, args.dag_params = {"epochs": args.base_epochs}, {"epochs": args.epochs}
     if args.part == "table":
-        for name in (result_name("attacks", args.half), result_name("clean", None)):
+        for name in (result_name("attacks", args.half), result_name("attacks", args.half, stages=True),
+                     result_name("clean", None)):
             if (RESULTS / f"{name}.json").exists():
                 print(markdown(json.loads((RESULTS / f"{name}.json").read_text())))
         return
@@ -391,7 +394,7 @@ def main() -> None:
                   "uptime_after": uptime(), "finished": finished, "stages": args.stages, "history": args.history,
                   "weekly": args.weekly, "base_params": args.base_params, "dag_params": args.dag_params,
                   "split": poisons.battery_split(), "rows": rows}
-        name = result_name(args.part, args.half)
+        name = result_name(args.part, args.half, args.stages)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{name}.md").write_text(markdown(result))
         return markdown(result)
