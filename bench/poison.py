@@ -350,9 +350,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(head + table) + "\n"
 
 
-def result_name(part: str, half: str | None, stages: bool = False) -> str:
-    """poison_<half> (the whole DAG), poison_<half>_stages (ingest and validate only) or poison_clean."""
-    return (f"poison_{half}" + ("_stages" if stages else "")) if part == "attacks" else "poison_clean"
+def result_name(part: str, half: str | None, stages: bool = False, tag: str = "") -> str:
+    """poison_<half> (the whole DAG), poison_<half>_stages (ingest and validate only) or poison_clean, then
+    ``_<tag>`` if given (a partial run that must not replace the full one's results)."""
+    name = (f"poison_{half}" + ("_stages" if stages else "")) if part == "attacks" else "poison_clean"
+    return f"{name}_{tag}" if tag else name
 
 
 def main() -> None:
@@ -363,6 +365,7 @@ def main() -> None:
                         help="at most N batches (attacks: of each kind), or per kind: trigger=3,flip=2,...")
     parser.add_argument("--kinds", default=",".join(poisons.KINDS), help="attack kinds to run, comma-separated")
     parser.add_argument("--stages", action="store_true", help="only ingest and validate (detection-only)")
+    parser.add_argument("--tag", default="", help="suffix of the results' file name (poison_<half>_<tag>.json)")
     parser.add_argument("--history", type=int, default=3, help="clean weekly batches before the attacked week")
     parser.add_argument("--weekly", type=int, default=5_000, help="images per weekly batch")
     parser.add_argument("--other-weekly", type=int, default=3_000,
@@ -394,7 +397,7 @@ def main() -> None:
                   "uptime_after": uptime(), "finished": finished, "stages": args.stages, "history": args.history,
                   "weekly": args.weekly, "base_params": args.base_params, "dag_params": args.dag_params,
                   "split": poisons.battery_split(), "rows": rows}
-        name = result_name(args.part, args.half, args.stages)
+        name = result_name(args.part, args.half, args.stages, args.tag)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{name}.md").write_text(markdown(result))
         return markdown(result)
