@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import poisons  # noqa: E402  (bench/ is scripts, not a package)
-
-from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored  # noqa: E402
+import poisons  # bench/ holds scripts, not a package: its directory goes on the path above
+from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
 
 @pytest.fixture(scope="module")
