@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from common import RESULTS, ROOT, WORK, machine
+from poisons import shifted
 
 from admm_jobs.lake import dataset, storage
 from admm_jobs.lake.idx import fetch_source_file, idx_bytes, read_array
@@ -50,15 +51,6 @@ MNIST = ROOT / "data" / "mnist"
 BATCH_SIZE = 50_000
 FIRST_WEEK = datetime.date(2024, 1, 1)
 SHIFTS = [(dx, dy) for dx in range(-4, 5) for dy in range(-4, 5)]  # 81 copies: 4.86M images at most
-
-
-def shifted(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """Every 28 x 28 image moved by (dx, dy) pixels, the uncovered border black."""
-    moved = np.zeros_like(images)
-    rows, cols = images.shape[1:]
-    moved[:, max(dy, 0):rows + min(dy, 0), max(dx, 0):cols + min(dx, 0)] = \
-        images[:, max(-dy, 0):rows + min(-dy, 0), max(-dx, 0):cols + min(-dx, 0)]
-    return moved
 
 
 def synthetic_images(count: int, images: np.ndarray, labels: np.ndarray):
