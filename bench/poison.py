@@ -43,7 +43,7 @@ import poisons
 from common import RESULTS, ROOT, WORK, machine, uptime
 
 from admm_jobs.cli.command import FailedWithResult
-from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
+from admm_jobs.lake.idx import fetch_source_file, read_array, write_idx
 from admm_jobs.lake.landing import BATCHES_DIR, SOURCE_FILES
 from admm_jobs.operations.run_pipeline import parse_logical_date, run_key
 from admm_jobs.registry import store as registry
@@ -64,7 +64,7 @@ def week(index: int) -> str:
 def source_arrays(source: str) -> dict[str, np.ndarray]:
     """Training and test images and labels of a battery source: MNIST, or MNIST with every image transposed (a
     different distribution of the same format and classes, which gets its own base history and model)."""
-    arrays = {role: read_source(str(MNIST), *SOURCE_FILES[role]).array for role in SOURCE_FILES}
+    arrays = {role: read_array(str(MNIST), *SOURCE_FILES[role]) for role in SOURCE_FILES}
     if source == "mnist-transposed":
         arrays["train_images"] = arrays["train_images"].transpose(0, 2, 1).copy()
         arrays["test_images"] = arrays["test_images"].transpose(0, 2, 1).copy()
