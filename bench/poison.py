@@ -17,6 +17,7 @@ Batches quarantined at validate never train, so they are cheap. ``--stages`` run
 (in this process, the same stage functions the DAG's tasks call) for detection-only sweeps.
 
     .venv/bin/python bench/poison.py attacks --half held_out [--limit 2|trigger=3,flip=2] [--kinds trigger,flip] [--stages]
+    .venv/bin/python bench/poison.py attacks --half held_out --names trigger-...,flip-...   # only those attacks
     .venv/bin/python bench/poison.py clean [--limit 10]          # always --stages: false alarms at validate
     .venv/bin/python bench/poison.py table --half held_out       # the markdown table for bench/README.md
 
@@ -258,6 +259,8 @@ def attacks_part(args: argparse.Namespace, record: Callable[[dict[str, Any]], No
     earlier = (arrays["train_images"][:args.weekly], arrays["train_labels"][:args.weekly])  # history week 1
     for kind, attacks in poisons.battery(args.half).items():
         for attack in attacks[:limit_of(args.limit, kind)] if kind in args.kinds else []:
+            if args.names and attack.name not in args.names:
+                continue
             images, labels = attack.apply(*clean, earlier=earlier)
             row = {"attack": attack.name, "kind": attack.kind, "share": attack.share, "settings": attack.options,
                    **run_batch(base, week(args.history), images, labels, args, attack.name),
@@ -364,6 +367,8 @@ def main() -> None:
     parser.add_argument("--limit", default=None,
                         help="at most N batches (attacks: of each kind), or per kind: trigger=3,flip=2,...")
     parser.add_argument("--kinds", default=",".join(poisons.KINDS), help="attack kinds to run, comma-separated")
+    parser.add_argument("--names", default="", help="only these attacks, comma-separated names (e.g. the ones a "
+                        "--stages sweep let through validate)")
     parser.add_argument("--stages", action="store_true", help="only ingest and validate (detection-only)")
     parser.add_argument("--tag", default="", help="suffix of the results' file name (poison_<half>_<tag>.json)")
     parser.add_argument("--history", type=int, default=3, help="clean weekly batches before the attacked week")
@@ -375,7 +380,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5,
                         help="DAG param epochs of each attacked week's run (warm start from the champion)")
     args = parser.parse_args()
-    args.kinds = args.kinds.split(",")
+    args.kinds, args.names = args.kinds.split(","), set(filter(None, args.names.split(",")))
     args.base_params, args.dag_params = {"epochs": args.base_epochs}, {"epochs": args.epochs}
     if args.part == "table":
         for name in (result_name("attacks", args.half), result_name("attacks", args.half, stages=True),
