@@ -129,7 +129,8 @@ class ValidateConfig:
                                         "must exceed the reference's share near that pixel (within 2 pixels), "
                                         "beyond sampling, to fail the pixel drift check", minimum=0, maximum=1)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
-                                       "its test accuracy (label sanity)", minimum=0, maximum=1)
+                                       "its test accuracy (label sanity; only for a version without a label reference)",
+                                       minimum=0, maximum=1)
     min_cell_excess: float = setting(0.05, "margin of the label checks' confusion cells: a cell's share of its given "
                                      "label must exceed the reference's by more than this (and beyond sampling) to "
                                      "fail", minimum=0, maximum=1)
