@@ -267,12 +267,22 @@ def attacks_part(args: argparse.Namespace, record: Callable[[dict[str, Any]], No
                    "champion": harm(champion, attack, *test)}
             if row["published"]:
                 row["published_model"] = harm(load_image_model(roots(LIVE)["registry_uri"])[0], attack, *test)
-            challenger = LIVE / "runs" / run_key(parse_logical_date(week(args.history))) / "model"
-            if challenger.exists():  # trained, whether the gate published it or not: did it learn the poison?
-                row["challenger"] = harm(load_image_model(str(challenger))[0], attack, *test)
+            run = LIVE / "runs" / run_key(parse_logical_date(week(args.history)))
+            if (run / "model").exists():  # trained, whether the gate published it or not: did it learn the poison?
+                row["challenger"] = harm(load_image_model(str(run / "model"))[0], attack, *test)
+                row["challenger_check"] = most_adopted_class(run / "evaluation" / "metrics.json")
             record(row)
             print(json.dumps({key: row[key] for key in ("attack", "quarantined", "checks", "published", "seconds")}),
                   flush=True)
+
+
+def most_adopted_class(evaluation: Path) -> dict[str, Any] | None:
+    """The challenger check's statistics (evaluate's) of the class whose adopted share most exceeds the
+    champion's test error rate: how near the check came to failing, whatever the gate decided."""
+    check = json.loads(evaluation.read_text()).get("challenger_check") if evaluation.exists() else None
+    if not check:
+        return None
+    return max(check["classes"], key=lambda entry: entry["adopted_share"] - entry["champion_error_rate"])
 
 
 def limit_of(text: str | None, kind: str) -> int | None:
