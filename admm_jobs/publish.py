@@ -290,11 +290,14 @@ def adoption_checks(candidate: Candidate, champion: Scores, false_alarm_rate: fl
     adopted = challenger_checks.adopted_classes(statistics, false_alarm_rate)
     if adopted:
         return [(False, adoption_reason(entry, batch, champion_version)) for entry in adopted], adopted
-    lowest = min(statistics, key=lambda entry: entry["p_value"])
+    # The class nearest to failing by its share: its p-value may be below the level when the margin held it.
+    nearest = max(statistics, key=lambda entry: entry["adopted_share"] - entry["champion_error_rate"])
     level = challenger_checks.class_test_level(false_alarm_rate, len(statistics))
     reason = (f"the challenger adopts no class's labels of the newest batch {batch} beyond the published version "
-              f"{champion_version}'s test error rate (smallest p = {lowest['p_value']:.2g} in class {lowest['class']}, "
-              f"above {level:.2g})")
+              f"{champion_version}'s test error rate (largest excess in class {nearest['class']}: share "
+              f"{nearest['adopted_share']:.4f} against {nearest['champion_error_rate']:.4f}, p = "
+              f"{nearest['p_value']:.2g}; p at most {level:.2g} with a share more than {challenger_checks.MIN_EXCESS} "
+              "above fails)")
     return [(True, reason)], []
 
 

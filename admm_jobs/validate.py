@@ -18,7 +18,8 @@ validated against ``expectations/mnist_dataset.json`` with parameters from the m
 per split, pixels per image), so any dataset in the idx-parquet format validates, not only MNIST's.
 Each new batch becomes one row of statistics (shares of blank, saturated and duplicate images, and
 with a published model: class divergence, intensity, the model's accuracy), validated against
-``mnist_batch.json`` and ``mnist_batch_drift.json``. With a published model, two statistical families share
+``mnist_batch.json`` and ``mnist_batch_drift.json`` (and ``mnist_batch_label_sanity.json``, the model's accuracy on
+the batch, only where its version has no label reference). With a published model, two statistical families share
 ``false_alarm_rate`` (half each, :func:`family_false_alarm_rate`): the per-class label checks
 (:func:`label_failures`, :mod:`admm_jobs.scoring.label_checks`: the model's counts on the batch, kept chunk by
 chunk, against its validation split's, when its version stores its label reference), and the pixel drift check
@@ -52,9 +53,8 @@ from admm_jobs.lake import batches, profiles, storage
 from admm_jobs.lake.dataset import SPLITS, load_manifest, read_chunks
 from admm_jobs.registry import model as model_io
 from admm_jobs.registry import store as registry
-from admm_jobs.scoring import label_checks
+from admm_jobs.scoring import label_checks, pixel_checks
 from admm_jobs.scoring.metrics import confusion_matrix
-from admm_jobs.scoring import pixel_checks
 
 log = logging.getLogger("admm_jobs.validate")
 
@@ -70,6 +70,7 @@ EXPECTATIONS = Path(__file__).resolve().parents[1] / "expectations"
 DEFAULT_SUITE = EXPECTATIONS / "mnist_dataset.json"
 BATCH_SUITE = EXPECTATIONS / "mnist_batch.json"
 DRIFT_SUITE = EXPECTATIONS / "mnist_batch_drift.json"
+LABEL_SANITY_SUITE = EXPECTATIONS / "mnist_batch_label_sanity.json"
 VALIDATION_DIR = "validation"
 RESULT_FILE = "result.json"
 DATA_DOCS_DIR = "data_docs"
@@ -103,6 +104,9 @@ class ValidateConfig:
     batch_suite: str = setting(str(BATCH_SUITE), "expectation suite JSON of every new batch", minLength=1)
     drift_suite: str = setting(str(DRIFT_SUITE), "expectation suite JSON of every new batch against the "
                                "published model's data", minLength=1)
+    label_sanity_suite: str = setting(str(LABEL_SANITY_SUITE), "expectation suite JSON of every new batch against "
+                                      "a published model whose version has no label reference (the coarse "
+                                      "label sanity check)", minLength=1)
     registry_uri: str | None = setting(None, "model registry root: the published model is the reference of the "
                                        "batch checks, refusals are recorded in its history (none: no reference)")
     logical_date: str | None = setting(None, "logical date of the run, recorded with a quarantine")
@@ -125,7 +129,8 @@ class ValidateConfig:
                                         "must exceed the reference's share near that pixel (within 2 pixels), "
                                         "beyond sampling, to fail the pixel drift check", minimum=0, maximum=1)
     max_accuracy_drop: float = setting(0.15, "largest drop of the published model's accuracy on a new batch below "
-                                       "its test accuracy (label sanity)", minimum=0, maximum=1)
+                                       "its test accuracy (label sanity; only for a version without a label reference)",
+                                       minimum=0, maximum=1)
     min_cell_excess: float = setting(0.05, "margin of the label checks' confusion cells: a cell's share of its given "
                                      "label must exceed the reference's by more than this (and beyond sampling) to "
                                      "fail", minimum=0, maximum=1)
@@ -676,16 +681,21 @@ def new_batch_checks(config: ValidateConfig, new: list[str], views: Mapping[str,
     """The GX checks of the batches ``new`` (:func:`batches_to_check`)."""
     if not new:
         return {}
-    suites = [load_suite(config.batch_suite, batch_parameters(config, reference))]
+    parameters = batch_parameters(config, reference)
+    suites = [load_suite(config.batch_suite, parameters)]
     if reference is not None:
-        suites.append(load_suite(config.drift_suite, batch_parameters(config, reference)))
+        suites.append(load_suite(config.drift_suite, parameters))
+    if reference is not None and reference.labels is None:
+        # Only where the per-class label checks cannot run: the model's overall accuracy also falls on clean batches
+        # shifted by 2 pixels (bench/README.md, "Poisoned batches"), which the label checks' confident joint allows.
+        suites.append(load_suite(config.label_sanity_suite, parameters))
     combined = suites[0] if len(suites) == 1 else merged_suite(suites)
     return {f"batch={batch}": (combined, batch_frame(views[batch], reference), {}) for batch in new}
 
 
 LABEL_CHECKS_WITHOUT_MODEL = "skipped: no published model (the first batch): nothing to compare its labels with"
 LABEL_CHECKS_WITHOUT_REFERENCE = ("skipped: the published version has no reference calibration (published before "
-                                  "they were stored); the coarse label sanity check still runs")
+                                  "they were stored); the coarse label sanity check runs instead")
 
 
 def label_outcome(views: Mapping[str, PartSplit], reference: Reference | None,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from admm_jobs.lake.idx import read_source
+from admm_jobs.lake.idx import read_array
 from admm_jobs.registry.gate import GateSettings
 from admm_jobs.registry.model import Model
 from admm_jobs.scoring import challenger_checks, metrics
@@ -40,7 +40,7 @@ POISON_SHARE = 0.05
 
 
 def load(name: str) -> np.ndarray:
-    return read_source(str(MNIST), name, 3 if "images" in name else 1).array
+    return read_array(str(MNIST), name, 3 if "images" in name else 1)
 
 
 def train(pixels: np.ndarray, labels: np.ndarray, epochs: int, start_from: list[np.ndarray] | None = None

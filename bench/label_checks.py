@@ -85,10 +85,10 @@ def main() -> None:
     parser.add_argument("--output", default="label_checks", help="name of the results in bench/results/")
     args = parser.parse_args()
     source = str(ROOT / "data" / "mnist")
-    images = idx.read_source(source, "train-images-idx3-ubyte", 3).array
-    labels = idx.read_source(source, "train-labels-idx1-ubyte", 1).array.astype(np.int64)
-    test_images = idx.read_source(source, "t10k-images-idx3-ubyte", 3).array
-    test_labels = idx.read_source(source, "t10k-labels-idx1-ubyte", 1).array.astype(np.int64)
+    images = idx.read_array(source, "train-images-idx3-ubyte", 3)
+    labels = idx.read_array(source, "train-labels-idx1-ubyte", 1).astype(np.int64)
+    test_images = idx.read_array(source, "t10k-images-idx3-ubyte", 3)
+    test_labels = idx.read_array(source, "t10k-labels-idx1-ubyte", 1).astype(np.int64)
     fit, held = slice(0, args.train_rows), slice(args.train_rows, args.train_rows + args.reference_rows)
     started = time.perf_counter()
     model = train(images[fit].reshape(-1, 784), labels[fit], (images[held].reshape(-1, 784), labels[held]),

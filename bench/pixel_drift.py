@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from admm_jobs.lake import profiles
-from admm_jobs.lake.idx import read_source
+from admm_jobs.lake.idx import read_array
 from admm_jobs.scoring import pixel_checks
 from admm_jobs.validate import ValidateConfig
 
@@ -36,8 +36,8 @@ DIRECTIONS = [(rows, columns) for rows in (-1, 0, 1) for columns in (-1, 0, 1) i
 
 def mnist(prefix: str) -> tuple[np.ndarray, np.ndarray]:
     source = str(ROOT / "data" / "mnist")
-    images = read_source(source, f"{prefix}-images-idx3-ubyte", 3).array
-    return images, read_source(source, f"{prefix}-labels-idx1-ubyte", 1).array
+    images = read_array(source, f"{prefix}-images-idx3-ubyte", 3)
+    return images, read_array(source, f"{prefix}-labels-idx1-ubyte", 1)
 
 
 def class_ink(images: np.ndarray, labels: np.ndarray) -> profiles.ClassInk:

@@ -17,6 +17,7 @@ Batches quarantined at validate never train, so they are cheap. ``--stages`` run
 (in this process, the same stage functions the DAG's tasks call) for detection-only sweeps.
 
     .venv/bin/python bench/poison.py attacks --half held_out [--limit 2|trigger=3,flip=2] [--kinds trigger,flip] [--stages]
+    .venv/bin/python bench/poison.py attacks --half held_out --names trigger-...,flip-...   # only those attacks
     .venv/bin/python bench/poison.py clean [--limit 10]          # always --stages: false alarms at validate
     .venv/bin/python bench/poison.py table --half held_out       # the markdown table for bench/README.md
 
@@ -43,7 +44,7 @@ import poisons
 from common import RESULTS, ROOT, WORK, machine, uptime
 
 from admm_jobs.cli.command import FailedWithResult
-from admm_jobs.lake.idx import fetch_source_file, read_source, write_idx
+from admm_jobs.lake.idx import fetch_source_file, read_array, write_idx
 from admm_jobs.lake.landing import BATCHES_DIR, SOURCE_FILES
 from admm_jobs.operations.run_pipeline import parse_logical_date, run_key
 from admm_jobs.registry import store as registry
@@ -64,7 +65,7 @@ def week(index: int) -> str:
 def source_arrays(source: str) -> dict[str, np.ndarray]:
     """Training and test images and labels of a battery source: MNIST, or MNIST with every image transposed (a
     different distribution of the same format and classes, which gets its own base history and model)."""
-    arrays = {role: read_source(str(MNIST), *SOURCE_FILES[role]).array for role in SOURCE_FILES}
+    arrays = {role: read_array(str(MNIST), *SOURCE_FILES[role]) for role in SOURCE_FILES}
     if source == "mnist-transposed":
         arrays["train_images"] = arrays["train_images"].transpose(0, 2, 1).copy()
         arrays["test_images"] = arrays["test_images"].transpose(0, 2, 1).copy()
@@ -258,18 +259,30 @@ def attacks_part(args: argparse.Namespace, record: Callable[[dict[str, Any]], No
     earlier = (arrays["train_images"][:args.weekly], arrays["train_labels"][:args.weekly])  # history week 1
     for kind, attacks in poisons.battery(args.half).items():
         for attack in attacks[:limit_of(args.limit, kind)] if kind in args.kinds else []:
+            if args.names and attack.name not in args.names:
+                continue
             images, labels = attack.apply(*clean, earlier=earlier)
             row = {"attack": attack.name, "kind": attack.kind, "share": attack.share, "settings": attack.options,
                    **run_batch(base, week(args.history), images, labels, args, attack.name),
                    "champion": harm(champion, attack, *test)}
             if row["published"]:
                 row["published_model"] = harm(load_image_model(roots(LIVE)["registry_uri"])[0], attack, *test)
-            challenger = LIVE / "runs" / run_key(parse_logical_date(week(args.history))) / "model"
-            if challenger.exists():  # trained, whether the gate published it or not: did it learn the poison?
-                row["challenger"] = harm(load_image_model(str(challenger))[0], attack, *test)
+            run = LIVE / "runs" / run_key(parse_logical_date(week(args.history)))
+            if (run / "model").exists():  # trained, whether the gate published it or not: did it learn the poison?
+                row["challenger"] = harm(load_image_model(str(run / "model"))[0], attack, *test)
+                row["challenger_check"] = most_adopted_class(run / "evaluation" / "metrics.json")
             record(row)
             print(json.dumps({key: row[key] for key in ("attack", "quarantined", "checks", "published", "seconds")}),
                   flush=True)
+
+
+def most_adopted_class(evaluation: Path) -> dict[str, Any] | None:
+    """The challenger check's statistics (evaluate's) of the class whose adopted share most exceeds the
+    champion's test error rate: how near the check came to failing, whatever the gate decided."""
+    check = json.loads(evaluation.read_text()).get("challenger_check") if evaluation.exists() else None
+    if not check:
+        return None
+    return max(check["classes"], key=lambda entry: entry["adopted_share"] - entry["champion_error_rate"])
 
 
 def limit_of(text: str | None, kind: str) -> int | None:
@@ -364,6 +377,8 @@ def main() -> None:
     parser.add_argument("--limit", default=None,
                         help="at most N batches (attacks: of each kind), or per kind: trigger=3,flip=2,...")
     parser.add_argument("--kinds", default=",".join(poisons.KINDS), help="attack kinds to run, comma-separated")
+    parser.add_argument("--names", default="", help="only these attacks, comma-separated names (e.g. the ones a "
+                        "--stages sweep let through validate)")
     parser.add_argument("--stages", action="store_true", help="only ingest and validate (detection-only)")
     parser.add_argument("--tag", default="", help="suffix of the results' file name (poison_<half>_<tag>.json)")
     parser.add_argument("--history", type=int, default=3, help="clean weekly batches before the attacked week")
@@ -375,7 +390,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5,
                         help="DAG param epochs of each attacked week's run (warm start from the champion)")
     args = parser.parse_args()
-    args.kinds = args.kinds.split(",")
+    args.kinds, args.names = args.kinds.split(","), set(filter(None, args.names.split(",")))
     args.base_params, args.dag_params = {"epochs": args.base_epochs}, {"epochs": args.epochs}
     if args.part == "table":
         for name in (result_name("attacks", args.half), result_name("attacks", args.half, stages=True),

@@ -64,7 +64,8 @@ TRAIN_SETTINGS = [name for name in TrainConfig.__dataclass_fields__
                   if name not in ("dataset_uri", "output_uri", "init_model_uri")]
 # Validate's settings that are DAG params (thresholds, margins, the false-alarm budget); the others the DAG sets
 # itself, and its chunk_rows stays its default (the param of that name is train's).
-VALIDATE_FIXED = ("dataset_uri", "suite", "batch_suite", "drift_suite", "registry_uri", "logical_date", "chunk_rows")
+VALIDATE_FIXED = ("dataset_uri", "suite", "batch_suite", "drift_suite", "label_sanity_suite", "registry_uri",
+                  "logical_date", "chunk_rows")
 VALIDATE_SETTINGS = [name for name in validate.ValidateConfig.__dataclass_fields__ if name not in VALIDATE_FIXED]
 PUBLISH_SETTINGS = [field.name for field in dataclasses.fields(GateSettings)]
 

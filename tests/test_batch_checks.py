@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+from fitted_model import fitted_model
+from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 from test_ingest import WEEKS, batch_files, batched_source
 
 from admm_jobs import ingest, validate
@@ -15,9 +17,6 @@ from admm_jobs.registry import review
 from admm_jobs.registry import store as registry
 from admm_jobs.registry.model import save_model
 from admm_jobs.scoring import metrics
-
-from fitted_model import fitted_model
-from idx_files import TRAIN_IMAGES, TRAIN_LABELS, read_vendored
 
 ROWS = 400  # images per batch
 
@@ -82,9 +81,16 @@ def test_a_clean_batch_passes_against_the_reference(landed):
         dataset.load_manifest(outcome["reference_dataset"])["version"])
     # a version published before calibrations were stored: the coarse label sanity check stands in
     assert outcome["label_checks"] == {WEEKS[2]: validate.LABEL_CHECKS_WITHOUT_REFERENCE}
-    suites = [validate.BATCH_SUITE, validate.DRIFT_SUITE]
-    expected = sum(len(validate.load_suite(str(suite)).expectations) for suite in suites)
-    assert outcome["statistics"]["splits"][f"batch={WEEKS[2]}"]["evaluated_expectations"] == expected
+    suites = [validate.BATCH_SUITE, validate.DRIFT_SUITE, validate.LABEL_SANITY_SUITE]
+    assert evaluated_expectations(outcome) == expectation_count(suites)
+
+
+def expectation_count(suites) -> int:
+    return sum(len(validate.load_suite(str(suite)).expectations) for suite in suites)
+
+
+def evaluated_expectations(outcome) -> int:
+    return outcome["statistics"]["splits"][f"batch={WEEKS[2]}"]["evaluated_expectations"]
 
 
 @pytest.mark.parametrize("make_batch, check", [
@@ -239,6 +245,16 @@ def test_a_clean_batch_passes_the_label_checks(label_landed):
     outcome = validate_label_week(label_landed, *label_batch(2))
     assert outcome["success"] and outcome["refused_batches"] == {}
     assert outcome["label_checks"][WEEKS[2]].startswith("ran: 101 tests")
+    # the label checks stand in for the coarse label sanity check, which a 2-pixel shift of clean data trips
+    assert evaluated_expectations(outcome) == expectation_count([validate.BATCH_SUITE, validate.DRIFT_SUITE])
+
+
+def test_shuffled_labels_are_quarantined_by_the_label_checks_not_the_coarse_check(label_landed):
+    images, labels = label_batch(2)
+    with pytest.raises(validate.BatchQuarantined) as failure:
+        validate_label_week(label_landed, images, np.random.default_rng(0).permutation(labels))
+    checks = {entry["check"] for entry in failure.value.quarantined[WEEKS[2]]["failures"]}
+    assert validate.MISLABELLED_CHECK in checks and "label sanity" not in checks
 
 
 def test_half_of_a_class_relabelled_as_another_is_quarantined_naming_the_pair(label_landed):

@@ -101,6 +101,20 @@ def test_the_gate_rejects_a_challenger_that_adopted_a_class_and_names_it():
     assert off.outcome == "accepted" and off.adopted_classes == []
 
 
+def test_a_passed_challenger_check_names_the_class_nearest_to_failing():
+    """A p-value below the level whose share the margin held is reported as such, not as a p-value above it."""
+    adoption = [{"class": k, "batch_images": 500, "adopted": 45 if k == 2 else 5, "adopted_share": 0.09 if k == 2
+                 else 0.01, "test_images": 1000, "champion_test_errors": 10, "champion_error_rate": 0.01,
+                 "p_value": 1e-8 if k == 2 else 0.5} for k in range(10)]
+    candidate = publish.Candidate("run", "b" * 16, publish.Scores(0.97, 0.99, [0.97] * 10), None, None, [NEW], NEW, {})
+    decision = publish.quality_gate(candidate, {"version": "a" * 16}, publish.Scores(0.97, 0.95, [0.97] * 10, adoption),
+                                    publish.GateSettings())
+    [reason] = [reason for reason in decision.reasons if reason.startswith("the challenger adopts no class's labels")]
+    assert decision.outcome == "accepted"
+    assert "(largest excess in class 2: share 0.0900 against 0.0100, p = 1e-08; p at most 0.0001 with a share " \
+           f"more than {challenger_checks.MIN_EXCESS} above fails)" in reason
+
+
 # --- through the project's trainer, evaluate and publish ---------------------------------------------------------
 
 
