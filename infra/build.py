@@ -39,7 +39,7 @@ import tomllib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: admm_jobs comes from this checkout
 
-from admm_jobs.operations.deploy import CODE_ARCHIVE, ENTRY_POINT, VENV_ARCHIVE  # noqa: E402
+from admm_jobs.operations.deploy import CODE_ARCHIVE, JOBS, VENV_ARCHIVE  # noqa: E402
 
 PACKAGE = "admm_jobs"
 DISTRIBUTION = "admm_mnist"
@@ -90,10 +90,12 @@ def build_code_archive(out: Path, version: str, repo: Path = REPO) -> Path:
     return target
 
 
-def build_entry_point(out: Path, repo: Path = REPO) -> Path:
-    target = out / ENTRY_POINT
-    target.write_bytes((repo / PACKAGE / "train.py").read_bytes())
-    return target
+def build_entry_points(out: Path, repo: Path = REPO) -> list[Path]:
+    """Each Spark job's entry point: its module's file itself (the rest comes from the code archive)."""
+    targets = [out / job.entry_point for job in JOBS]
+    for job, target in zip(JOBS, targets):
+        target.write_bytes((repo / Path(*job.module.split("."))).with_suffix(".py").read_bytes())
+    return targets
 
 
 def _run(command: list[str], step: str) -> None:
@@ -159,10 +161,10 @@ def build(out: Path, *, venv: bool = True, python: str = sys.executable, package
           upload_to: str | None = None) -> dict[str, Any]:
     """Build the artifacts into ``out`` (replacing earlier ones) and return the build info."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in (ENTRY_POINT, CODE_ARCHIVE, VENV_ARCHIVE, BUILD_INFO):
+    for name in (*(job.entry_point for job in JOBS), CODE_ARCHIVE, VENV_ARCHIVE, BUILD_INFO):
         (out / name).unlink(missing_ok=True)
     version = code_version()
-    files = [build_entry_point(out), build_code_archive(out, version)]
+    files = [*build_entry_points(out), build_code_archive(out, version)]
     # Object keys and Spark paths are safer without "+": the release directory name uses "-".
     info: dict[str, Any] = {"version": version, "release": version.replace("+", "-")}
     if venv:
