@@ -1,11 +1,12 @@
-"""Package the training job for a cluster, and optionally upload it.
+"""Package the Spark jobs (training, ingest) for a cluster, and optionally upload them.
 
     python infra/build.py [--out dist] [--no-venv] [--python /usr/bin/python3.11]
                           [--upload s3://bucket/releases/<version>]
 
 Writes into ``--out`` (names from :mod:`admm_jobs.operations.deploy`):
 
-* ``train.py``: the entry point (``admm_jobs/train.py`` itself, as the local target runs it);
+* ``train.py``, ``ingest.py``: the entry points (``admm_jobs/train.py`` and ``admm_jobs/ingest.py`` themselves, as the
+  local target runs them);
 * ``admm_jobs.zip``: the package, for ``--py-files`` / ``python_file_uris``. It carries an
   ``admm_mnist-<version>.dist-info`` so ``importlib.metadata`` (the model's ``code_version``)
   reports the version and commit on the cluster, where there is no git checkout;
