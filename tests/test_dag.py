@@ -204,9 +204,11 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     assert first.metadata["init"]["kind"] == "random"
     assert storage.read_json(str(tmp_path / "registry" / "mnist-admm" / "current.json"))["run"] == str(week2)
 
-    # week 3: weeks 1-3, warm start from the week-2 model that is now published
+    # week 3: weeks 1-3, warm start from the week-2 model that is now published; ingest on the worker again (named:
+    # dag.test shares the DAG's Param objects, so a run's conf stays for the next run in this process)
+    conf["ingest_on"] = "worker"
     state, states = run_week(dag, conf, WEEKS[2])
-    assert states["ingest_route"] == "success" and states["ingest_on_spark"] == "skipped"  # the weekly default
+    assert states["ingest_route"] == "success" and states["ingest_on_spark"] == "skipped"
     week3 = tmp_path / "runs" / "20260118T000000"
     assert state == "success" and json.loads((week3 / "plan.json").read_text())["batches"] == WEEKS[:3]
     warm = model_io.load_model(str(week3 / "model"))
