@@ -1,7 +1,8 @@
 """Ingest stage: MNIST-format IDX files, landed in dated batches, -> versioned Parquet datasets in the lake.
 
     python -m admm_jobs.ingest --source SRC --lake LAKE [--dataset mnist] [--as-of YYYY-MM-DD]
-        [--window N] [--validation-fraction 0.0833] [--chunk-rows 10000] [--checksums URI]
+        [--window N] [--validation-fraction 0.0833] [--chunk-rows 10000] [--checksums URI] [--executor spark]
+    spark-submit admm_jobs/ingest.py --source SRC --lake LAKE --executor spark [...]
 
 Reads the landing directory ``SRC`` (its contract: :mod:`admm_jobs.lake.landing`; each file raw or
 gzip, every structural defect an :class:`IngestError` naming the file), streamed ``chunk_rows`` images at a
@@ -11,6 +12,12 @@ changed under the same date. The run for logical date ``as_of`` uses every batch
 it that the registry history does not hold in quarantine (the newest ``window`` of them if set); the dataset version is a hash of
 those batches' contents, the test set and the split rule, so the same batches always give the same
 version.
+
+Each batch's work (read, check, hash, write its parts, profile, key filter) does not depend on the other
+batches: ``--executor worker`` (the default; the weekly increment reads one new batch) does it in this process, one
+batch after another; ``--executor spark`` (an initial load or a backfill of many batches, under spark-submit on
+the training job's deploy targets) runs it as Spark tasks, one batch per task, and the driver collects only each
+batch's small record. Both check every batch before any is written and assemble the same manifest.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from admm_jobs.cli.command import run_command
@@ -30,6 +38,9 @@ from admm_jobs.lake.landing import CHECKSUMS_FILE, LandedBatch, parse_date
 from admm_jobs.registry import store as registry
 
 log = logging.getLogger("admm_jobs.ingest")
+
+EXECUTORS = ("worker", "spark")
+SPARK_APP_NAME = "admm-mnist-ingest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +62,9 @@ class IngestConfig:
     checksums: str | None = setting(
         None, f"checksum manifest URI for a four-file source (default: SOURCE/{CHECKSUMS_FILE} if present; "
         "required for https)")
+    executor: str = setting("worker", "where each batch is read, checked and written: worker (this process, one "
+                            "batch after another) or spark (one Spark task per batch, for an initial load or a "
+                            "backfill; run under spark-submit)", enum=list(EXECUTORS))
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -109,8 +123,58 @@ def checked_batch(config: IngestConfig, lake_dataset: str, batch: LandedBatch, t
     return batches.pair_sha256(pair), None, {role: source.summary() for role, source in pair.items()}
 
 
-def ingest(config: IngestConfig) -> dict[str, Any]:
-    """Ingest the batches of ``config.source`` up to ``config.as_of`` into the lake; return the stage result."""
+# How the per-batch work is run: ``map_batches(work, items)`` returns ``[work(item) for item in items]``.
+BatchMap = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
+
+def in_process(work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """The worker's way: one batch after another in this process; the first failure stops the run."""
+    return [work(item) for item in items]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRefused:
+    """A Spark task's :class:`IngestError`, returned rather than raised: a refused input is deterministic, so Spark
+    must not retry it, and the driver raises it again with the worker path's message."""
+
+    message: str
+
+
+def refusal_returned(work: Callable[[Any], Any], item: Any) -> Any:
+    try:
+        return work(item)
+    except IngestError as error:
+        return BatchRefused(str(error))
+
+
+def spark_map(spark_context) -> BatchMap:
+    """One Spark task per batch; the driver receives each batch's small result. Of several refused batches the
+    oldest is reported, as the worker path would; other failures (storage hiccups) keep Spark's task retries."""
+    def map_batches(work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        results = spark_context.parallelize(list(items), max(1, len(items))).map(
+            functools.partial(refusal_returned, work)).collect()
+        refused = next((result for result in results if isinstance(result, BatchRefused)), None)
+        if refused is not None:
+            raise IngestError(refused.message)
+        return results
+    return map_batches
+
+
+def written_batch(config: IngestConfig, lake_dataset: str, checked: tuple[LandedBatch, tuple]
+                  ) -> tuple[str, dict[str, Any], bool]:
+    """Write a checked batch's splits (unless an intact copy exists) and pin it: (its splits directory, their
+    record, whether nothing was written)."""
+    batch, (sha, pinned, read) = checked
+    splits_uri, record, reused = batches.ingest_batch(
+        lake_dataset, batch, sha, config.validation_fraction,
+        functools.partial(landing.PairStream, batch.uri, landing.TRAIN_ROLES), config.chunk_rows)
+    written = batches.pin_batch(lake_dataset, batch, sha, pinned, read)
+    return splits_uri, record, reused and not written
+
+
+def ingest(config: IngestConfig, map_batches: BatchMap = in_process) -> dict[str, Any]:
+    """Ingest the batches of ``config.source`` up to ``config.as_of`` into the lake, each batch's work run by
+    ``map_batches``; return the stage result."""
     lake_dataset = storage.join(config.lake, config.dataset)
     landed, quarantined = selected_batches(config)
     fraction = config.validation_fraction
@@ -120,18 +184,13 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
     # Every input is checked before anything is written, streamed one chunk at a time: a new batch is read
     # again to be written (and must hash the same), a batch ingested before only where its files' signatures
     # changed.
-    checked = [checked_batch(config, lake_dataset, batch, test_pair) for batch in landed]
+    checked = map_batches(functools.partial(checked_batch, config, lake_dataset, test_pair=test_pair), landed)
     test_uri, test_record, test_reused = batches.ingest_test_set(
         lake_dataset, test_pair, functools.partial(landing.PairStream, config.source, landing.TEST_ROLES),
         config.chunk_rows)
-    parts, reused_parts = [], [test_reused]
-    for batch, (sha, pinned, read) in zip(landed, checked):
-        splits_uri, record, reused = batches.ingest_batch(
-            lake_dataset, batch, sha, fraction, functools.partial(landing.PairStream, batch.uri, landing.TRAIN_ROLES),
-            config.chunk_rows)
-        written = batches.pin_batch(lake_dataset, batch, sha, pinned, read)
-        parts.append((splits_uri, record))
-        reused_parts.append(reused and not written)
+    written = map_batches(functools.partial(written_batch, config, lake_dataset), list(zip(landed, checked)))
+    parts = [(splits_uri, record) for splits_uri, record, _ in written]
+    reused_parts = [test_reused, *(reused for _, _, reused in written)]
     train_rows = sum(record["splits"]["train"]["rows"] for _, record in parts)
     if train_rows == 0:
         raise IngestError(f"{landed[-1].uri}: no training rows left after holding out "
@@ -160,15 +219,30 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
     }
 
 
-def ingest_dataset(source: str, lake: str, **settings: Any) -> dict[str, Any]:
+def ingest_dataset(source: str, lake: str, map_batches: BatchMap = in_process, **settings: Any) -> dict[str, Any]:
     """Ingest with local paths made absolute (see :class:`IngestConfig` for ``settings``)."""
     checksums = settings.pop("checksums", None)
     return ingest(IngestConfig(source=absolute(source), lake=absolute(lake),
-                               checksums=None if checksums is None else absolute(checksums), **settings))
+                               checksums=None if checksums is None else absolute(checksums), **settings), map_batches)
+
+
+def run_ingest(config: IngestConfig) -> dict[str, Any]:
+    """Ingest on the executor ``config.executor`` names (spark: in this process's Spark session, as spark-submit
+    starts it)."""
+    settings = dataclasses.asdict(config)
+    if config.executor == "worker":
+        return ingest_dataset(**settings)
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.appName(SPARK_APP_NAME).getOrCreate()
+    try:
+        return ingest_dataset(**settings, map_batches=spark_map(spark.sparkContext))
+    finally:
+        spark.stop()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run_command(IngestConfig, lambda config: ingest_dataset(**dataclasses.asdict(config)), argv)
+    return run_command(IngestConfig, run_ingest, argv)
 
 
 if __name__ == "__main__":

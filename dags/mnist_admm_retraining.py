@@ -1,6 +1,9 @@
 """Weekly retraining of the MNIST classifier by ADMM on Spark (wiring only; logic lives in admm_jobs).
 
-ingest -> validate -> plan -> train -> evaluate -> approval -> publish. The run for logical date D uses the
+ingest -> validate -> plan -> train -> evaluate -> approval -> publish. ``ingest_on`` = ``spark`` (an initial load
+or a backfill of many batches) first runs ingest as a Spark job, one task per batch, on the deploy target of
+``train`` (``ingest_on_spark``); the worker's ``ingest`` then finds the batches written and only checks their
+signatures. The default, ``worker``, skips that job. The run for logical date D uses the
 batches landed under ``source_uri/batches/`` dated on or before D (the newest ``window`` of them
 if set; a plain four-file source is one batch). ``validate`` also checks every batch the published
 model has not seen against that model's data and quarantines a failing batch (the run fails,
@@ -76,6 +79,9 @@ RUN_KEY = "{{ (logical_date or dag_run.run_after) | ts_nodash }}"
 RUN_URI = "{{ params.runs_uri }}/" + RUN_KEY
 DATASET_URI = "{{ ti.xcom_pull(task_ids='ingest')['dataset_uri'] }}"
 PLAN = "ti.xcom_pull(task_ids='plan', key='plan')"
+INGEST_ARGV = ["--source", "{{ params.source_uri }}", "--lake", "{{ params.lake_uri }}", "--as-of", LOGICAL_DATE,
+               "--registry-uri", "{{ params.registry_uri }}",
+               *templated_argv(ingest.IngestConfig, ["window", "validation_fraction"])]
 IO_RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True}
 
 with DAG(
@@ -100,20 +106,31 @@ with DAG(
         "approval": Param("never", type="string", enum=list(APPROVAL_MODES),
                           description="wait for a person before publish: never, when-flagged (the challenger scores "
                                       "below the published model on the test set or the newest batch), always"),
+        "ingest_on": Param("worker", type="string", enum=list(ingest.EXECUTORS),
+                           description="where ingest reads and writes new batches: worker (the weekly increment) "
+                                       "or spark (an initial load or a backfill of many batches: one Spark task per "
+                                       "batch, on the deploy target of train)"),
         **airflow_params(ingest.IngestConfig, exclude=("source", "lake", "dataset", "checksums", "as_of",
-                                                       "registry_uri", "chunk_rows")),
+                                                       "registry_uri", "chunk_rows", "executor")),
         **airflow_params(validate.ValidateConfig, exclude=VALIDATE_FIXED),
         **airflow_params(TrainConfig, exclude=("dataset_uri", "output_uri", "init_model_uri")),
         **airflow_params(publish.PublishConfig, defaults={"min_accuracy": 0.9},
                          exclude=("run_uri", "registry_uri", "model_name", "training_key", "logical_date")),
     },
 ) as dag:
+    ingest_route_task = ShortCircuitOperator(
+        task_id="ingest_route",
+        python_callable=tasks.ingest_on_spark,
+        op_args=["{{ params.ingest_on }}"],
+        ignore_downstream_trigger_rules=False,  # skips ingest_on_spark only: ingest itself runs either way
+    )
+    ingest_on_spark_task = deploy.spark_job_task(DEPLOY, [*INGEST_ARGV, "--executor", "spark"], deploy.INGEST_JOB,
+                                                 task_id="ingest_on_spark")
     ingest_task = PythonOperator(
         task_id="ingest",
+        trigger_rule="none_failed",  # after the Spark job, or when it was skipped
         python_callable=fail_fast(tasks.ingest_task),
-        op_args=[["--source", "{{ params.source_uri }}", "--lake", "{{ params.lake_uri }}", "--as-of", LOGICAL_DATE,
-                  "--registry-uri", "{{ params.registry_uri }}",
-                  *templated_argv(ingest.IngestConfig, ["window", "validation_fraction"])]],
+        op_args=[INGEST_ARGV],
         **IO_RETRIES,
     )
     validate_task = PythonOperator(
@@ -141,7 +158,7 @@ with DAG(
                   "--", *templated_argv(GateSettings)]],
         **IO_RETRIES,
     )
-    train_task = deploy.train_task(
+    train_task = deploy.spark_job_task(
         DEPLOY, ["--dataset-uri", DATASET_URI, "--output-uri", RUN_URI, *templated_argv(TrainConfig, TRAIN_SETTINGS),
                  "--init-model-uri", "{{ " + PLAN + "['init_model_uri'] or 'none' }}"])
     evaluate_task = PythonOperator(
@@ -176,6 +193,7 @@ with DAG(
         outlets=[quarantine_asset()],
     )
 
+    ingest_route_task >> ingest_on_spark_task >> ingest_task
     ingest_task >> validate_task >> plan_task >> train_task >> evaluate_task >> approval_task >> publish_task
     validate_task >> request_review_task
     publish_task >> request_review_after_publish_task

@@ -1,11 +1,12 @@
-"""Package the training job for a cluster, and optionally upload it.
+"""Package the Spark jobs (training, ingest) for a cluster, and optionally upload them.
 
     python infra/build.py [--out dist] [--no-venv] [--python /usr/bin/python3.11]
                           [--upload s3://bucket/releases/<version>]
 
 Writes into ``--out`` (names from :mod:`admm_jobs.operations.deploy`):
 
-* ``train.py``: the entry point (``admm_jobs/train.py`` itself, as the local target runs it);
+* ``train.py``, ``ingest.py``: the entry points (``admm_jobs/train.py`` and ``admm_jobs/ingest.py`` themselves, as the
+  local target runs them);
 * ``admm_jobs.zip``: the package, for ``--py-files`` / ``python_file_uris``. It carries an
   ``admm_mnist-<version>.dist-info`` so ``importlib.metadata`` (the model's ``code_version``)
   reports the version and commit on the cluster, where there is no git checkout;
@@ -39,7 +40,7 @@ import tomllib
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: admm_jobs comes from this checkout
 
-from admm_jobs.operations.deploy import CODE_ARCHIVE, ENTRY_POINT, VENV_ARCHIVE  # noqa: E402
+from admm_jobs.operations.deploy import CODE_ARCHIVE, JOBS, VENV_ARCHIVE  # noqa: E402
 
 PACKAGE = "admm_jobs"
 DISTRIBUTION = "admm_mnist"
@@ -90,10 +91,12 @@ def build_code_archive(out: Path, version: str, repo: Path = REPO) -> Path:
     return target
 
 
-def build_entry_point(out: Path, repo: Path = REPO) -> Path:
-    target = out / ENTRY_POINT
-    target.write_bytes((repo / PACKAGE / "train.py").read_bytes())
-    return target
+def build_entry_points(out: Path, repo: Path = REPO) -> list[Path]:
+    """Each Spark job's entry point: its module's file itself (the rest comes from the code archive)."""
+    targets = [out / job.entry_point for job in JOBS]
+    for job, target in zip(JOBS, targets):
+        target.write_bytes((repo / Path(*job.module.split("."))).with_suffix(".py").read_bytes())
+    return targets
 
 
 def _run(command: list[str], step: str) -> None:
@@ -159,10 +162,10 @@ def build(out: Path, *, venv: bool = True, python: str = sys.executable, package
           upload_to: str | None = None) -> dict[str, Any]:
     """Build the artifacts into ``out`` (replacing earlier ones) and return the build info."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in (ENTRY_POINT, CODE_ARCHIVE, VENV_ARCHIVE, BUILD_INFO):
+    for name in (*(job.entry_point for job in JOBS), CODE_ARCHIVE, VENV_ARCHIVE, BUILD_INFO):
         (out / name).unlink(missing_ok=True)
     version = code_version()
-    files = [build_entry_point(out), build_code_archive(out, version)]
+    files = [*build_entry_points(out), build_code_archive(out, version)]
     # Object keys and Spark paths are safer without "+": the release directory name uses "-".
     info: dict[str, Any] = {"version": version, "release": version.replace("+", "-")}
     if venv:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Package the training job for a cluster: dist/{train.py, admm_jobs.zip, venv.tar.gz, build-info.json}.
+# Package the Spark jobs for a cluster: dist/{train.py, ingest.py, admm_jobs.zip, venv.tar.gz, build-info.json}.
 # Options: see `infra/build.sh --help` (infra/build.py). Runs with the project virtualenv's Python
 # unless PYTHON is set; venv-pack must be importable by it (pip install venv-pack==0.2.0).
 set -euo pipefail

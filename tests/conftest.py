@@ -19,6 +19,7 @@ import pytest
 
 from admm_jobs import ingest
 from admm_jobs.lake import batches
+from admm_jobs.operations.deploy import TRAINING_SPARK_CONF
 from admm_jobs.operations.ports import free_port
 
 from idx_files import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, read_vendored, write_idx
@@ -84,6 +85,20 @@ def small_dataset(small_idx_source, tmp_path_factory):
     """``small_idx_source`` ingested into a fresh lake (a sixth held out for validation): the ingest result dict."""
     lake = tmp_path_factory.mktemp("lake")
     return ingest.ingest_dataset(str(small_idx_source), str(lake), validation_fraction=SMALL_VALIDATION_FRACTION)
+
+
+@pytest.fixture(scope="module")
+def spark_context():
+    """A local Spark with 2 cores and 4 attempts per task, as on a cluster; stopped after the module."""
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master("local[2,4]")
+             .appName("tests")
+             .config("spark.ui.enabled", "false").config("spark.pyspark.python", sys.executable)
+             .config(map=TRAINING_SPARK_CONF)
+             .getOrCreate())
+    yield spark.sparkContext
+    spark.stop()
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,8 @@ def test_dag_wires_the_stages_in_order(dag):
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
     chain = ["ingest", "validate", "plan", "train", "evaluate", "approval", "publish"]
-    assert dag.task_dict.keys() == {*chain, "request_review", "request_review_after_publish"}
+    assert dag.task_dict.keys() == {*chain, "ingest_route", "ingest_on_spark", "request_review",
+                                    "request_review_after_publish"}
     for upstream, downstream in zip(chain, chain[1:]):
         assert dag.get_task(upstream).downstream_task_ids - {"request_review"} == {downstream}
     # every stage does I/O: transient failures are retried
@@ -50,6 +51,31 @@ def test_dag_wires_the_stages_in_order(dag):
     assert approval.defaults == [ApprovalOperator.REJECT]  # no answer in time: nothing is published
     assert dag.get_task("publish").trigger_rule == "none_failed"
     assert dag.params["approval"] == "never"  # the schedule and make run never wait
+
+
+def test_ingest_on_spark_is_the_same_ingest_submitted_as_a_spark_job_only_when_asked(dag):
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from admm_jobs.operations import deploy
+    from admm_jobs.orchestration import tasks
+
+    route, on_spark, worker = (dag.get_task(task_id) for task_id in ("ingest_route", "ingest_on_spark", "ingest"))
+    assert dag.params["ingest_on"] == "worker"  # the weekly increment stays on the worker
+    params = copy.deepcopy(dag.params)
+    assert params.get_param("ingest_on").resolve("spark") == "spark"
+    with pytest.raises(ParamValidationError):
+        params.get_param("ingest_on").resolve("cluster")
+    assert route.op_args == ["{{ params.ingest_on }}"] and not route.ignore_downstream_trigger_rules
+    assert [tasks.ingest_on_spark(value) for value in ("worker", "spark")] == [False, True]
+    # a false route skips the Spark job only; ingest runs after it or after its skip, and not after its failure
+    assert route.downstream_task_ids == {"ingest_on_spark"} and on_spark.downstream_task_ids == {"ingest"}
+    assert worker.upstream_task_ids == {"ingest_on_spark"} and worker.trigger_rule == "none_failed"
+    # the local deploy target: spark-submit of admm_jobs/ingest.py with the worker's arguments plus the executor
+    assert isinstance(on_spark, SparkSubmitOperator) and on_spark.application == deploy.local_application(
+        deploy.INGEST_JOB)
+    assert on_spark.application_args == [*worker.op_args[0], "--executor", "spark"]
+    assert on_spark.conf == deploy.spark_conf(deploy.DeployConfig()) == dag.get_task("train").conf
 
 
 def test_a_quarantine_starts_the_review_dag_through_an_asset(dag, dag_bag):
@@ -165,8 +191,10 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
             "registry_uri": str(tmp_path / "registry"), "validation_fraction": 0.25, "hidden_layers": [32],
             "epochs": 3, "partitions": 2, "min_accuracy": 0.0}
 
-    # week 2, backfilled after week 3 landed: trains on weeks 1-2 only, from random weights
-    assert run_week(dag, conf, WEEKS[1]) == ("success", {**dict.fromkeys(dag.task_dict, "success"),
+    # week 2, backfilled after week 3 landed, its initial load ingested by a Spark job: trains on weeks 1-2 only,
+    # from random weights
+    assert run_week(dag, {**conf, "ingest_on": "spark"}, WEEKS[1]) == ("success", {
+                                                         **dict.fromkeys(dag.task_dict, "success"),
                                                          "approval": "skipped", "request_review": "skipped",
                                                          "request_review_after_publish": "skipped"})
     week2 = tmp_path / "runs" / "20260111T000000"
@@ -176,8 +204,11 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     assert first.metadata["init"]["kind"] == "random"
     assert storage.read_json(str(tmp_path / "registry" / "mnist-admm" / "current.json"))["run"] == str(week2)
 
-    # week 3: weeks 1-3, warm start from the week-2 model that is now published
-    state, _ = run_week(dag, conf, WEEKS[2])
+    # week 3: weeks 1-3, warm start from the week-2 model that is now published; ingest on the worker again (named:
+    # dag.test shares the DAG's Param objects, so a run's conf stays for the next run in this process)
+    conf["ingest_on"] = "worker"
+    state, states = run_week(dag, conf, WEEKS[2])
+    assert states["ingest_route"] == "success" and states["ingest_on_spark"] == "skipped"
     week3 = tmp_path / "runs" / "20260118T000000"
     assert state == "success" and json.loads((week3 / "plan.json").read_text())["batches"] == WEEKS[:3]
     warm = model_io.load_model(str(week3 / "model"))
@@ -189,7 +220,7 @@ def test_weekly_retraining_point_in_time_warm_start_skip_and_quarantine(dag, air
     # week 3 again: nothing new, so train/evaluate/publish are skipped, not failed
     state, states = run_week(dag, conf, WEEKS[2])
     assert state == "success"
-    assert states == {"ingest": "success", "validate": "success", "plan": "success", "request_review": "skipped",
+    assert states == {"ingest_route": "success", "ingest_on_spark": "skipped", "ingest": "success", "validate": "success", "plan": "success", "request_review": "skipped",
                       "train": "skipped", "evaluate": "skipped", "approval": "skipped", "publish": "skipped",
                       "request_review_after_publish": "skipped"}
     skipped = json.loads((week3 / "plan.json").read_text())
@@ -270,10 +301,15 @@ def test_whole_dag_on_s3_reruns_idempotently_and_leaks_no_secret(dag, airflow_db
         assert secret.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
 
 
+# validate's statistical checks off (their levels and margins out of reach), so only the challenger check can find it
+VALIDATE_STATISTICS_OFF = {"false_alarm_rate": 1e-12, "pixel_drift_margin": 1.0, "min_cell_excess": 1.0,
+                           "min_class_mislabelled_excess": 1.0, "min_mislabelled_excess": 1.0}
+
+
 @pytest.mark.slow
 def test_a_poison_found_only_by_the_challenger_check_quarantines_its_batch(dag, airflow_db, tmp_path):
     """A trigger on 5 % of the second week's images, relabelled to one class, passes validate (its statistical
-    label checks are turned off here, so that only the challenger check can find it): the challenger memorises it,
+    label and pixel checks are turned off here, so that only the challenger check can find it): the challenger memorises it,
     publish rejects it and quarantines the batch, request_review_after_publish starts the review, and the week's
     re-run leaves the batch out."""
     from test_challenger_check import HISTORY, HISTORY_ROWS, NEW, TARGET, land, new_batch
@@ -281,7 +317,7 @@ def test_a_poison_found_only_by_the_challenger_check_quarantines_its_batch(dag, 
     source = land(tmp_path / "landing", new_batch(HISTORY_ROWS, poisoned=True))
     conf = {"source_uri": str(source), "lake_uri": str(tmp_path / "lake"), "runs_uri": str(tmp_path / "runs"),
             "registry_uri": str(tmp_path / "registry"), "hidden_layers": [128], "epochs": 10, "patience": 0,
-            "min_accuracy": 0.5, "false_alarm_rate": 1e-12}
+            "min_accuracy": 0.5, **VALIDATE_STATISTICS_OFF}
     state, states = run_week(dag, conf, HISTORY)
     assert state == "success" and states["publish"] == "success"
     pointer = (tmp_path / "registry" / "mnist-admm" / "current.json").read_text()

@@ -173,7 +173,7 @@ def test_dataproc_batch_round_trips_through_the_client_types():
     assert message.environment_config.execution_config.ttl.total_seconds() == 360 * 60
     assert message.runtime_config.properties["spark.executorEnv.OPENBLAS_NUM_THREADS"] == "1"
     request = dataproc_v1.CreateBatchRequest(parent="projects/admm-mnist/locations/europe-west1", batch=batch,
-                                             batch_id=f"{deploy.JOB_NAME}-0123abcd")
+                                             batch_id=f"{deploy.TRAIN_JOB.name}-0123abcd")
     assert request.batch == message
     # Batch ids: 4-63 of [a-z0-9-]; the operator appends "-" and 8 hex characters to the prefix.
     assert re.fullmatch(r"[a-z0-9-]{4,63}", request.batch_id)
@@ -190,6 +190,25 @@ def test_every_target_passes_the_application_arguments_unchanged():
     assert seen == {target: ARGS for target in deploy.TARGETS}
     assert deploy.emr_step(config("emr"), ARGS)["HadoopJarStep"]["Args"][-len(ARGS) - 1] \
         == "s3://artifacts-b/releases/0.1.0/train.py"
+
+
+def test_the_ingest_job_goes_to_every_target_with_its_own_entry_point_and_name():
+    args = ["--source", "s3://landing-b/mnist", "--lake", "s3://lake-b", "--executor", "spark"]
+    local = deploy.submission(config("local"), args, deploy.INGEST_JOB)
+    assert Path(local["application"]) == Path(deploy.__file__).parents[1] / "ingest.py"
+    assert local["conf"] == deploy.submission(config("local"), ARGS)["conf"]  # the training job's settings
+    serverless = deploy.submission(config("emr-serverless"), args, deploy.INGEST_JOB)
+    assert serverless["name"] == "admm-mnist-ingest"
+    assert serverless["jobDriver"]["sparkSubmit"]["entryPoint"] == "s3://artifacts-b/releases/0.1.0/ingest.py"
+    assert_valid("emr-serverless", "StartJobRun", {**serverless, "clientToken": "token"})  # the operator adds one
+    step = deploy.submission(config("emr"), args, deploy.INGEST_JOB)
+    assert_valid("emr", "AddJobFlowSteps", step)
+    step_args = step["Steps"][0]["HadoopJarStep"]["Args"]
+    assert step["Steps"][0]["Name"] == "admm-mnist-ingest" and step_args[step_args.index("--name") + 1] == step[
+        "Steps"][0]["Name"]
+    assert step_args[-len(args) - 1:] == ["s3://artifacts-b/releases/0.1.0/ingest.py", *args]
+    batch = deploy.dataproc_batch(config("dataproc"), args, deploy.INGEST_JOB)["pyspark_batch"]
+    assert batch["main_python_file_uri"].endswith("/ingest.py") and batch["args"] == args
 
 
 def test_the_cli_prints_the_request_for_a_config_file(tmp_path, capsys):
@@ -223,7 +242,7 @@ def train_group(config_: deploy.DeployConfig, args=ARGS):
     from airflow.sdk import DAG
 
     with DAG(f"deploy_{uuid.uuid4().hex[:6]}", start_date=datetime(2026, 1, 1), schedule=None):
-        group = deploy.train_task(config_, args)
+        group = deploy.spark_job_task(config_, args)
     return group.children[f"{group.group_id}.submit"], group.children[f"{group.group_id}.wait"]
 
 
@@ -258,7 +277,7 @@ def test_emr_serverless_submit_and_wait_against_moto(aws, capsys, caplog):
     sent = job["jobDriver"]["sparkSubmit"]
     assert sent["entryPointArguments"] == [*ARGS[:4], "--hidden-layers", "64,32", "--epochs", "3"]
     assert sent["sparkSubmitParameters"] == submit.job_driver["sparkSubmit"]["sparkSubmitParameters"]
-    assert job["executionRole"] == ROLE and job["name"] == deploy.JOB_NAME
+    assert job["executionRole"] == ROLE and job["name"] == deploy.TRAIN_JOB.name
 
     assert wait.job_run_id.startswith("{{")
     render(wait, xcom=job_run_id)
@@ -291,7 +310,7 @@ def test_emr_add_step_and_wait_against_moto(aws, capsys, caplog):
 
 def test_dataproc_wait_reads_the_batch_id_from_the_submitted_batch():
     submit, wait = train_group(config("dataproc"))
-    assert submit.batch_id_prefix == deploy.JOB_NAME and submit.asynchronous
+    assert submit.batch_id_prefix == deploy.TRAIN_JOB.name and submit.asynchronous
     render(wait, xcom={"name": "projects/admm-mnist/locations/europe-west1/batches/admm-mnist-train-0123abcd"})
     assert wait.batch_id == "admm-mnist-train-0123abcd"
 

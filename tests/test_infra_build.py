@@ -40,10 +40,12 @@ def code_build(tmp_path_factory):
 
 def test_build_writes_the_entry_point_and_the_code_archive(code_build):
     out, info = code_build
-    assert sorted(path.name for path in out.iterdir()) == ["admm_jobs.zip", "build-info.json", "train.py"]
+    assert sorted(path.name for path in out.iterdir()) == ["admm_jobs.zip", "build-info.json", "ingest.py",
+                                                           "train.py"]
     assert json.loads((out / "build-info.json").read_text()) == {key: info[key] for key in ("files", "release", "version")}
     assert "+" not in info["release"] and info["release"].startswith(info["version"].split("+")[0])
-    assert (out / deploy.ENTRY_POINT).read_bytes() == (REPO / "admm_jobs" / "train.py").read_bytes()
+    assert (out / deploy.TRAIN_JOB.entry_point).read_bytes() == (REPO / "admm_jobs" / "train.py").read_bytes()
+    assert (out / deploy.INGEST_JOB.entry_point).read_bytes() == (REPO / "admm_jobs" / "ingest.py").read_bytes()
     names = zipfile.ZipFile(out / deploy.CODE_ARCHIVE).namelist()
     sources = {path.relative_to(REPO).as_posix() for path in (REPO / "admm_jobs").rglob("*.py")
                if "__pycache__" not in path.parts}
@@ -104,7 +106,7 @@ def test_upload_puts_the_artifacts_under_the_prefix(s3_env, tmp_path):
     client = boto3.client("s3")
     keys = {item["Key"]: item["Size"] for item in client.list_objects_v2(Bucket=s3_env)["Contents"]}
     assert keys == {f"releases/test/{name}": (tmp_path / name).stat().st_size
-                    for name in ("train.py", "admm_jobs.zip", "build-info.json")}
+                    for name in ("train.py", "ingest.py", "admm_jobs.zip", "build-info.json")}
 
 
 def test_upload_refuses_a_local_destination(tmp_path):

@@ -675,3 +675,48 @@ def test_full_vendored_mnist(tmp_path):
         for image_id in pq.read_table(uri, columns=["image_id"]).column("image_id").to_pylist()
     ]
     assert len(all_ids) == 70_000 and len(set(all_ids)) == 70_000  # MNIST has no byte-identical images
+
+
+# ---------------------------------------------------------------- the Spark path (an initial load)
+
+
+def lake_contents(lake):
+    """Each lake file's content by relative path, less what records when it was written: batch.json's ingest time
+    and the part files' signatures (modification times) in a profile record."""
+    def content(path):
+        if path.name == batches.BATCH_RECORD:
+            return {key: value for key, value in json.loads(path.read_text()).items() if key != "ingested_at"}
+        if path.name == profiles.PROFILE_RECORD:
+            return {key: value for key, value in json.loads(path.read_text()).items() if key != "files"}
+        return path.read_bytes()
+    return {str(path.relative_to(lake)): content(path) for path in sorted(lake.rglob("*")) if path.is_file()}
+
+
+def test_spark_ingest_writes_what_the_worker_writes(spark_context, tmp_path):
+    source = batched_source(tmp_path / "landing", WEEKS[:4], rows_per_batch=250)
+    worker_lake, spark_lake = tmp_path / "worker-lake", tmp_path / "spark-lake"
+    on_worker = ingest.ingest_dataset(str(source), str(worker_lake), as_of=WEEKS[2])
+    on_spark = ingest.ingest_dataset(str(source), str(spark_lake), as_of=WEEKS[2],
+                                     map_batches=ingest.spark_map(spark_context))
+    assert {**on_spark, "dataset_uri": None} == {**on_worker, "dataset_uri": None}
+    assert on_spark["batches"] == WEEKS[:3] and not on_spark["reused"]
+    manifest = f"mnist/{on_worker['dataset_version']}/{dataset.MANIFEST_FILE}"
+    worker_files, spark_files = lake_contents(worker_lake), lake_contents(spark_lake)
+    # the same files; the manifest, parts, id files and key filters bit for bit
+    assert manifest in spark_files and spark_files == worker_files
+    # a backfill on Spark adds the fourth week and reuses the three the worker path left
+    grown = ingest.ingest_dataset(str(source), str(worker_lake), map_batches=ingest.spark_map(spark_context))
+    assert grown["batches"] == WEEKS[:4] and not grown["reused"]
+    again = ingest.ingest_dataset(str(source), str(worker_lake))  # the worker's run after it finds it all written
+    assert again["reused"] and {**again, "reused": False} == grown
+
+
+def test_spark_ingest_refuses_a_corrupt_batch_naming_its_file_and_writes_nothing(spark_context, tmp_path):
+    source = batched_source(tmp_path / "landing", WEEKS[:3], rows_per_batch=250)
+    labels = source / "batches" / WEEKS[1] / f"{TRAIN_LABELS}.gz"
+    write_idx(labels, read_vendored(TRAIN_LABELS)[250:499])
+    lake = tmp_path / "lake"
+    with pytest.raises(ingest.IngestError, match="249 labels but") as info:
+        ingest.ingest_dataset(str(source), str(lake), map_batches=ingest.spark_map(spark_context))
+    assert str(labels) in str(info.value)
+    assert not lake.exists() or lake_files(lake) == []  # every batch is checked before any is written

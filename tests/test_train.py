@@ -26,19 +26,6 @@ from admm_jobs.trainer.loop import AdmmTrainer, BlocksLost, LocalBackend, sum_pa
 from admm_jobs.trainer.spark_backend import SparkBackend
 
 
-@pytest.fixture(scope="module")
-def spark_context():
-    from pyspark.sql import SparkSession
-
-    spark = (SparkSession.builder.master("local[2,4]")  # 4 attempts per task, as on a cluster
-             .appName("test-train")
-             .config("spark.ui.enabled", "false").config("spark.pyspark.python", sys.executable)
-             .config(map=TRAINING_SPARK_CONF)
-             .getOrCreate())
-    yield spark.sparkContext
-    spark.stop()
-
-
 def test_default_partitions_bound_the_rows_of_a_block_not_only_the_cores():
     assert default_partitions(55_000, cores=2, block_rows=50_000) == 2  # MNIST: one block per core
     assert default_partitions(100_000, cores=2, block_rows=50_000) == 2

@@ -306,11 +306,12 @@ def test_the_dag_refuses_a_run_outside_the_roots_before_ingest_does_anything(air
             "runs_uri": str(tmp_path / "allowed" / "runs"), "registry_uri": str(tmp_path / "allowed" / "registry")}
     dag_run = dag.test(logical_date=datetime(2026, 5, 10, tzinfo=timezone.utc), run_conf=conf)
     states = run_states(dag_run)
-    assert states["ingest"] == ("failed", 1)  # not retried, though ingest has retries for I/O errors
+    # the run's first task (the route to a Spark ingest) is refused; not retried, whatever its retries
+    assert states["ingest_route"] == ("failed", 1)
     assert states.pop("request_review") == ("skipped", 0)  # validate never ran: no quarantine to review
-    assert {state for task, (state, _) in states.items() if task != "ingest"} == {"upstream_failed"}
+    assert {state for task, (state, _) in states.items() if task != "ingest_route"} == {"upstream_failed"}
     assert requested == [] and not (tmp_path / "elsewhere").exists() and not (tmp_path / "allowed").exists()
-    # refused by the pre-execute hook, on the run's params, before ingest's callable saw its --source
+    # refused by the pre-execute hook, on the run's params, before ingest saw its --source
     assert f"source_uri: {url}/mnist is outside the allowed roots ([admm] allowed_uri_roots)" in capfd.readouterr().out
 
 
@@ -326,7 +327,7 @@ from admm_jobs.orchestration.failures import fail_fast
 with DAG(dag_id="train_submission_probe", schedule=None, start_date=datetime(2026, 1, 1),
          default_args={"pre_execute": fail_fast(uri_roots.confine_task)}) as dag:
     for name in ("inside", "outside"):
-        deploy.train_task(deploy.DeployConfig(), ["--dataset-uri", "%(lake)s/mnist/v1", "--output-uri", f"%(root)s/{name}/run"],
+        deploy.spark_job_task(deploy.DeployConfig(), ["--dataset-uri", "%(lake)s/mnist/v1", "--output-uri", f"%(root)s/{name}/run"],
                           task_id=name)
 '''
 

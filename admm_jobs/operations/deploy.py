@@ -1,4 +1,7 @@
-"""Where the training Spark job runs: local spark-submit, EMR Serverless, EMR on EC2 or Dataproc Serverless.
+"""Where the Spark jobs run: local spark-submit, EMR Serverless, EMR on EC2 or Dataproc Serverless.
+
+Two jobs: training (every run) and ingest on Spark (``--executor spark``: an initial load or a backfill of
+many batches, when the DAG param ``ingest_on`` asks for it); both go to the same target with the same settings.
 
 One JSON document, the Airflow Variable ``admm_deploy``, selects and configures
 the target; without it the job runs with the local ``spark_default`` connection
@@ -9,7 +12,7 @@ bad document is a DAG import error that names the setting.
 
 Targets and what they run:
 
-* ``local``: ``SparkSubmitOperator`` with ``admm_jobs/train.py`` of this checkout.
+* ``local``: ``SparkSubmitOperator`` with ``admm_jobs/train.py`` (``ingest.py``) of this checkout.
 * ``emr-serverless``: ``EmrServerlessStartJobOperator`` then ``EmrServerlessJobSensor``.
 * ``emr``: ``EmrAddStepsOperator`` (a ``spark-submit`` step in YARN cluster mode on a
   running cluster) then ``EmrStepSensor``.
@@ -19,7 +22,7 @@ Targets and what they run:
 Remote targets are a task group ``train`` (``submit`` then ``wait``); the sensors
 poke in reschedule mode, so a training run of hours holds no worker slot. A
 failed job fails ``train.wait``; clearing the group submits a new job. Every
-target runs the same entry point (``train.py`` uploaded by ``infra/build.sh``
+target runs the same entry point (``train.py`` or ``ingest.py`` uploaded by ``infra/build.sh``
 with ``admm_jobs.zip`` on the Python path) with the same application arguments.
 
 Credentials never appear here: AWS calls use the ``aws_conn_id`` connection (or
@@ -28,7 +31,7 @@ itself uses its execution role or service account.
 
 The request builders (:func:`emr_serverless_job_driver`, :func:`emr_step`,
 :func:`dataproc_batch`, ...) are plain functions; Airflow is imported only by
-:func:`train_task` and :func:`load_deploy_config`.
+:func:`spark_job_task` and :func:`load_deploy_config`.
 """
 
 from __future__ import annotations
@@ -48,10 +51,22 @@ from admm_jobs.cli.config import ConfigError, require, setting
 
 VARIABLE = "admm_deploy"
 TARGETS = ("local", "emr-serverless", "emr", "dataproc")
-JOB_NAME = "admm-mnist-train"
 
-# What infra/build.py writes and code_uri must hold.
-ENTRY_POINT = "train.py"
+
+@dataclasses.dataclass(frozen=True)
+class SparkJob:
+    """A job every target can submit: its module, the entry point file infra/build.py writes from it, its name."""
+
+    module: str
+    entry_point: str
+    name: str
+
+
+TRAIN_JOB = SparkJob("admm_jobs.train", "train.py", "admm-mnist-train")
+INGEST_JOB = SparkJob("admm_jobs.ingest", "ingest.py", "admm-mnist-ingest")
+JOBS = (TRAIN_JOB, INGEST_JOB)
+
+# What infra/build.py writes and code_uri must hold (besides each job's entry point).
 CODE_ARCHIVE = "admm_jobs.zip"
 VENV_ARCHIVE = "venv.tar.gz"
 # Spark unpacks spark.archives "<uri>#environment" into ./environment of every container.
@@ -96,7 +111,8 @@ class DeployConfig:
 
     target: str = setting("local", "where the Spark job runs", type="string", enum=list(TARGETS))
     code_uri: str | None = setting(
-        None, f"s3:// (EMR) or gs:// (Dataproc) prefix holding {ENTRY_POINT} and {CODE_ARCHIVE} from infra/build.sh",
+        None, f"s3:// (EMR) or gs:// (Dataproc) prefix holding {', '.join(job.entry_point for job in JOBS)} and "
+              f"{CODE_ARCHIVE} from infra/build.sh",
         **_optional(pattern=CLOUD_URI))
     venv_uri: str | None = setting(
         None, f"s3:// URI of the packed virtualenv ({VENV_ARCHIVE}) the EMR job's Python runs from; "
@@ -105,7 +121,7 @@ class DeployConfig:
         "help": "Spark properties (sizing, tuning) over the defaults; no credentials",
         "schema": {"type": "object", "propertyNames": {"pattern": r"^spark\.\S+$"},
                    "additionalProperties": {"type": "string"}}})
-    timeout_minutes: int = setting(360, "the training job is stopped (and the task fails) after this long",
+    timeout_minutes: int = setting(360, "a Spark job is stopped (and its task fails) after this long",
                                    type="integer", minimum=10, maximum=24 * 60)
     poke_interval_seconds: int = setting(60, "how often the sensors of remote targets check the job",
                                          type="integer", minimum=10, maximum=3600)
@@ -205,9 +221,9 @@ def load_deploy_config(variable: str = VARIABLE) -> DeployConfig:
 # --- Request builders: plain data, checked by the tests against the real API schemas. ---
 
 
-def local_application() -> str:
-    """This checkout's training entry point, for spark-submit on the Airflow worker."""
-    return importlib.util.find_spec("admm_jobs.train").origin
+def local_application(job: SparkJob = TRAIN_JOB) -> str:
+    """This checkout's entry point of ``job``, for spark-submit on the Airflow worker."""
+    return importlib.util.find_spec(job.module).origin
 
 
 def artifact_uri(deploy: DeployConfig, name: str) -> str:
@@ -241,9 +257,10 @@ def spark_submit_options(deploy: DeployConfig) -> list[str]:
     return options
 
 
-def emr_serverless_job_driver(deploy: DeployConfig, application_args: Sequence[str]) -> dict[str, Any]:
+def emr_serverless_job_driver(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob = TRAIN_JOB
+                              ) -> dict[str, Any]:
     """``jobDriver`` of EMR Serverless ``StartJobRun``."""
-    return {"sparkSubmit": {"entryPoint": artifact_uri(deploy, ENTRY_POINT),
+    return {"sparkSubmit": {"entryPoint": artifact_uri(deploy, job.entry_point),
                             "entryPointArguments": list(application_args),
                             "sparkSubmitParameters": " ".join(spark_submit_options(deploy))}}
 
@@ -260,21 +277,22 @@ def emr_serverless_start_job_run_extras(deploy: DeployConfig) -> dict[str, Any]:
     return {"executionTimeoutMinutes": deploy.timeout_minutes}
 
 
-def emr_step(deploy: DeployConfig, application_args: Sequence[str]) -> dict[str, Any]:
+def emr_step(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob = TRAIN_JOB) -> dict[str, Any]:
     """One step of EMR ``AddJobFlowSteps``: spark-submit in YARN cluster mode through command-runner."""
     return {
-        "Name": JOB_NAME,
+        "Name": job.name,
         # The cluster outlives a failed training run (it may serve other jobs).
         "ActionOnFailure": "CONTINUE",
         "HadoopJarStep": {
             "Jar": "command-runner.jar",
-            "Args": ["spark-submit", "--deploy-mode", "cluster", "--name", JOB_NAME, *spark_submit_options(deploy),
-                     artifact_uri(deploy, ENTRY_POINT), *application_args],
+            "Args": ["spark-submit", "--deploy-mode", "cluster", "--name", job.name, *spark_submit_options(deploy),
+                     artifact_uri(deploy, job.entry_point), *application_args],
         },
     }
 
 
-def dataproc_batch(deploy: DeployConfig, application_args: Sequence[str]) -> dict[str, Any]:
+def dataproc_batch(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob = TRAIN_JOB
+                   ) -> dict[str, Any]:
     """The Dataproc Serverless ``Batch`` (as the dict form of ``google.cloud.dataproc_v1.Batch``)."""
     runtime: dict[str, Any] = {"version": deploy.dataproc_runtime_version, "properties": spark_conf(deploy)}
     if deploy.dataproc_container_image:
@@ -285,7 +303,7 @@ def dataproc_batch(deploy: DeployConfig, application_args: Sequence[str]) -> dic
     if deploy.dataproc_subnetwork_uri:
         execution["subnetwork_uri"] = deploy.dataproc_subnetwork_uri
     return {
-        "pyspark_batch": {"main_python_file_uri": artifact_uri(deploy, ENTRY_POINT),
+        "pyspark_batch": {"main_python_file_uri": artifact_uri(deploy, job.entry_point),
                           "args": list(application_args),
                           "python_file_uris": [artifact_uri(deploy, CODE_ARCHIVE)]},
         "runtime_config": runtime,
@@ -306,16 +324,16 @@ SUBMIT_KWARGS = {"retries": 2, "retry_delay": timedelta(seconds=30), "retry_expo
                  "execution_timeout": timedelta(minutes=30)}
 
 
-def _emr_serverless_tasks(deploy: DeployConfig, application_args: Sequence[str]):
+def _emr_serverless_tasks(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob):
     from airflow.providers.amazon.aws.operators.emr import EmrServerlessStartJobOperator
     from airflow.providers.amazon.aws.sensors.emr import EmrServerlessJobSensor
 
     aws = {"aws_conn_id": deploy.aws_conn_id, "region_name": deploy.region_name}
     submit = EmrServerlessStartJobOperator(
         task_id="submit", application_id=deploy.emr_application_id, execution_role_arn=deploy.execution_role_arn,
-        job_driver=emr_serverless_job_driver(deploy, application_args),
+        job_driver=emr_serverless_job_driver(deploy, application_args, job),
         configuration_overrides=emr_serverless_configuration_overrides(deploy),
-        config=emr_serverless_start_job_run_extras(deploy), name=JOB_NAME,
+        config=emr_serverless_start_job_run_extras(deploy), name=job.name,
         wait_for_completion=False, **aws, **SUBMIT_KWARGS)
     wait = EmrServerlessJobSensor(
         task_id="wait", application_id=deploy.emr_application_id,
@@ -323,13 +341,13 @@ def _emr_serverless_tasks(deploy: DeployConfig, application_args: Sequence[str])
     return submit, wait
 
 
-def _emr_tasks(deploy: DeployConfig, application_args: Sequence[str]):
+def _emr_tasks(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob):
     from airflow.providers.amazon.aws.operators.emr import EmrAddStepsOperator
     from airflow.providers.amazon.aws.sensors.emr import EmrStepSensor
 
     aws = {"aws_conn_id": deploy.aws_conn_id, "region_name": deploy.region_name}
     submit = EmrAddStepsOperator(
-        task_id="submit", job_flow_id=deploy.emr_cluster_id, steps=[emr_step(deploy, application_args)],
+        task_id="submit", job_flow_id=deploy.emr_cluster_id, steps=[emr_step(deploy, application_args, job)],
         execution_role_arn=deploy.execution_role_arn, wait_for_completion=False, **aws, **SUBMIT_KWARGS)
     wait = EmrStepSensor(
         task_id="wait", job_flow_id=deploy.emr_cluster_id,
@@ -337,16 +355,16 @@ def _emr_tasks(deploy: DeployConfig, application_args: Sequence[str]):
     return submit, wait
 
 
-def _dataproc_tasks(deploy: DeployConfig, application_args: Sequence[str]):
+def _dataproc_tasks(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob):
     from airflow.providers.google.cloud.operators.dataproc import DataprocCreateBatchOperator
     from airflow.providers.google.cloud.sensors.dataproc import DataprocBatchSensor
 
     gcp = {"project_id": deploy.dataproc_project_id, "region": deploy.dataproc_region,
            "gcp_conn_id": deploy.gcp_conn_id}
     submit = DataprocCreateBatchOperator(
-        task_id="submit", batch=dataproc_batch(deploy, application_args),
+        task_id="submit", batch=dataproc_batch(deploy, application_args, job),
         # A fresh batch id per attempt, so a retried submission never collides with the failed one.
-        batch_id_prefix=JOB_NAME, asynchronous=True, **gcp, **SUBMIT_KWARGS)
+        batch_id_prefix=job.name, asynchronous=True, **gcp, **SUBMIT_KWARGS)
     wait = DataprocBatchSensor(
         task_id="wait", batch_id=f"{{{{ ti.xcom_pull(task_ids='{submit.task_id}')['name'].split('/')[-1] }}}}",
         **gcp, **_sensor_kwargs(deploy))
@@ -356,8 +374,10 @@ def _dataproc_tasks(deploy: DeployConfig, application_args: Sequence[str]):
 REMOTE_TASKS = {"emr-serverless": _emr_serverless_tasks, "emr": _emr_tasks, "dataproc": _dataproc_tasks}
 
 
-def train_task(deploy: DeployConfig, application_args: Sequence[str], task_id: str = "train"):
-    """The training step for the target: one task ``train`` (local) or a task group ``train`` (submit >> wait).
+def spark_job_task(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob = TRAIN_JOB,
+                   task_id: str = "train"):
+    """The step running ``job`` on the target: one task ``task_id`` (local) or a task group ``task_id``
+    (submit >> wait).
 
     ``application_args`` are the job's command-line arguments (Airflow templates
     allowed); every target passes them unchanged to the entry point.
@@ -366,45 +386,48 @@ def train_task(deploy: DeployConfig, application_args: Sequence[str], task_id: s
         from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
         return SparkSubmitOperator(
-            task_id=task_id, application=local_application(), conn_id=deploy.spark_conn_id, name=JOB_NAME,
+            task_id=task_id, application=local_application(job), conn_id=deploy.spark_conn_id, name=job.name,
             application_args=list(application_args), conf=spark_conf(deploy),
             retries=1, execution_timeout=timedelta(minutes=deploy.timeout_minutes))
     from airflow.sdk import TaskGroup
 
-    with TaskGroup(group_id=task_id, tooltip=f"training job on {deploy.target}") as group:
-        submit, wait = REMOTE_TASKS[deploy.target](deploy, application_args)
+    with TaskGroup(group_id=task_id, tooltip=f"{job.name} job on {deploy.target}") as group:
+        submit, wait = REMOTE_TASKS[deploy.target](deploy, application_args, job)
         submit >> wait
     return group
 
 
-def submission(deploy: DeployConfig, application_args: Sequence[str]) -> dict[str, Any]:
+def submission(deploy: DeployConfig, application_args: Sequence[str], job: SparkJob = TRAIN_JOB) -> dict[str, Any]:
     """What the target submits, for inspection before deploying (``python -m admm_jobs.operations.deploy``)."""
     if deploy.target == "local":
-        return {"application": local_application(), "application_args": list(application_args),
+        return {"application": local_application(job), "application_args": list(application_args),
                 "conf": spark_conf(deploy)}
     if deploy.target == "emr-serverless":
         request = {"applicationId": deploy.emr_application_id, "executionRoleArn": deploy.execution_role_arn,
-                   "name": JOB_NAME, "jobDriver": emr_serverless_job_driver(deploy, application_args),
+                   "name": job.name, "jobDriver": emr_serverless_job_driver(deploy, application_args, job),
                    **emr_serverless_start_job_run_extras(deploy)}
         overrides = emr_serverless_configuration_overrides(deploy)
         return request if overrides is None else {**request, "configurationOverrides": overrides}
     if deploy.target == "emr":
-        return {"JobFlowId": deploy.emr_cluster_id, "Steps": [emr_step(deploy, application_args)],
+        return {"JobFlowId": deploy.emr_cluster_id, "Steps": [emr_step(deploy, application_args, job)],
                 **({"ExecutionRoleArn": deploy.execution_role_arn} if deploy.execution_role_arn else {})}
     return {"parent": f"projects/{deploy.dataproc_project_id}/locations/{deploy.dataproc_region}",
-            "batch": dataproc_batch(deploy, application_args)}
+            "batch": dataproc_batch(deploy, application_args, job)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Validate a deployment config and print what it would submit.")
     parser.add_argument("config", help="JSON file with the admm_deploy document ('-': standard input)")
+    parser.add_argument("--job", choices=[job.module for job in JOBS], default=TRAIN_JOB.module,
+                        help="the job to show (default: training)")
     parser.add_argument("application_args", nargs=argparse.REMAINDER,
                         help="job arguments to show in the request (default: --dataset-uri DATASET --output-uri RUN)")
     args = parser.parse_args(argv)
     application_args = args.application_args or ["--dataset-uri", "DATASET", "--output-uri", "RUN"]
     text = sys.stdin.read() if args.config == "-" else Path(args.config).read_text(encoding="utf-8")
     deploy = parse_deploy_config(text, source=args.config)
-    result = {"target": deploy.target, "request": submission(deploy, application_args)}
+    job = next(job for job in JOBS if job.module == args.job)
+    result = {"target": deploy.target, "request": submission(deploy, application_args, job)}
     print(json.dumps(result, sort_keys=True))
     return result
 

@@ -25,6 +25,11 @@ ingest_task = confined(ingest.main)
 evaluate_task = confined(evaluate.main)
 
 
+def ingest_on_spark(ingest_on: str) -> bool:
+    """For the ``ShortCircuitOperator`` before the Spark ingest job: whether the run asked for it."""
+    return ingest_on == "spark"
+
+
 # validate's and publish's XCom naming the batches they quarantined, for request_review and
 # request_review_after_publish
 QUARANTINED_KEY = "quarantined"
