@@ -61,7 +61,7 @@ def natural_drift(check, size: int, images: np.ndarray, labels: np.ndarray, **de
         check("rescaled", size, rescaled(images, factor), labels, factor=factor, **detail)
     for distance in (1, 2):
         for rows_moved, columns_moved in DIRECTIONS:
-            moved = shifted(images, distance * rows_moved, distance * columns_moved)
+            moved = shifted(images, distance * columns_moved, distance * rows_moved)
             for factor in (1.0, 0.9, 1.1):
                 check("shifted" if factor == 1.0 else "shifted and rescaled", size,
                       moved if factor == 1.0 else rescaled(moved, factor), labels,

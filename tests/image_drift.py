@@ -3,24 +3,17 @@ backdoor (a stamped pattern, relabelled to a target class). Used by the pixel dr
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/ holds scripts, not a package
+from poisons import scaled_grey as rescaled  # noqa: F401  (re-exported for the tests and bench/pixel_drift.py)
+from poisons import shifted  # noqa: F401  (re-exported: shifted(images, dx, dy), dx right, dy down)
 
 SQUARE_3X3 = [(row, column) for row in range(3) for column in range(3)]
 CROSS = [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)]  # a plus sign, 3 pixels wide
-
-
-def shifted(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """Images (n, height, width) moved by ``rows`` down and ``columns`` right, blank where they moved from."""
-    moved = np.zeros_like(images)
-    height, width = images.shape[1:]
-    moved[:, max(rows, 0):height + min(rows, 0), max(columns, 0):width + min(columns, 0)] = \
-        images[:, max(-rows, 0):height + min(-rows, 0), max(-columns, 0):width + min(-columns, 0)]
-    return moved
-
-
-def rescaled(images: np.ndarray, factor: float) -> np.ndarray:
-    """Images with every grey level multiplied by ``factor`` (clipped to 0..255)."""
-    return np.clip(np.rint(images.astype(float) * factor), 0, 255).astype(np.uint8)
 
 
 def stamped(images: np.ndarray, labels: np.ndarray, share: float, pattern: list[tuple[int, int]],
