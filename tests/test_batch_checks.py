@@ -33,14 +33,19 @@ def publish_reference(registry_uri: str, dataset_uri: str) -> float:
     return test_accuracy
 
 
-@pytest.fixture
-def landed(tmp_path):
-    """Weeks 1-2 landed and ingested, a model published on them; returns (source, lake, registry)."""
+def land_and_publish(tmp_path, rows_per_batch: int):
+    """Weeks 1-2 landed (``rows_per_batch`` images each) and ingested, a model published on them; returns
+    (source, lake, registry)."""
     source, lake, registry_uri = tmp_path / "landing", tmp_path / "lake", str(tmp_path / "registry")
-    batched_source(source, WEEKS[:2], rows_per_batch=ROWS)
+    batched_source(source, WEEKS[:2], rows_per_batch=rows_per_batch)
     reference = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
     publish_reference(registry_uri, reference["dataset_uri"])
     return source, lake, registry_uri
+
+
+@pytest.fixture
+def landed(tmp_path):
+    return land_and_publish(tmp_path, ROWS)
 
 
 def week3(images, labels):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_ingest import WEEKS, batch_files, batched_source
+from test_ingest import WEEKS, batch_files
 
 from admm_jobs import ingest, validate
 from admm_jobs.lake import dataset, profiles, storage
@@ -139,13 +139,9 @@ ROWS = 1000  # images per weekly batch: 30 stamped images at 3 %
 @pytest.fixture
 def weeks(tmp_path):
     """Weeks 1-2 landed and ingested, a model published on them; returns (source, lake, registry)."""
-    from test_batch_checks import publish_reference
+    from test_batch_checks import land_and_publish
 
-    source, lake, registry_uri = tmp_path / "landing", tmp_path / "lake", str(tmp_path / "registry")
-    batched_source(source, WEEKS[:2], rows_per_batch=ROWS)
-    reference = ingest.ingest_dataset(str(source), str(lake), validation_fraction=0.25)
-    publish_reference(registry_uri, reference["dataset_uri"])
-    return source, lake, registry_uri
+    return land_and_publish(tmp_path, ROWS)
 
 
 def validate_week3(weeks, make_batch, **settings):
